@@ -1,0 +1,1 @@
+"""Shipped demo task: data, its generator and the gold scorer."""

@@ -1,0 +1,67 @@
+"""Gold scorer of the demo task: the stand-in for "what humans prefer".
+
+A prompt asks for things of one topic ("list some fruits"); a good response is a
+comma-separated list of *distinct* words of that topic, ending with a full stop.
+
+    gold(prompt, response) = (#distinct on-topic words) - (#off-topic words)
+                             - 0.5 * (#repeated words) - 2 * [malformed]
+
+The score is a plain function of the text. Preference labels in the shipped data
+are derived from it; the reward model learns it only from those labels, and PPO
+never sees it (it is used for evaluation and the report only).
+"""
+from __future__ import annotations
+
+import re
+
+TOPICS: dict[str, list[str]] = {
+    "fruits": ["apple", "pear", "plum", "grape", "lemon", "mango", "peach", "cherry"],
+    "animals": ["cat", "dog", "horse", "mouse", "tiger", "sheep", "goat", "camel"],
+    "colors": ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"],
+    "tools": ["hammer", "saw", "drill", "wrench", "knife", "axe", "spade", "file"],
+    "cities": ["paris", "rome", "oslo", "lima", "cairo", "tokyo", "delhi", "berlin"],
+    "birds": ["owl", "crow", "swan", "duck", "eagle", "hawk", "robin", "goose"],
+    "metals": ["iron", "gold", "silver", "copper", "tin", "zinc", "lead", "steel"],
+    "trees": ["oak", "pine", "birch", "maple", "elm", "ash", "cedar", "willow"],
+}
+TEMPLATES = ["list some {t}", "name a few {t}", "which {t} do you know", "tell me about {t}", "give me {t}"]
+WORD_TOPIC = {w: t for t, ws in TOPICS.items() for w in ws}
+_WELL_FORMED = re.compile(r"^\s*[a-z]+(, [a-z]+)*\.\s*$")
+
+
+def prompt_topic(prompt: str) -> str | None:
+    """The topic a demo prompt asks about (the last topic name it mentions), or None."""
+    found = [t for t in TOPICS if re.search(rf"\b{t}\b", prompt)]
+    return found[-1] if found else None
+
+
+def is_well_formed(response: str) -> bool:
+    """A comma-separated list of known words ending in a full stop."""
+    if not _WELL_FORMED.match(response):
+        return False
+    return all(w in WORD_TOPIC for w in _words(response))
+
+
+def _words(response: str) -> list[str]:
+    return re.findall(r"[a-z]+", response.lower())
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """Higher is better; see the module docstring for the formula."""
+    topic = prompt_topic(prompt)
+    words = _words(response)
+    seen: set[str] = set()
+    on = off = repeats = 0
+    for w in words:
+        if w in seen:
+            repeats += 1
+            continue
+        seen.add(w)
+        if WORD_TOPIC.get(w) == topic:
+            on += 1
+        else:
+            off += 1
+    score = on - off - 0.5 * repeats
+    if not is_well_formed(response):
+        score -= 2.0
+    return float(score)

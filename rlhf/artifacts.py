@@ -1,0 +1,261 @@
+"""The artifact directory: layout, manifests, atomic publish and lineage checks.
+
+    DIR/<stage>/                 published model directory; rlhf_artifact.json written last
+    DIR/checkpoints/<stage>/     resumable training state, removed after publish
+    DIR/metrics/<stage>.jsonl    one JSON object per logged step
+    DIR/report/  DIR/wandb/
+
+A stage directory is published by writing everything into a temporary sibling and
+renaming it into place, so `DIR/<stage>/` is either absent or complete. Only the
+process of rank 0 publishes; the others wait at a barrier (see `distributed`).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+SFT, REWARD, PPO = "sft", "reward", "ppo"
+STAGES = (SFT, REWARD, PPO)
+MANIFEST = "rlhf_artifact.json"
+SAMPLES = "samples.jsonl"
+REBUILD = {
+    SFT: "deepspeed launch/sft.py --config CONFIG (or bash launch/pipeline.sh CONFIG)",
+    REWARD: "deepspeed launch/rm.py --config CONFIG (or bash launch/pipeline.sh CONFIG)",
+    PPO: "deepspeed launch/ppo.py --config CONFIG (or bash launch/pipeline.sh CONFIG)",
+}
+_LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "deepspeed", "accelerate", "wandb")
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, partial, of the wrong stage or incompatible; the message says what to do."""
+
+
+def stage_dir(artifact_dir: str | Path, stage: str) -> Path:
+    return Path(artifact_dir) / stage
+
+
+def checkpoint_dir(artifact_dir: str | Path, stage: str) -> Path:
+    return Path(artifact_dir) / "checkpoints" / stage
+
+
+def metrics_path(artifact_dir: str | Path, stage: str) -> Path:
+    return Path(artifact_dir) / "metrics" / f"{stage}.jsonl"
+
+
+def report_dir(artifact_dir: str | Path) -> Path:
+    return Path(artifact_dir) / "report"
+
+
+def wandb_dir(artifact_dir: str | Path) -> Path:
+    return Path(artifact_dir) / "wandb"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict:
+    """What must match between stages that exchange token ids: vocabulary, special ids, chat template."""
+    return {
+        "vocab_sha256": sha256_json(sorted(tokenizer.get_vocab().items())),
+        "vocab_size": len(tokenizer),
+        "special_token_ids": {
+            name: getattr(tokenizer, f"{name}_token_id", None) for name in ("pad", "eos", "bos", "unk")
+        },
+        "chat_template_sha256": sha256_json(tokenizer.chat_template) if tokenizer.chat_template else None,
+    }
+
+
+def data_fingerprint(sources: dict[str, str | None]) -> dict:
+    """sha256 of each local input file (hub ids are recorded by name)."""
+    out = {}
+    for key, src in sources.items():
+        if src is None:
+            continue
+        p = Path(src)
+        out[key] = {"path": str(src), "sha256": sha256_file(p) if p.is_file() else None}
+    return out
+
+
+def library_versions() -> dict:
+    out = {}
+    for lib in _LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A published stage directory and its manifest."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def stage(self) -> str:
+        return self.manifest["stage"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.get("metrics", {})
+
+    def parent_ref(self) -> dict:
+        return {"stage": self.stage, "path": str(self.path.resolve()),
+                "manifest_sha256": sha256_file(self.path / MANIFEST)}
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load(path: str | Path, expect_stage: str, tokenizer_fp: dict | None = None) -> Artifact:
+    """Open a published artifact, refusing a missing, partial, wrong-stage or incompatible one."""
+    path = Path(path)
+    rebuild = REBUILD.get(expect_stage, "re-run the stage that produces it")
+    if not path.exists():
+        raise ArtifactError(f"no {expect_stage} artifact at {path}: run the {expect_stage} stage first: {rebuild}")
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise ArtifactError(
+            f"{path} is not a complete {expect_stage} artifact: {MANIFEST} is missing or unreadable "
+            f"(an interrupted or foreign directory). Re-run the {expect_stage} stage: {rebuild}")
+    if manifest.get("status") != "complete":
+        raise ArtifactError(f"{path}: manifest status is {manifest.get('status')!r}, not 'complete'. Re-run: {rebuild}")
+    if manifest.get("stage") != expect_stage:
+        raise ArtifactError(
+            f"{path} is a {manifest.get('stage')!r} artifact, but a {expect_stage!r} artifact is needed here. "
+            f"Point to the {expect_stage} directory of the artifact dir, or build it: {rebuild}")
+    if tokenizer_fp is not None and manifest.get("tokenizer") != tokenizer_fp:
+        theirs = manifest.get("tokenizer") or {}
+        diff = [k for k in set(tokenizer_fp) | set(theirs) if tokenizer_fp.get(k) != theirs.get(k)]
+        raise ArtifactError(
+            f"{path}: its tokenizer differs from the one this stage uses ({', '.join(sorted(diff))} differ). "
+            f"Every stage must share the SFT tokenizer: rebuild {path} from the same SFT artifact ({rebuild}).")
+    return Artifact(path=path, manifest=manifest)
+
+
+def build_manifest(stage: str, config: dict, parents: list[Artifact], tokenizer_fp: dict,
+                   data: dict, metrics: dict, started: float, **extra: Any) -> dict:
+    return {
+        "stage": stage,
+        "status": "complete",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "duration_s": round(time.time() - started, 1),
+        "config": config,
+        "parents": [p.parent_ref() for p in parents],
+        "tokenizer": tokenizer_fp,
+        "data": data,
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+        "metrics": metrics,
+        **extra,
+    }
+
+
+def staging_dir(artifact_dir: str | Path, stage: str) -> Path:
+    """Where a stage's files are written (by every rank, for collective ZeRO-3 saves) before publish."""
+    return Path(artifact_dir) / f".{stage}.staging"
+
+
+def publish(artifact_dir: str | Path, stage: str, staged: Path, manifest: dict) -> Artifact:
+    """Publish the fully written directory `staged` as `DIR/<stage>`: the manifest goes in
+    last, then one rename puts it in place (an older artifact is swapped out first)."""
+    final = stage_dir(artifact_dir, stage)
+    manifest_tmp = staged / (MANIFEST + ".part")
+    manifest_tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(manifest_tmp, staged / MANIFEST)
+    old = None
+    if final.exists():
+        old = final.parent / f".{stage}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return Artifact(path=final, manifest=manifest)
+
+
+STAGE_CONFIG_KEYS = {
+    SFT: ("seed", "model", "deepspeed", "sft"),
+    REWARD: ("seed", "model", "deepspeed", "sft", "reward"),
+    PPO: ("seed", "model", "deepspeed", "sft", "reward", "ppo", "eval"),
+}
+
+
+def stage_config(config: dict, stage: str) -> dict:
+    """The part of the resolved config that determines a stage's result (and so its skip/resume)."""
+    return {k: config[k] for k in STAGE_CONFIG_KEYS[stage]}
+
+
+def is_up_to_date(artifact_dir: str | Path, stage: str, config: dict, parents: list[Artifact]) -> bool:
+    """True when DIR/<stage> is complete, built from the same stage config and the same parents."""
+    m = read_manifest(stage_dir(artifact_dir, stage))
+    if m is None or m.get("status") != "complete" or m.get("stage") != stage:
+        return False
+    same_cfg = sha256_json(stage_config(m.get("config", {}), stage)) == sha256_json(stage_config(config, stage))
+    theirs = {(p["stage"], p["manifest_sha256"]) for p in m.get("parents", [])}
+    ours = {(p.stage, sha256_file(p.path / MANIFEST)) for p in parents}
+    return same_cfg and theirs == ours
+
+
+def prepare_checkpoints(artifact_dir: str | Path, stage: str, config: dict) -> tuple[Path, bool]:
+    """(checkpoint dir, resuming?). Checkpoints left by a run with another stage config are
+    discarded, so a changed config never resumes stale state. Call on rank 0 only."""
+    ckpt = checkpoint_dir(artifact_dir, stage)
+    marker = ckpt / "stage_config.json"
+    want = sha256_json(stage_config(config, stage))
+    if ckpt.exists():
+        have = json.loads(marker.read_text()).get("sha256") if marker.is_file() else None
+        if have != want:
+            print(f"[{stage}] discarding checkpoints in {ckpt}: they come from a different configuration", flush=True)
+            shutil.rmtree(ckpt)
+    resuming = ckpt.exists()
+    ckpt.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"sha256": want}))
+    return ckpt, resuming
+
+
+def stage_state(artifact_dir: str | Path, stage: str) -> str:
+    """complete / partial (resumable state or an unfinished publish exists) / missing."""
+    m = read_manifest(stage_dir(artifact_dir, stage))
+    if m is not None and m.get("status") == "complete" and m.get("stage") == stage:
+        return "complete"
+    ckpt = checkpoint_dir(artifact_dir, stage)
+    if (ckpt.exists() and any(ckpt.iterdir())) or stage_dir(artifact_dir, stage).exists():
+        return "partial"
+    return "missing"

@@ -1,0 +1,407 @@
+"""One YAML file configures the whole pipeline; `key=value` overrides refine it.
+
+Every section is a frozen dataclass whose fields carry a one-line help text. Loading
+is strict: an unknown key is an error naming the key and the closest valid one, and a
+value of the wrong type is an error naming the key. Relative paths written in the YAML
+file are resolved against the file's directory; relative paths given as command-line
+overrides are resolved against the current directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says where and how."""
+
+
+def _f(default: Any, help: str, path: bool = False, **kw: Any) -> Any:
+    meta = {"help": help, "path": path}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: _copy(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def _copy(d: Any) -> Any:
+    if dataclasses.is_dataclass(d):
+        return dataclasses.replace(d)
+    return type(d)(d)
+
+
+@dataclass(frozen=True)
+class ScratchModelConfig:
+    vocab_size: int = _f(512, "BPE vocabulary size of the tokenizer trained on the SFT data")
+    hidden_size: int = _f(128, "model width")
+    num_layers: int = _f(2, "number of transformer blocks")
+    num_heads: int = _f(4, "attention heads")
+    intermediate_size: int = _f(512, "MLP width")
+    max_position_embeddings: int = _f(256, "longest sequence the model can see")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = _f(False, "train a LoRA adapter instead of all weights")
+    r: int = _f(8, "LoRA rank")
+    alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = _f(0.0, "dropout on the LoRA branch")
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get adapters; 'all-linear' for every linear layer")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str | None = _f(None, "hub id or local directory of a causal LM (safetensors only)")
+    scratch: ScratchModelConfig | None = _f(None, "build a small Llama-style model from scratch instead (tokenizer trained on sft.train_data)")
+    dtype: str = _f("float32", "parameter dtype: float32, bfloat16 or float16")
+    trust_remote_code: bool = _f(False, "allow model code shipped with a hub repository to run")
+    use_chat_template: bool = _f(True, "render prompts with the tokenizer's chat template when it has one")
+    lora: LoraConfig = _f(LoraConfig(), "LoRA settings shared by all stages")
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: int = _f(2, "ZeRO stage: 0, 1, 2 or 3")
+    offload: bool = _f(False, "offload optimizer state (and parameters under ZeRO-3) to CPU memory")
+    config_file: str | None = _f(None, "a DeepSpeed JSON to use as the base (values derived from this config still win)", path=True)
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    project: str = _f("rlhf", "W&B project")
+    entity: str | None = _f(None, "W&B entity (team or user)")
+    mode: str | None = _f(None, "online, offline or disabled; default: WANDB_MODE, else online when logged in, else offline")
+
+
+@dataclass(frozen=True)
+class SFTStageConfig:
+    train_data: str | None = _f(None, "SFT pairs: {prompt, completion} or {messages}; local file or datasets id", path=True)
+    eval_data: str | None = _f(None, "held-out SFT pairs (same format)", path=True)
+    epochs: float = _f(2.0, "passes over the training data")
+    learning_rate: float = _f(1e-3, "peak learning rate")
+    lr_scheduler: str = _f("cosine", "learning-rate schedule (transformers names)")
+    warmup_ratio: float = _f(0.05, "fraction of steps spent warming up")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    batch_size: int = _f(32, "examples per process per micro-step")
+    grad_accum: int = _f(1, "micro-steps per optimizer step")
+    max_length: int = _f(128, "longest tokenized prompt+completion; longer ones are truncated")
+    packing: bool = _f(False, "pack several examples into one sequence of max_length")
+    lora: bool = _f(False, "train with the model.lora adapter (published merged into the base)")
+    gradient_checkpointing: bool = _f(False, "recompute activations to save memory")
+    save_steps: int = _f(50, "optimizer steps between resumable checkpoints")
+    logging_steps: int = _f(10, "optimizer steps between metric logs")
+    max_grad_norm: float = _f(1.0, "gradient clipping")
+
+
+@dataclass(frozen=True)
+class RewardStageConfig:
+    train_data: str | None = _f(None, "preferences or rankings; see reward_data/README.md", path=True)
+    eval_data: str | None = _f(None, "held-out preferences (same formats)", path=True)
+    model: str | None = _f(None, "initial model; default: the SFT artifact", path=True)
+    epochs: float = _f(1.0, "passes over the training pairs")
+    learning_rate: float = _f(1e-3, "peak learning rate")
+    lr_scheduler: str = _f("cosine", "learning-rate schedule")
+    warmup_ratio: float = _f(0.05, "fraction of steps spent warming up")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    batch_size: int = _f(32, "pairs per process per micro-step")
+    grad_accum: int = _f(1, "micro-steps per optimizer step")
+    max_length: int = _f(128, "longest tokenized prompt+response; pairs are truncated to it and counted")
+    pair_weighting: str = _f("per_prompt", "per_prompt: each prompt's pairs share weight 1 (InstructGPT); uniform: every pair weight 1")
+    center_rewards_coefficient: float | None = _f(None, "penalty on the squared reward to keep it near 0")
+    lora: bool = _f(False, "train with the model.lora adapter (published merged)")
+    gradient_checkpointing: bool = _f(False, "recompute activations to save memory")
+    save_steps: int = _f(100, "optimizer steps between resumable checkpoints")
+    logging_steps: int = _f(10, "optimizer steps between metric logs")
+    max_grad_norm: float = _f(1.0, "gradient clipping")
+    stats_samples: int = _f(256, "SFT-policy responses scored to measure reward_stats")
+
+
+@dataclass(frozen=True)
+class PPOStageConfig:
+    train_prompts: str | None = _f(None, "prompts {prompt} for rollouts", path=True)
+    eval_prompts: str | None = _f(None, "held-out prompts for samples and evaluation", path=True)
+    total_episodes: int = _f(3072, "prompts rolled out in total (across processes)")
+    rollout_batch_size: int = _f(32, "prompts per rollout, per process")
+    mini_batch_size: int = _f(16, "rollouts per optimizer step, per process (must divide rollout_batch_size)")
+    grad_accum: int = _f(1, "micro-batches per mini-batch (must divide mini_batch_size)")
+    ppo_epochs: int = _f(4, "passes over each rollout batch")
+    learning_rate: float = _f(3e-4, "actor learning rate")
+    critic_learning_rate: float = _f(1e-3, "critic learning rate")
+    max_new_tokens: int = _f(24, "longest sampled response")
+    max_prompt_length: int = _f(64, "prompts are left-truncated to this many tokens")
+    temperature: float = _f(1.0, "sampling temperature (also used for every log-prob)")
+    top_k: int = _f(0, "top-k sampling (0 = off)")
+    top_p: float = _f(1.0, "nucleus sampling (1.0 = off)")
+    kl_coef: float = _f(0.05, "beta: weight of the per-token KL penalty (initial value when adaptive)")
+    target_kl: float | None = _f(None, "set to use the adaptive KL controller (Ziegler et al. 2019) with this target")
+    kl_horizon: int = _f(10000, "adaptive controller horizon, in episodes")
+    kl_estimator: str = _f("k1", "per-token KL estimator in the reward: k1, k2 or k3")
+    kl_budget: float = _f(10.0, "final KL(PPO || SFT) per response the run is expected to stay within (checked and reported)")
+    gamma: float = _f(1.0, "discount")
+    lam: float = _f(0.95, "GAE lambda")
+    cliprange: float = _f(0.2, "policy ratio clip")
+    cliprange_value: float = _f(0.2, "value clip")
+    vf_coef: float = _f(0.1, "value loss weight")
+    whiten_rewards: bool = _f(False, "whiten the shaped rewards before GAE")
+    score_clip: float | None = _f(None, "clip normalised scores to [-score_clip, score_clip]")
+    missing_eos_penalty: float | None = _f(1.0, "subtracted from the score of a response without EOS (None = off)")
+    critic_from_reward: bool = _f(True, "initialise the critic from the reward model (else from the policy)")
+    lora: bool = _f(False, "actor = base + adapter; reference = base with adapter disabled")
+    save_every: int = _f(10, "PPO updates between resumable checkpoints")
+    sample_every: int = _f(10, "updates between sample tables on W&B")
+    max_grad_norm: float = _f(1.0, "gradient clipping")
+    forward_batch_size: int = _f(32, "rows per chunk in inference-only forward passes")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    gold_scorer: str | None = _f(None, "path/to/file.py:function mapping (prompt, response) -> float; evaluation only", path=True)
+    max_new_tokens: int = _f(24, "longest response in evaluation generations")
+    num_prompts: int = _f(128, "held-out prompts used for samples and evaluation")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    artifact_dir: str = _f("artifacts", "shared artifact directory (on a filesystem every node sees)", path=True)
+    run_name: str = _f("rlhf", "groups the W&B runs of one pipeline")
+    seed: int = _f(0, "random seed")
+    force: bool = _f(False, "rerun a stage even when its artifact is complete")
+    model: ModelConfig = _f(ModelConfig(), "policy model")
+    deepspeed: DeepSpeedConfig = _f(DeepSpeedConfig(), "DeepSpeed ZeRO settings")
+    wandb: WandbConfig = _f(WandbConfig(), "Weights & Biases")
+    sft: SFTStageConfig = _f(SFTStageConfig(), "stage 1: supervised fine-tuning")
+    reward: RewardStageConfig = _f(RewardStageConfig(), "stage 2: reward model")
+    ppo: PPOStageConfig = _f(PPOStageConfig(), "stage 3: PPO")
+    eval: EvalConfig = _f(EvalConfig(), "evaluation")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> PipelineConfig:
+    """Read `path` (YAML) and apply dotted `key=value` overrides; validate everything."""
+    raw: dict = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        base_dir = p.resolve().parent
+    raw = _resolve_paths(PipelineConfig, raw, base_dir, "")
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {ov!r} is not of the form key=value (e.g. ppo.kl_coef=0.1)")
+        parsed = yaml.safe_load(value) if value != "" else None
+        _set_dotted(raw, key.strip(), parsed, Path.cwd())
+    return _build(PipelineConfig, raw, "")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    for t in (tp, *typing.get_args(tp)):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean '{where}{close[0]}'?" if close else f"; valid keys here: {', '.join(sorted(valid))}"
+    return ConfigError(f"unknown config key '{where}{key}'{hint}")
+
+
+def _set_dotted(raw: dict, key: str, value: Any, base_dir: Path) -> None:
+    cls: type = PipelineConfig
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        where = ".".join(parts[:i]) + ("." if i else "")
+        if part not in fields:
+            raise _unknown(part, list(fields), where)
+        f = fields[part]
+        if i == len(parts) - 1:
+            if f.metadata.get("path") and isinstance(value, str):
+                value = _abs(value, base_dir)
+            node[part] = value
+            return
+        sub = _dataclass_of(_hints(cls)[part])
+        if sub is None:
+            raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} is a value, not a section")
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node, cls = nxt, sub
+
+
+def _abs(value: str, base_dir: Path) -> str:
+    # `path/to/file.py:function` keeps its suffix; a hub id ("org/name", no such local path) stays as given
+    head, colon, tail = value.rpartition(":") if ".py:" in value else (value, "", "")
+    p = Path(head).expanduser()
+    if p.is_absolute():
+        return str(p) + colon + tail
+    if (base_dir / p).exists() or head.startswith(".") or _looks_local(head):
+        return str((base_dir / p).resolve()) + colon + tail
+    return value
+
+
+def _looks_local(s: str) -> bool:
+    # a hub id is "name" or "org/name"; anything with a file suffix or deeper path is local
+    return Path(s).suffix in {".jsonl", ".json", ".parquet", ".csv", ".py", ".yaml", ".yml"} or s.count("/") > 1
+
+
+def _resolve_paths(cls: type, raw: dict, base_dir: Path, where: str) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section {where.rstrip('.') or 'top level'!r} must be a mapping")
+    out = dict(raw)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in raw.items():
+        if k not in fields:
+            raise _unknown(k, list(fields), where)
+        sub = _dataclass_of(_hints(cls)[k])
+        if sub is not None and isinstance(v, dict):
+            out[k] = _resolve_paths(sub, v, base_dir, f"{where}{k}.")
+        elif fields[k].metadata.get("path") and isinstance(v, str):
+            out[k] = _abs(v, base_dir)
+    return out
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key {key!r}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {key!r} must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    return value
+
+
+def _build(cls: type, raw: dict, where: str) -> Any:
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in raw.items():
+        if k not in fields:
+            raise _unknown(k, list(fields), where)
+        kwargs[k] = _coerce(hints[k], v, where + k)
+    cfg = cls(**kwargs)
+    _validate(cfg, where)
+    return cfg
+
+
+def _validate(cfg: Any, where: str) -> None:
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"config key '{where}{key}': {why}")
+
+    if isinstance(cfg, DeepSpeedConfig) and cfg.zero_stage not in (0, 1, 2, 3):
+        raise bad("zero_stage", f"must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+    if isinstance(cfg, ModelConfig) and cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise bad("dtype", f"must be float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if isinstance(cfg, WandbConfig) and cfg.mode not in (None, "online", "offline", "disabled"):
+        raise bad("mode", f"must be online, offline or disabled, got {cfg.mode!r}")
+    if isinstance(cfg, RewardStageConfig) and cfg.pair_weighting not in ("per_prompt", "uniform"):
+        raise bad("pair_weighting", f"must be per_prompt or uniform, got {cfg.pair_weighting!r}")
+    if isinstance(cfg, PPOStageConfig):
+        if cfg.kl_estimator not in ("k1", "k2", "k3"):
+            raise bad("kl_estimator", f"must be k1, k2 or k3, got {cfg.kl_estimator!r}")
+        if cfg.rollout_batch_size % cfg.mini_batch_size:
+            raise bad("mini_batch_size", f"{cfg.mini_batch_size} must divide rollout_batch_size={cfg.rollout_batch_size}")
+        if cfg.mini_batch_size % cfg.grad_accum:
+            raise bad("grad_accum", f"{cfg.grad_accum} must divide mini_batch_size={cfg.mini_batch_size}")
+        if cfg.temperature <= 0:
+            raise bad("temperature", "must be > 0")
+        if cfg.target_kl is not None and cfg.target_kl <= 0:
+            raise bad("target_kl", "must be > 0 (or unset for a fixed coefficient)")
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name in _POSITIVE and v <= 0:
+            raise bad(f.name, f"must be > 0, got {v}")
+
+
+_POSITIVE = {"epochs", "learning_rate", "critic_learning_rate", "batch_size", "grad_accum", "max_length",
+             "total_episodes", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+             "vocab_size", "hidden_size", "num_layers", "num_heads", "save_steps", "save_every",
+             "logging_steps", "forward_batch_size", "num_prompts", "max_prompt_length", "stats_samples"}
+
+
+def require(value: Any, key: str, what: str) -> Any:
+    """The value of a config key a stage needs, or an error saying how to set it."""
+    if value is None:
+        raise ConfigError(f"config key {key!r} is not set: {what} (set it in the YAML or as {key}=...)")
+    return value
+
+
+def describe(cls: type = PipelineConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every key: the README's config reference is made from this."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_of(_hints(cls)[f.name])
+        if sub is not None:
+            rows.extend(describe(sub, f"{prefix}{f.name}."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,135 @@
+"""Rank helpers and the one function that derives DeepSpeed JSON from the pipeline config."""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+
+def rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_distributed() -> None:
+    """Start the process group (gloo on CPU, nccl on GPU) once; a single process gets a world of 1."""
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
+        _accelerate_state_for_cpu_deepspeed()
+
+
+def _accelerate_state_for_cpu_deepspeed() -> None:
+    """Make accelerate (under the HF Trainer) see every DeepSpeed rank on a CPU-only machine.
+
+    Without a GPU, accelerate's PartialState picks no backend when DeepSpeed is requested and
+    reports a world of 1 process, so each rank would train on the whole data set and the
+    DeepSpeed batch check fails. The state is a shared singleton: initialise it once here for
+    DeepSpeed and correct the process counts from the real process group; the Trainer's own
+    PartialState() then reuses it.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        state = PartialState()
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    state.num_processes = torch.distributed.get_world_size()
+    state.process_index = torch.distributed.get_rank()
+    state.local_process_index = int(os.environ.get("LOCAL_RANK", "0"))
+    state.distributed_type = DistributedType.DEEPSPEED
+    state.backend = "gloo"
+    state.device = torch.device("cpu")
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """rank 0's `obj` on every rank."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def deepspeed_config(ds: Any, dtype: str, micro_batch: int | str = "auto", grad_accum: int | str = "auto",
+                     grad_clip: float | str = "auto", train_batch: int | str = "auto") -> dict:
+    """DeepSpeed JSON for `ds` (config.DeepSpeedConfig). With the "auto" defaults it suits the
+    HF Trainer (which fills those values in); the PPO engines pass explicit numbers."""
+    base: dict = json.loads(Path(ds.config_file).read_text()) if ds.config_file else {}
+    zero: dict = dict(base.get("zero_optimization", {}))
+    zero["stage"] = ds.zero_stage
+    if ds.zero_stage == 3:
+        # consolidated safetensors on save; without it ZeRO-3 writes no model weights
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds.offload and ds.zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if ds.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg = {
+        **base,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        # the optimizer is torch's AdamW (or DeepSpeed's CPU Adam under offload), created by the caller
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train_batch != "auto" or micro_batch == "auto":
+        cfg["train_batch_size"] = train_batch
+    cfg["bf16"] = {"enabled": dtype == "bfloat16"}
+    cfg["fp16"] = {"enabled": dtype == "float16"}
+    return cfg
+
+
+@contextmanager
+def gathered_params(model: Any, zero_stage: int) -> Iterator[None]:
+    """All of `model`'s parameters materialised at once (ZeRO-3), e.g. for one whole generate() call."""
+    if zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    params = [p for p in model.parameters()]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield

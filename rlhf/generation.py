@@ -1,0 +1,84 @@
+"""Batched generation shared by PPO rollouts, evaluation, reward statistics and `rlhf generate`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Generated:
+    query_ids: torch.Tensor      # (B, Q) left-padded prompt ids
+    query_mask: torch.Tensor     # (B, Q) 1 on prompt tokens
+    response_ids: torch.Tensor   # (B, R) right-padded response ids, cut after the first EOS
+    response_mask: torch.Tensor  # (B, R) 1 on response tokens up to and including EOS
+    ended: torch.Tensor          # (B,) bool: the response ends with EOS (not truncated)
+
+
+def encode_prompts(tokenizer: Any, texts: list[str], max_prompt_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Q) left-padded ids and mask; prompts longer than max_prompt_length keep their end."""
+    enc = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_prompt_length:] for t in texts]
+    q = max(len(e) for e in enc)
+    ids = torch.full((len(enc), q), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(enc), q), dtype=torch.long)
+    for i, e in enumerate(enc):
+        if e:
+            ids[i, q - len(e):] = torch.tensor(e)
+            mask[i, q - len(e):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def truncate_at_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad everything after the first EOS. Returns (ids (B, R), mask (B, R), ended (B,))."""
+    is_eos = response_ids == eos_id
+    ended = is_eos.any(dim=1)
+    # position of the first EOS, or R when there is none
+    first = torch.where(ended, is_eos.float().argmax(dim=1), torch.full_like(ended, response_ids.shape[1], dtype=torch.long))
+    positions = torch.arange(response_ids.shape[1], device=response_ids.device)
+    mask = (positions[None, :] <= first[:, None]).long()
+    ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    return ids, mask, ended
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompt_texts: list[str], *, max_new_tokens: int, max_prompt_length: int = 512,
+             do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             device: torch.device | None = None, synced_gpus: bool = False) -> Generated:
+    """Sample (or greedily decode) one response per prompt. `synced_gpus` keeps ZeRO-3 ranks in
+    lock-step when their weights are not gathered for the call."""
+    device = device or next(model.parameters()).device
+    q_ids, q_mask = encode_prompts(tokenizer, prompt_texts, max_prompt_length, device)
+    kwargs: dict = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus, use_cache=True)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
+    else:
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    out = model.generate(input_ids=q_ids, attention_mask=q_mask, **kwargs)
+    resp = out[:, q_ids.shape[1]:]
+    if resp.shape[1] == 0:  # a batch that produced nothing: keep one padded column for uniform shapes
+        resp = torch.full((len(prompt_texts), 1), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    r_ids, r_mask, ended = truncate_at_eos(resp, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return Generated(q_ids, q_mask, r_ids, r_mask, ended)
+
+
+def decode_responses(tokenizer: Any, g: Generated) -> list[str]:
+    """Response texts without EOS and padding."""
+    out = []
+    for ids, mask in zip(g.response_ids, g.response_mask):
+        keep = [int(t) for t, m in zip(ids, mask) if m and int(t) != tokenizer.eos_token_id]
+        out.append(tokenizer.decode(keep, skip_special_tokens=False))
+    return out
+
+
+def generate_texts(model: Any, tokenizer: Any, prompt_texts: list[str], *, batch_size: int = 64, progress: bool = False,
+                   **kwargs: Any) -> list[str]:
+    """Responses for many prompts, in batches (with a progress bar when asked)."""
+    from tqdm.auto import tqdm
+
+    out: list[str] = []
+    starts = range(0, len(prompt_texts), batch_size)
+    for s in tqdm(starts, desc="generating", disable=not progress, leave=False):
+        out.extend(decode_responses(tokenizer, generate(model, tokenizer, prompt_texts[s:s + batch_size], **kwargs)))
+    return out

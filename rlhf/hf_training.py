@@ -1,0 +1,133 @@
+"""Glue shared by the stages that train with TRL's trainers (SFT and reward model):
+training arguments from the stage config, metric forwarding, resume, and the
+collective save that precedes a publish."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from rlhf import distributed
+from rlhf.tracking import Tracker
+
+
+def trainer_kwargs(stage_cfg: Any, *, output_dir: Path, ds_config: dict, seed: int, dtype: str) -> dict:
+    """TrainingArguments fields common to SFTConfig and RewardConfig, from a stage section."""
+    return dict(
+        output_dir=str(output_dir),
+        deepspeed=ds_config,
+        num_train_epochs=stage_cfg.epochs,
+        learning_rate=stage_cfg.learning_rate,
+        lr_scheduler_type=stage_cfg.lr_scheduler,
+        warmup_steps=stage_cfg.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        weight_decay=stage_cfg.weight_decay,
+        per_device_train_batch_size=stage_cfg.batch_size,
+        per_device_eval_batch_size=stage_cfg.batch_size,
+        gradient_accumulation_steps=stage_cfg.grad_accum,
+        max_grad_norm=stage_cfg.max_grad_norm,
+        gradient_checkpointing=stage_cfg.gradient_checkpointing,
+        save_strategy="steps",
+        save_steps=stage_cfg.save_steps,
+        save_total_limit=2,
+        logging_steps=stage_cfg.logging_steps,
+        eval_strategy="no",
+        report_to="none",
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=not distributed.is_main(),
+        max_length=stage_cfg.max_length,
+        # on CPU, keep the accelerate state that distributed.init_distributed set up for DeepSpeed
+        accelerator_config={"use_configured_state": not torch.cuda.is_available()},
+    )
+
+
+def last_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest `checkpoint-N` that was written completely (its trainer_state.json exists)."""
+    found = []
+    for p in ckpt_dir.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return str(max(found)[1]) if found else None
+
+
+class TrackerCallback(TrainerCallback):
+    """Forwards the trainer's logs to the Tracker (JSONL + W&B), names prefixed by split."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - HF signature
+        if not logs:
+            return
+        out = {}
+        for k, v in logs.items():
+            if not isinstance(v, (int, float)):
+                continue
+            name = k if k.startswith(("eval_", "train_")) or "/" in k else f"train/{k}"
+            out[name.replace("eval_", "eval/", 1) if name.startswith("eval_") else name] = v
+        out["epoch"] = state.epoch
+        self.tracker.log(out, step=state.global_step)
+
+
+def save_for_publish(trainer: Any, staged: Path, tokenizer: Any, merge_lora: bool) -> None:
+    """Every rank calls this (the ZeRO-3 weight gather is collective); rank 0 ends with a
+    consolidated HF model directory (safetensors + tokenizer) in `staged`."""
+    raw = staged.with_name(staged.name + "-raw")
+    if distributed.is_main():
+        shutil.rmtree(raw, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
+    distributed.barrier()
+    trainer.save_model(str(raw))
+    distributed.barrier()
+    if not distributed.is_main():
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if merge_lora:
+        # the adapter was saved; merge it into a fresh copy of the base and save that
+        from peft import PeftModel
+
+        base_path = model.peft_config["default"].base_model_name_or_path
+        base_cls = type(model.get_base_model())
+        base = base_cls.from_pretrained(base_path, use_safetensors=True, dtype=model.get_base_model().dtype)
+        merged = PeftModel.from_pretrained(base, str(raw)).merge_and_unload()
+        merged.save_pretrained(str(staged), safe_serialization=True)
+        shutil.rmtree(raw)
+    else:
+        raw.rename(staged)
+        (staged / "training_args.bin").unlink(missing_ok=True)
+    if not (staged / "model.safetensors").is_file() and not list(staged.glob("model-*.safetensors")):
+        raise RuntimeError(f"saving the model wrote no safetensors into {staged}; "
+                           "under ZeRO-3 stage3_gather_16bit_weights_on_model_save must be true")
+    tokenizer.save_pretrained(str(staged))
+
+
+def untrained_eval_loss(trainer: Any, max_examples: int = 512) -> float:
+    """Token-weighted held-out loss of the model as it is before training (the trainer's own
+    evaluate() cannot run before its DeepSpeed engine exists under ZeRO 0-2)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    ds = trainer.eval_dataset
+    ds = ds.select(range(min(len(ds), max_examples)))
+    loader = DataLoader(ds, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            labels = batch["labels"]
+            n = int((labels[:, 1:] != -100).sum())  # the loss is a mean over shifted label tokens
+            out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
+            total += float(out.loss) * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)

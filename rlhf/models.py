@@ -1,0 +1,139 @@
+"""Tokenizers and models: load by hub id or local path, or build from a scratch spec.
+
+Weights load from safetensors only; model code from a hub repository runs only when
+`trust_remote_code` is set. Every model gets a pad token distinct from EOS, because a
+pad that aliases EOS makes loss masks (and the reward head's last-token pick) drop the
+real EOS tokens.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+PAD, EOS, UNK = "<|pad|>", "<|eos|>", "<|unk|>"
+USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
+# Chat template of scratch tokenizers: "<|user|> hi\n<|assistant|> reply<|eos|>\n".
+# The generation prompt ends at "<|assistant|>", so responses start with their own space.
+SCRATCH_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|> {{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}<|assistant|> {{ m['content'] }}<|eos|>\n"
+    "{% else %}<|system|> {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def train_scratch_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on `texts` (offline), with the project's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [PAD, EOS, UNK, USER, ASSISTANT, SYSTEM]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+    fast.add_special_tokens({"additional_special_tokens": [USER, ASSISTANT, SYSTEM]})
+    fast.chat_template = SCRATCH_CHAT_TEMPLATE
+    fast.padding_side = "right"
+    return fast
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok.padding_side = "right"
+    return tok
+
+
+def ensure_pad_token(tokenizer: Any) -> bool:
+    """Give the tokenizer a pad token distinct from EOS; True when a token was added
+    (the model's embeddings must then be resized)."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no EOS token; set one (tokenizer.eos_token) before training")
+    n = tokenizer.add_special_tokens({"pad_token": PAD})
+    return n > 0
+
+
+def build_scratch_causal_lm(spec: Any, tokenizer: Any, dtype: str) -> Any:
+    """A small Llama-style causal LM with random weights, sized by `spec` (ScratchModelConfig)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).to(DTYPES[dtype])
+
+
+def load_causal_lm(path: str, dtype: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
+
+
+def load_reward_model(path: str, dtype: str, pad_token_id: int, trust_remote_code: bool = False) -> Any:
+    """A sequence-classification model with one output (a new head when `path` is a causal LM)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def resize_for_tokenizer(model: Any, tokenizer: Any) -> None:
+    if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def add_lora(model: Any, lora: Any, task_type: str) -> Any:
+    """Wrap `model` with a fresh LoRA adapter (`lora`: config.LoraConfig; task CAUSAL_LM or SEQ_CLS)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = lora.target_modules
+    targets = "all-linear" if targets in (["all-linear"], "all-linear") else list(targets)
+    cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                         task_type=task_type)
+    return get_peft_model(model, cfg)
+
+
+def backbone_and_head(model: Any) -> tuple[Any, Any]:
+    """(transformer body, scalar head) of a sequence-classification model, for per-token values."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, base.base_model_prefix, None)
+    head = getattr(base, "score", None)
+    if body is None or head is None:
+        raise ValueError(f"{type(base).__name__} has no '{base.base_model_prefix}' body and 'score' head; "
+                         "use a model family with a standard sequence-classification head (Llama, Qwen, GPT-NeoX, ...)")
+    return body, head
+
+
+def token_values(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) scalar head applied at every position of a sequence-classification model."""
+    body, head = backbone_and_head(model)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return head(hidden).squeeze(-1).float()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last attended position of right-padded rows."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(dim=1)

@@ -1,0 +1,99 @@
+"""Metrics: one JSON object per logged step in DIR/metrics/<stage>.jsonl, mirrored to W&B.
+
+W&B runs offline by default (nothing needs a network): `wandb sync DIR/wandb/offline-run-*`
+uploads them later. Mode: the config's wandb.mode, else WANDB_MODE, else online when an
+API key is configured, else offline. Runs of one pipeline share a group (the run name);
+each stage is one run with job_type = stage. Only rank 0 logs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from rlhf import artifacts
+
+
+def wandb_mode(configured: str | None) -> str:
+    if configured:
+        return configured
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+class Tracker:
+    def __init__(self, artifact_dir: str | Path, stage: str, run_name: str, config: dict, wandb_cfg: Any,
+                 enabled: bool = True, resume_step: int | None = None):
+        self.enabled = enabled
+        self.stage = stage
+        self.path = artifacts.metrics_path(artifact_dir, stage)
+        self._run = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():  # drop rows logged after the checkpoint we resume from
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        mode = wandb_mode(wandb_cfg.mode)
+        if mode != "disabled":
+            import wandb
+
+            wdir = artifacts.wandb_dir(artifact_dir)
+            wdir.mkdir(parents=True, exist_ok=True)
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self._run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=run_name, job_type=stage,
+                                   name=f"{run_name}-{stage}", dir=str(Path(artifact_dir).resolve()), config=config,
+                                   mode=mode, reinit="finish_previous")
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _plain(v) for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        if self._run is not None:
+            self._run.log(clean, step=step)
+
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        if self._run is not None:
+            import wandb
+
+            self._run.log({name: wandb.Table(columns=columns, data=rows)})
+
+    def summary(self, metrics: dict) -> None:
+        if self._run is not None:
+            for k, v in metrics.items():
+                self._run.summary[k] = _plain(v)
+
+    def finish(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_metrics(artifact_dir: str | Path, stage: str) -> list[dict]:
+    p = artifacts.metrics_path(artifact_dir, stage)
+    if not p.exists():
+        return []
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
