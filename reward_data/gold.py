@@ -2,9 +2,12 @@
 
 A prompt asks for things of one topic ("list some fruits"); a good response is a
 comma-separated list of *distinct* words of that topic, ending with a full stop.
+Each word earns +1 when it is on topic and new, -1 when off topic, -0.5 when repeated;
+the score is the mean over the words, minus 1 for a malformed response:
 
-    gold(prompt, response) = (#distinct on-topic words) - (#off-topic words)
-                             - 0.5 * (#repeated words) - 2 * [malformed]
+    gold(prompt, response) = mean_w(word score) - [malformed]      in [-2, 1]
+
+A response without words scores -2.
 
 The score is a plain function of the text. Preference labels in the shipped data
 are derived from it; the reward model learns it only from those labels, and PPO
@@ -50,18 +53,19 @@ def gold_score(prompt: str, response: str) -> float:
     """Higher is better; see the module docstring for the formula."""
     topic = prompt_topic(prompt)
     words = _words(response)
+    if not words:
+        return -2.0
     seen: set[str] = set()
-    on = off = repeats = 0
+    total = 0.0
     for w in words:
         if w in seen:
-            repeats += 1
-            continue
-        seen.add(w)
-        if WORD_TOPIC.get(w) == topic:
-            on += 1
+            total -= 0.5
+        elif WORD_TOPIC.get(w) == topic:
+            total += 1.0
         else:
-            off += 1
-    score = on - off - 0.5 * repeats
+            total -= 1.0
+        seen.add(w)
+    score = total / len(words)
     if not is_well_formed(response):
-        score -= 2.0
+        score -= 1.0
     return float(score)

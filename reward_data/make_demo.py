@@ -51,7 +51,7 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 def ranking(rng: random.Random, k: int = 4) -> dict | None:
     prompt, topic = sample_prompt(rng)
-    cands = {sample_response(rng, topic) for _ in range(k)}
+    cands = list(dict.fromkeys(sample_response(rng, topic) for _ in range(k)))  # distinct, in sampling order
     by_score: dict[float, str] = {}
     for c in cands:  # keep one response per distinct score, so the ranking has no ties
         by_score.setdefault(gold_score(prompt, c), c)

@@ -39,7 +39,7 @@ def _copy(d: Any) -> Any:
 
 @dataclass(frozen=True)
 class ScratchModelConfig:
-    vocab_size: int = _f(512, "BPE vocabulary size of the tokenizer trained on the SFT data")
+    vocab_size: int = _f(1024, "BPE vocabulary size of the tokenizer trained on the SFT data")
     hidden_size: int = _f(128, "model width")
     num_layers: int = _f(2, "number of transformer blocks")
     num_heads: int = _f(4, "attention heads")
@@ -356,6 +356,10 @@ def _validate(cfg: Any, where: str) -> None:
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"config key '{where}{key}': {why}")
 
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name in _POSITIVE and v <= 0:
+            raise bad(f.name, f"must be > 0, got {v}")
     if isinstance(cfg, DeepSpeedConfig) and cfg.zero_stage not in (0, 1, 2, 3):
         raise bad("zero_stage", f"must be 0, 1, 2 or 3, got {cfg.zero_stage}")
     if isinstance(cfg, ModelConfig) and cfg.dtype not in ("float32", "bfloat16", "float16"):
@@ -375,10 +379,12 @@ def _validate(cfg: Any, where: str) -> None:
             raise bad("temperature", "must be > 0")
         if cfg.target_kl is not None and cfg.target_kl <= 0:
             raise bad("target_kl", "must be > 0 (or unset for a fixed coefficient)")
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name in _POSITIVE and v <= 0:
-            raise bad(f.name, f"must be > 0, got {v}")
+        if not 0 < cfg.top_p <= 1:
+            raise bad("top_p", f"must be in (0, 1], got {cfg.top_p}")
+        if cfg.kl_coef < 0:
+            raise bad("kl_coef", f"must be >= 0, got {cfg.kl_coef}")
+    if isinstance(cfg, ScratchModelConfig) and cfg.hidden_size % cfg.num_heads:
+        raise bad("num_heads", f"{cfg.num_heads} must divide hidden_size={cfg.hidden_size}")
 
 
 _POSITIVE = {"epochs", "learning_rate", "critic_learning_rate", "batch_size", "grad_accum", "max_length",

@@ -126,10 +126,13 @@ def backbone_and_head(model: Any) -> tuple[Any, Any]:
     return body, head
 
 
-def token_values(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) scalar head applied at every position of a sequence-classification model."""
-    body, head = backbone_and_head(model)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+def token_values(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) scalar head applied at every position of a sequence-classification model
+    (a DeepSpeed engine is unwrapped; its ZeRO-3 hooks live on the submodules)."""
+    body, head = backbone_and_head(getattr(model, "module", model))
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False).last_hidden_state
     return head(hidden).squeeze(-1).float()
 
 

@@ -1,0 +1,315 @@
+"""The PPO loop: rollout -> score -> KL-shaped rewards -> GAE -> PPO epochs -> log/checkpoint.
+
+Actor and critic are DeepSpeed engines (ZeRO 0-3, optional CPU offload). The reference
+policy and the reward model are inference-only: plain modules, or ZeRO-3 inference
+engines (sharded) under ZeRO-3. In LoRA mode the reference is the actor with its
+adapter disabled, so the base weights exist once. Under ZeRO-3 the actor's weights are
+gathered once per rollout for generation, not once per token.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf import distributed
+from rlhf.generation import generate
+from rlhf.ppo import core
+from rlhf.ppo.rollout import Rollout, policy_forward, score_rollout, value_forward
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, reward or statistic became NaN/inf; nothing was checkpointed from that state."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes derived once from the config (never written back into it)."""
+
+    world: int
+    rollout_batch: int        # prompts per rollout, per process
+    mini_batch: int           # rollouts per optimizer step, per process
+    micro_batch: int          # rows per forward/backward
+    grad_accum: int
+    num_updates: int          # rollouts in the whole run
+    episodes_per_update: int  # across processes
+
+    @staticmethod
+    def make(c: Any, world: int) -> "Plan":
+        per_update = c.rollout_batch_size * world
+        return Plan(world=world, rollout_batch=c.rollout_batch_size, mini_batch=c.mini_batch_size,
+                    micro_batch=c.mini_batch_size // c.grad_accum, grad_accum=c.grad_accum,
+                    num_updates=max(1, math.ceil(c.total_episodes / per_update)), episodes_per_update=per_update)
+
+
+def engine_config(ds: Any, dtype: str, plan: Plan, grad_clip: float) -> dict:
+    return distributed.deepspeed_config(ds, dtype, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+                                        grad_clip=grad_clip, train_batch=plan.micro_batch * plan.grad_accum * plan.world)
+
+
+def make_engine(model: Any, lr: float, ds_cfg: dict, num_updates: int, steps_per_update: int) -> Any:
+    """A trainable DeepSpeed engine with AdamW and a linear decay of the learning rate to 0."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if ds_cfg["zero_optimization"].get("offload_optimizer"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(params, lr=lr, betas=(0.9, 0.95), eps=1e-5)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-5)
+    total = max(1, num_updates * steps_per_update)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+    return engine
+
+
+def make_inference(model: Any, ds: Any, dtype: str) -> Any:
+    """A frozen model: sharded by a ZeRO-3 inference engine under ZeRO-3, else moved to the device."""
+    model.eval()
+    model.requires_grad_(False)
+    if ds.zero_stage != 3:
+        return model.to(distributed.device())
+    import deepspeed
+
+    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": dtype == "bfloat16"},
+           "fp16": {"enabled": dtype == "float16"}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    engine.eval()
+    return engine
+
+
+class PromptStream:
+    """Each process's next `n` prompts; a seeded reshuffle every pass. Its position is checkpointed."""
+
+    def __init__(self, prompts: list, seed: int, rank: int, world: int):
+        self.prompts, self.seed, self.rank, self.world = prompts, seed, rank, world
+        self.position = 0  # prompts consumed globally
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+    def next(self, n: int) -> list:
+        out = []
+        for i in range(n):
+            g = self.position + i * self.world + self.rank
+            epoch, k = divmod(g, len(self.prompts))
+            out.append(self.prompts[self._order(epoch)[k]])
+        self.position += n * self.world
+        return out
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise NonFiniteError(f"{name} is not finite (NaN or inf). Training stopped before any checkpoint of this "
+                             "state was written; lower ppo.learning_rate, set ppo.score_clip, or check the reward model.")
+
+
+class PPOTrainer:
+    """Owns the engines and runs updates; `stages/ppo.py` decides what to load and publish."""
+
+    def __init__(self, *, cfg: Any, ds: Any, dtype: str, actor_model: Any, critic_model: Any, reward_model: Any,
+                 ref_model: Any | None, tokenizer: Any, reward_stats: dict, tracker: Any):
+        self.c, self.ds, self.tok, self.tracker = cfg, ds, tokenizer, tracker
+        self.plan = Plan.make(cfg, distributed.world_size())
+        steps_per_update = cfg.ppo_epochs * (self.plan.rollout_batch // self.plan.mini_batch)
+        ecfg = engine_config(ds, dtype, self.plan, cfg.max_grad_norm)
+        self.actor = make_engine(actor_model, cfg.learning_rate, ecfg, self.plan.num_updates, steps_per_update)
+        self.critic = make_engine(critic_model, cfg.critic_learning_rate, ecfg, self.plan.num_updates, steps_per_update)
+        self.reward_model = make_inference(reward_model, ds, dtype)
+        self.ref = make_inference(ref_model, ds, dtype) if ref_model is not None else None
+        self.lora = ref_model is None
+        self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl
+                       else core.FixedKLController(cfg.kl_coef))
+        self.score_mean, self.score_std = reward_stats["mean"], reward_stats["std"]
+        self.update = 0
+        self.device = distributed.device()
+
+    # --------------------------------------------------------------- reference
+    def reference_logprobs(self, full_ids: torch.Tensor, full_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+        if self.lora:  # the same weights with the adapter switched off
+            with self.actor.module.disable_adapter():
+                return policy_forward(self.actor, full_ids, full_mask, q_len, self.c.temperature)[0]
+        return policy_forward(self.ref, full_ids, full_mask, q_len, self.c.temperature)[0]
+
+    # --------------------------------------------------------------- one update
+    def rollout(self, prompt_texts: list[str]) -> Rollout:
+        c = self.c
+        self.actor.eval()
+        self.critic.eval()
+        # whole model gathered once for the whole generate() call under ZeRO-3
+        with distributed.gathered_params(self.actor.module, self.ds.zero_stage):
+            g = generate(self.actor.module, self.tok, prompt_texts, max_new_tokens=c.max_new_tokens,
+                         max_prompt_length=c.max_prompt_length, do_sample=True, temperature=c.temperature,
+                         top_k=c.top_k, top_p=c.top_p, device=self.device)
+        q_len = g.query_ids.shape[1]
+        return score_rollout(actor=self.actor, critic=self.critic, reward_model=self.reward_model,
+                             reference=lambda ids, mask: self.reference_logprobs(ids, mask, q_len),
+                             query_ids=g.query_ids, query_mask=g.query_mask, response_ids=g.response_ids,
+                             response_mask=g.response_mask, ended=g.ended, temperature=c.temperature,
+                             chunk=c.forward_batch_size)
+
+    def step(self, prompt_texts: list[str]) -> dict:
+        c, plan = self.c, self.plan
+        t0 = time.time()
+        # 1-2. rollout and scores -------------------------------------------------------
+        ro = self.rollout(prompt_texts)
+        t_rollout = time.time() - t0
+        mask = ro.response_mask.float()                                       # (B, R)
+        scores = (ro.raw_scores - self.score_mean) / self.score_std           # (B,) normalised by reward_stats
+        if c.missing_eos_penalty is not None:
+            scores = scores - c.missing_eos_penalty * (~ro.ended).float()
+        if c.score_clip is not None:
+            scores = scores.clamp(-c.score_clip, c.score_clip)
+        check_finite("the reward model's scores", scores)
+        # 3. KL-shaped per-token rewards ----------------------------------------------------
+        kl = core.kl_estimate(ro.logprobs, ro.ref_logprobs, c.kl_estimator) * mask   # (B, R)
+        rewards, non_score = core.kl_penalty_rewards(scores, kl, self.kl_ctl.value, mask)
+        if c.whiten_rewards:
+            rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+        # 4. GAE -------------------------------------------------------------------------
+        advantages, returns = core.gae(rewards, ro.values, mask, c.gamma, c.lam)
+        advantages = core.masked_whiten(advantages, mask)
+        check_finite("the advantages", advantages)
+        # 5. PPO epochs over shuffled mini-batches --------------------------------------------
+        t1 = time.time()
+        self.actor.train()
+        self.critic.train()
+        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac",
+                                                           "approxkl", "entropy", "ratio")}
+        ratios: list[torch.Tensor] = []
+        q = ro.query_ids.shape[1]
+        full_ids, full_mask = ro.full_ids, ro.full_mask
+        n = full_ids.shape[0]
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(n)
+            for ms in range(0, n, plan.mini_batch):
+                mini = order[ms:ms + plan.mini_batch]
+                for us in range(0, len(mini), plan.micro_batch):
+                    idx = mini[us:us + plan.micro_batch]
+                    m = mask[idx]
+                    logp, ent = policy_forward(self.actor, full_ids[idx], full_mask[idx], q, c.temperature, with_entropy=True)
+                    pg_loss, pg = core.policy_loss(logp, ro.logprobs[idx], advantages[idx], m, c.cliprange)
+                    check_finite("the policy loss", pg_loss)
+                    self.actor.backward(pg_loss)
+                    self.actor.step()
+                    values = value_forward(self.critic, full_ids[idx], full_mask[idx], q)
+                    vf_loss, vf = core.value_loss(values, ro.values[idx], returns[idx], m, c.cliprange_value)
+                    check_finite("the value loss", vf_loss)
+                    self.critic.backward(c.vf_coef * vf_loss)
+                    self.critic.step()
+                    for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg["clipfrac"]),
+                                 ("vf_clipfrac", vf["clipfrac"]), ("approxkl", pg["approxkl"]),
+                                 ("entropy", core.masked_mean(ent.detach(), m)), ("ratio", pg["ratio"])):
+                        stats[k].append(float(v.detach()))
+                    ratios.append(((logp.detach() - ro.logprobs[idx]).exp() * m).sum() / m.sum().clamp_min(1))
+        t_update = time.time() - t1
+        # 6. controller, metrics ------------------------------------------------------------
+        mean_kl = float(distributed_mean(kl.sum(1).mean()))
+        self.kl_ctl.update(mean_kl, plan.episodes_per_update)
+        self.update += 1
+        ratio_t = torch.stack(ratios)
+        mean = lambda k: float(distributed_mean(torch.tensor(sum(stats[k]) / max(len(stats[k]), 1))))  # noqa: E731
+        tokens = float(distributed_mean(mask.sum())) * plan.world
+        elapsed = time.time() - t0
+        metrics = {
+            "objective/kl": mean_kl,
+            "objective/kl_coef": self.kl_ctl.value,
+            "objective/entropy": float(distributed_mean((-ro.logprobs * mask).sum(1).mean())),
+            "objective/non_score_reward": float(distributed_mean(non_score.sum(1).mean())),
+            "objective/rlhf_reward": float(distributed_mean((scores + non_score.sum(1)).mean())),
+            "objective/scores": float(distributed_mean(scores.mean())),
+            "objective/raw_scores": float(distributed_mean(ro.raw_scores.mean())),
+            "policy/approxkl_avg": mean("approxkl"),
+            "policy/clipfrac_avg": mean("pg_clipfrac"),
+            "policy/entropy_avg": mean("entropy"),
+            "loss/policy_avg": mean("pg_loss"),
+            "loss/value_avg": mean("vf_loss"),
+            "val/clipfrac_avg": mean("vf_clipfrac"),
+            "val/ratio": float(distributed_mean(ratio_t.mean())),
+            "val/ratio_var": float(distributed_mean(ratio_t.var(unbiased=False))),
+            "val/num_eos_tokens": float(distributed_mean(ro.ended.float().sum())) * plan.world,
+            "val/response_length": float(distributed_mean(mask.sum(1).mean())),
+            "lr": self.actor.get_lr()[0],
+            "episode": self.update * plan.episodes_per_update,
+            "time/rollout": t_rollout,
+            "time/update": t_update,
+            "time/step": elapsed,
+            "throughput/episodes_per_s": plan.episodes_per_update / elapsed,
+            "throughput/tokens_per_s": tokens / elapsed,
+        }
+        for k, v in metrics.items():
+            if not math.isfinite(v):
+                raise NonFiniteError(f"metric {k} is {v}; training stopped before any checkpoint of this state")
+        if metrics["val/ratio"] > 3.0 or metrics["policy/approxkl_avg"] > 1.0:
+            warnings.warn(f"PPO update {self.update}: the policy ratio ({metrics['val/ratio']:.2f}) or approx. KL "
+                          f"({metrics['policy/approxkl_avg']:.3f}) is running away; lower ppo.learning_rate or ppo.ppo_epochs")
+        if c.target_kl is None and mean_kl > 10 * max(c.kl_budget, 1e-6):
+            warnings.warn(f"PPO update {self.update}: KL to the reference is {mean_kl:.2f}, far above ppo.kl_budget={c.kl_budget}")
+        return metrics
+
+    # --------------------------------------------------------------- checkpoints
+    def save(self, ckpt_dir: Path, stream: PromptStream) -> None:
+        """Collective: DeepSpeed state of both engines under one tag, then (rank 0) state.json last."""
+        tag = f"update-{self.update}"
+        self.actor.save_checkpoint(str(ckpt_dir / "actor"), tag=tag)
+        self.critic.save_checkpoint(str(ckpt_dir / "critic"), tag=tag)
+        rng = {"torch": torch.get_rng_state().tolist(), "python": random.getstate()}
+        all_rng = gather_objects(rng)
+        distributed.barrier()
+        if distributed.is_main():
+            state = {"tag": tag, "update": self.update, "kl_ctl": self.kl_ctl.state_dict(),
+                     "prompt_position": stream.position, "rng": all_rng}
+            tmp = ckpt_dir / "state.json.part"
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, ckpt_dir / "state.json")  # a checkpoint counts only once this exists
+            for old in list((ckpt_dir / "actor").glob("update-*")) + list((ckpt_dir / "critic").glob("update-*")):
+                if old.name != tag:
+                    import shutil
+
+                    shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+
+    def load(self, ckpt_dir: Path, stream: PromptStream) -> bool:
+        f = ckpt_dir / "state.json"
+        if not f.is_file():
+            return False
+        state = json.loads(f.read_text())
+        self.actor.load_checkpoint(str(ckpt_dir / "actor"), tag=state["tag"])
+        self.critic.load_checkpoint(str(ckpt_dir / "critic"), tag=state["tag"])
+        self.update = state["update"]
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        stream.position = state["prompt_position"]
+        rngs = state.get("rng") or []
+        if distributed.rank() < len(rngs):
+            torch.set_rng_state(torch.tensor(rngs[distributed.rank()]["torch"], dtype=torch.uint8))
+            py = rngs[distributed.rank()]["python"]
+            random.setstate((py[0], tuple(py[1]), py[2]))
+        return True
+
+
+def distributed_mean(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().float().clone()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t
+
+
+def gather_objects(obj: Any) -> list:
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out

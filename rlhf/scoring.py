@@ -1,0 +1,116 @@
+"""The reward model's side of the pipeline, shared by RM training, RM evaluation and PPO:
+pair encoding (with counted truncation), the Bradley-Terry loss, and batched scoring."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def encode_response(tokenizer: Any, prompt_text: str, response: str, max_length: int) -> tuple[list[int], bool]:
+    """Token ids of prompt + response + EOS, at most max_length long; True when truncated.
+
+    The prompt and the response are tokenized separately, exactly as PPO concatenates its
+    query and sampled response ids, so the RM is trained on the token sequences it will
+    score. When too long, the prompt is cut from the left (its end matters most) down to
+    half the budget, then the response is cut from the right (losing its EOS).
+    """
+    p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(p) + len(r) <= max_length:
+        return p + r, False
+    keep_p = max(max_length - len(r), min(len(p), max_length // 2))
+    p = p[len(p) - keep_p:] if keep_p > 0 else []
+    r = r[: max_length - len(p)]
+    return p + r, True
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean of -log sigma(r_w - r_l - margin) over pairs.  r_*: (N,)  margin, weight: (N,)"""
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    losses = -F.logsigmoid(diff)  # (N,)
+    if weight is None:
+        return losses.mean()
+    return (losses * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counted from each row's first real token (left padding allowed)."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) scalar reward read at each row's last attended token (rows may be left- and
+    right-padded, as PPO's query|response rows are). Training, evaluation and PPO all score
+    through this one function."""
+    from rlhf.models import last_token_index, token_values
+
+    values = token_values(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))  # (B, T)
+    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def score_texts(model: Any, tokenizer: Any, prompt_texts: list[str], responses: list[str], *, max_length: int,
+                batch_size: int = 64, device: torch.device | str | None = None) -> list[float]:
+    """One reward per (rendered prompt, response), batched. Under ZeRO-3 every rank must call
+    this with the same number of rows (the forward passes gather weights collectively)."""
+    device = device or next(model.parameters()).device
+    seqs = [encode_response(tokenizer, p, r, max_length)[0] for p, r in zip(prompt_texts, responses)]
+    out: list[float] = []
+    for s in range(0, len(seqs), batch_size):
+        ids, mask = pad_right(seqs[s:s + batch_size], tokenizer.pad_token_id, device)
+        out.extend(reward_scores(model, ids, mask).tolist())
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(v: list[float]) -> torch.Tensor:
+        t = torch.tensor(v, dtype=torch.float64)
+        order = t.argsort()
+        r = torch.empty_like(t)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for val in t.unique():  # average the ranks of tied values
+            idx = (t == val).nonzero().flatten()
+            r[idx] = r[idx].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = (rx.norm() * ry.norm()).item()
+    return float((rx * ry).sum().item() / denom) if denom > 0 else 0.0
+
+
+def load_gold_scorer(spec: str) -> Any:
+    """`path/to/file.py:function` -> the function (prompt, response) -> float."""
+    import importlib.util
+    from pathlib import Path
+
+    from rlhf.config import ConfigError
+
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        raise ConfigError(f"eval.gold_scorer must be path/to/file.py:function, got {spec!r}")
+    if not Path(path).is_file():
+        raise ConfigError(f"eval.gold_scorer: file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_gold_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"eval.gold_scorer: {path} has no function {name!r}")
+    return fn

@@ -1,0 +1,220 @@
+"""Stage 3: PPO against the reward model with a per-token KL penalty to the frozen SFT policy."""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+
+import torch
+from transformers import set_seed
+
+from rlhf import artifacts, distributed, models
+from rlhf.artifacts import PPO, REWARD, SFT
+from rlhf.config import ConfigError, PipelineConfig, require
+from rlhf.data import load_prompts, prompt_text, render_prompt
+from rlhf.generation import decode_responses, generate
+from rlhf.ppo.rollout import policy_forward
+from rlhf.ppo.trainer import PPOTrainer, PromptStream
+from rlhf.scoring import load_gold_scorer, reward_scores
+from rlhf.stage_io import say, skip_if_up_to_date, summary_line
+from rlhf.tracking import Tracker
+
+
+def run(cfg: PipelineConfig) -> artifacts.Artifact:
+    started = time.time()
+    c, mc = cfg.ppo, cfg.model
+    config = cfg.to_dict()
+
+    # 1. inputs ---------------------------------------------------------------------------
+    train_src = require(c.train_prompts, "ppo.train_prompts", "the prompts PPO rolls out on")
+    sft = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, SFT), SFT)
+    tokenizer = models.load_tokenizer(str(sft.path))
+    tok_fp = artifacts.tokenizer_fingerprint(tokenizer)
+    rm_art = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, REWARD), REWARD, tokenizer_fp=tok_fp)
+    done = skip_if_up_to_date(cfg.artifact_dir, PPO, config, [sft, rm_art], cfg.force)
+    if done:
+        return done
+    if c.lora and c.max_new_tokens and not mc.lora.r:
+        raise ConfigError("ppo.lora=true needs model.lora.r > 0")
+    ckpt_dir, resuming = distributed.broadcast_object(
+        artifacts.prepare_checkpoints(cfg.artifact_dir, PPO, config) if distributed.is_main() else None)
+    distributed.barrier()
+    set_seed(cfg.seed + distributed.rank())
+    use_template = sft.manifest.get("model", {}).get("use_chat_template", mc.use_chat_template)
+    train_prompts = [render_prompt(tokenizer, p, use_template) for p in load_prompts(train_src)]
+    eval_raw = load_prompts(c.eval_prompts)[: cfg.eval.num_prompts] if c.eval_prompts else []
+    gold = load_gold_scorer(cfg.eval.gold_scorer) if cfg.eval.gold_scorer else None
+
+    # 2. models: actor from SFT; reference = frozen SFT (or the actor without its adapter);
+    #    critic from the RM; the RM itself frozen
+    actor = models.load_causal_lm(str(sft.path), mc.dtype)
+    if mc.dtype == "float32":
+        actor.config.use_cache = True
+    ref = None
+    if c.lora:
+        actor = models.add_lora(actor, mc.lora, "CAUSAL_LM")
+    else:
+        ref = models.load_causal_lm(str(sft.path), mc.dtype)
+    critic_src = str(rm_art.path) if c.critic_from_reward else str(sft.path)
+    critic = models.load_reward_model(critic_src, mc.dtype, tokenizer.pad_token_id)
+    reward_model = models.load_reward_model(str(rm_art.path), mc.dtype, tokenizer.pad_token_id)
+    reward_stats = rm_art.manifest["reward_stats"]
+
+    # 3. data -----------------------------------------------------------------------------
+    stream = PromptStream(train_prompts, cfg.seed, distributed.rank(), distributed.world_size())
+
+    # 4. train ----------------------------------------------------------------------------
+    tracker_holder: dict = {}
+    trainer = PPOTrainer(cfg=c, ds=cfg.deepspeed, dtype=mc.dtype, actor_model=actor, critic_model=critic,
+                         reward_model=reward_model, ref_model=ref, tokenizer=tokenizer, reward_stats=reward_stats,
+                         tracker=None)
+    if resuming and trainer.load(ckpt_dir, stream):
+        say(PPO, f"resuming from update {trainer.update} (kl_coef={trainer.kl_ctl.value:.4g})")
+    tracker = Tracker(cfg.artifact_dir, PPO, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
+                      resume_step=trainer.update if trainer.update else None)
+    tracker_holder["t"] = tracker
+    plan = trainer.plan
+    say(PPO, f"{plan.num_updates} updates x {plan.episodes_per_update} episodes, {plan.world} process(es), "
+             f"ZeRO-{cfg.deepspeed.zero_stage}, {'LoRA actor, reference = adapter disabled' if c.lora else 'full actor, frozen reference copy'}")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=plan.num_updates, initial=trainer.update, desc="ppo", disable=not distributed.is_main())
+    while trainer.update < plan.num_updates:
+        metrics = trainer.step(stream.next(plan.rollout_batch))
+        tracker.log(metrics, step=trainer.update)
+        bar.update(1)
+        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        if trainer.update % c.sample_every == 0 and eval_raw:
+            _sample_table(trainer, tokenizer, eval_raw[:8], use_template, tracker)
+        if trainer.update % c.save_every == 0 and trainer.update < plan.num_updates:
+            trainer.save(ckpt_dir, stream)
+    bar.close()
+
+    # 5. evaluate and publish -----------------------------------------------------------------
+    evaluation, samples = evaluate(trainer, tokenizer, eval_raw, use_template, gold, c) if eval_raw else ({}, [])
+    final = {k: v for k, v in metrics.items()} if plan.num_updates else {}
+    result_metrics = {"updates": trainer.update, "episodes": trainer.update * plan.episodes_per_update,
+                      "final_objective_scores": final.get("objective/scores"), "final_objective_kl": final.get("objective/kl"),
+                      "final_kl_coef": trainer.kl_ctl.value, "kl_budget": c.kl_budget, **evaluation}
+    if "kl_ppo_vs_sft" in evaluation:
+        result_metrics["within_kl_budget"] = evaluation["kl_ppo_vs_sft"] <= c.kl_budget
+    staged = artifacts.staging_dir(cfg.artifact_dir, PPO)
+    _save_policy(trainer, staged, tokenizer, cfg.deepspeed.zero_stage, c.lora)
+    art = None
+    if distributed.is_main():
+        with (staged / artifacts.SAMPLES).open("w") as f:
+            for row in samples:
+                f.write(json.dumps(row) + "\n")
+        manifest = artifacts.build_manifest(
+            PPO, config, parents=[sft, rm_art], tokenizer_fp=tok_fp,
+            data=artifacts.data_fingerprint({"train_prompts": train_src, "eval_prompts": c.eval_prompts}),
+            metrics=result_metrics, started=started, reward_stats=reward_stats,
+            model={"base": str(sft.path), "lora": "merged" if c.lora else None, "use_chat_template": use_template,
+                   "critic": "critic/"})
+        art = artifacts.publish(cfg.artifact_dir, PPO, staged, manifest)
+        tracker.summary(result_metrics)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    tracker.finish()
+    distributed.barrier()
+    art = art or artifacts.load(artifacts.stage_dir(cfg.artifact_dir, PPO), PPO)
+    summary_line(PPO, art, ["gold_score_sft", "gold_score_ppo", "rm_score_sft", "rm_score_ppo", "kl_ppo_vs_sft", "win_rate_gold"])
+    return art
+
+
+@torch.no_grad()
+def _policy_samples(trainer: PPOTrainer, tokenizer, texts: list[str], c, use_ref: bool):
+    """Sampled responses of the PPO policy (or of the SFT reference) and their RM scores."""
+    model = trainer.actor.module
+    if use_ref and not trainer.lora:
+        model = trainer.ref.module if hasattr(trainer.ref, "module") else trainer.ref
+    ctx = model.disable_adapter() if use_ref and trainer.lora else _null()
+    out_g, out_r = [], []
+    with ctx, distributed.gathered_params(model, trainer.ds.zero_stage if model is trainer.actor.module or trainer.ds.zero_stage == 3 else 0):
+        for s in range(0, len(texts), c.forward_batch_size):
+            out_g.append(generate(model, tokenizer, texts[s:s + c.forward_batch_size], max_new_tokens=c.max_new_tokens,
+                                  max_prompt_length=c.max_prompt_length, temperature=c.temperature, top_k=c.top_k,
+                                  top_p=c.top_p, device=trainer.device))
+    for g in out_g:
+        out_r.append(reward_scores(trainer.reward_model, torch.cat([g.query_ids, g.response_ids], 1),
+                                   torch.cat([g.query_mask, g.response_mask], 1)))
+    return out_g, torch.cat(out_r)
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(trainer: PPOTrainer, tokenizer, prompts: list, use_template: bool, gold, c) -> tuple[dict, list[dict]]:
+    """SFT vs PPO on held-out prompts: RM score, gold score, KL(PPO||SFT), win rates, length, EOS rate."""
+    trainer.actor.eval()
+    texts = [render_prompt(tokenizer, p, use_template) for p in prompts]
+    torch.manual_seed(12345)
+    ppo_g, ppo_rm = _policy_samples(trainer, tokenizer, texts, c, use_ref=False)
+    torch.manual_seed(12345)
+    sft_g, sft_rm = _policy_samples(trainer, tokenizer, texts, c, use_ref=True)
+    kls = []
+    for g in ppo_g:  # KL(PPO || SFT) per response: sum of log pi - log pi_ref over PPO's own samples (k1)
+        ids, mask = torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1)
+        q = g.query_ids.shape[1]
+        lp = policy_forward(trainer.actor, ids, mask, q, c.temperature)[0]
+        ref = trainer.reference_logprobs(ids, mask, q)
+        kls.append(((lp - ref) * g.response_mask).sum(1))
+    kl = torch.cat(kls)
+    ppo_txt = [t for g in ppo_g for t in decode_responses(tokenizer, g)]
+    sft_txt = [t for g in sft_g for t in decode_responses(tokenizer, g)]
+    length = lambda gs: float(torch.cat([g.response_mask.sum(1) for g in gs]).float().mean())  # noqa: E731
+    eos = lambda gs: float(torch.cat([g.ended for g in gs]).float().mean())  # noqa: E731
+    out = {"eval_prompts": len(prompts), "rm_score_sft": float(sft_rm.mean()), "rm_score_ppo": float(ppo_rm.mean()),
+           "win_rate_rm": float((ppo_rm > sft_rm).float().mean() + 0.5 * (ppo_rm == sft_rm).float().mean()),
+           "kl_ppo_vs_sft": float(kl.mean()), "response_length_sft": length(sft_g), "response_length_ppo": length(ppo_g),
+           "eos_rate_sft": eos(sft_g), "eos_rate_ppo": eos(ppo_g)}
+    samples = [{"prompt": prompt_text(p), "response": r, "sft_response": s, "rm_score": float(a), "rm_score_sft": float(b)}
+               for p, r, s, a, b in zip(prompts, ppo_txt, sft_txt, ppo_rm, sft_rm)]
+    if gold is not None:
+        g_ppo = [gold(prompt_text(p), r) for p, r in zip(prompts, ppo_txt)]
+        g_sft = [gold(prompt_text(p), r) for p, r in zip(prompts, sft_txt)]
+        sd = statistics.pstdev(g_sft) or 1.0
+        out.update(gold_score_sft=statistics.fmean(g_sft), gold_score_ppo=statistics.fmean(g_ppo), gold_score_sft_std=sd,
+                   gold_gain_in_sft_std=(statistics.fmean(g_ppo) - statistics.fmean(g_sft)) / sd,
+                   win_rate_gold=sum((a > b) + 0.5 * (a == b) for a, b in zip(g_ppo, g_sft)) / len(g_ppo))
+        for row, a, b in zip(samples, g_ppo, g_sft):
+            row.update(gold_score=a, gold_score_sft=b)
+    return out, samples
+
+
+def _sample_table(trainer: PPOTrainer, tokenizer, prompts: list, use_template: bool, tracker: Tracker) -> None:
+    texts = [render_prompt(tokenizer, p, use_template) for p in prompts]
+    gs, scores = _policy_samples(trainer, tokenizer, texts, trainer.c, use_ref=False)
+    responses = [t for g in gs for t in decode_responses(tokenizer, g)]
+    tracker.table("samples", ["update", "prompt", "response", "rm_score"],
+                  [[trainer.update, prompt_text(p), r, float(s)] for p, r, s in zip(prompts, responses, scores)])
+
+
+def _save_policy(trainer: PPOTrainer, staged, tokenizer, zero_stage: int, lora: bool) -> None:
+    """Collective: consolidate actor (merged when LoRA) and critic weights; rank 0 writes HF dirs."""
+    def full_state(engine):
+        if zero_stage == 3:
+            return engine._zero3_consolidated_16bit_state_dict()  # gathers on every rank, returns on rank 0
+        return engine.module.state_dict() if distributed.is_main() else None
+
+    actor_sd, critic_sd = full_state(trainer.actor), full_state(trainer.critic)
+    if not distributed.is_main():
+        return
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    actor = trainer.actor.module
+    if lora:
+        import copy
+
+        actor = copy.deepcopy(actor).cpu()
+        actor.load_state_dict({k: v for k, v in actor_sd.items()}, strict=False)
+        actor = actor.merge_and_unload()
+        actor.save_pretrained(str(staged), safe_serialization=True)
+    else:
+        actor.save_pretrained(str(staged), state_dict=actor_sd, safe_serialization=True)
+    trainer.critic.module.save_pretrained(str(staged / "critic"), state_dict=critic_sd, safe_serialization=True)
+    tokenizer.save_pretrained(str(staged))

@@ -1,0 +1,161 @@
+"""Stage 2: a Bradley-Terry reward model on preference pairs and rankings (TRL's RewardTrainer)."""
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+
+import torch
+from datasets import Dataset
+from transformers import set_seed
+
+from rlhf import artifacts, distributed, models
+from rlhf.artifacts import REWARD, SFT
+from rlhf.config import ConfigError, PipelineConfig, require
+from rlhf.data import load_preferences, load_prompts, prompt_text, render_prompt
+from rlhf.generation import generate_texts
+from rlhf.hf_training import TrackerCallback, last_checkpoint, save_for_publish, trainer_kwargs
+from rlhf.reward_training import WeightedPreferenceCollator, WeightedRewardTrainer, evaluate_pairs
+from rlhf.scoring import encode_response, load_gold_scorer, score_texts, spearman
+from rlhf.stage_io import say, skip_if_up_to_date, summary_line
+from rlhf.tracking import Tracker
+
+
+def run(cfg: PipelineConfig) -> artifacts.Artifact:
+    started = time.time()
+    c, mc = cfg.reward, cfg.model
+    config = cfg.to_dict()
+
+    # 1. inputs ---------------------------------------------------------------------------
+    train_src = require(c.train_data, "reward.train_data", "the preference training file")
+    sft = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, SFT), SFT)
+    done = skip_if_up_to_date(cfg.artifact_dir, REWARD, config, [sft], cfg.force)
+    if done:
+        return done
+    ckpt_dir, resuming = distributed.broadcast_object(
+        artifacts.prepare_checkpoints(cfg.artifact_dir, REWARD, config) if distributed.is_main() else None)
+    distributed.barrier()
+    set_seed(cfg.seed)
+    train = load_preferences(train_src, c.pair_weighting)
+    evals = load_preferences(c.eval_data, "uniform") if c.eval_data else None
+    gold = load_gold_scorer(cfg.eval.gold_scorer) if cfg.eval.gold_scorer else None
+
+    # 2. tokenizer and model: the SFT tokenizer, a one-output head on the SFT model by default
+    tokenizer = models.load_tokenizer(str(sft.path))
+    tok_fp = artifacts.tokenizer_fingerprint(tokenizer)
+    artifacts.load(sft.path, SFT, tokenizer_fp=tok_fp)
+    init_path = c.model or str(sft.path)
+    if c.model:
+        other = models.load_tokenizer(c.model, mc.trust_remote_code)
+        models.ensure_pad_token(other)
+        if artifacts.tokenizer_fingerprint(other) != tok_fp:
+            raise ConfigError(f"reward.model={c.model} has a different tokenizer from the SFT artifact {sft.path}; "
+                              "the reward model must share the policy's tokenizer (unset reward.model to start from the SFT model)")
+    model = models.load_reward_model(init_path, mc.dtype, tokenizer.pad_token_id, mc.trust_remote_code)
+    models.resize_for_tokenizer(model, tokenizer)
+    if c.lora:
+        model = models.add_lora(model, mc.lora, "SEQ_CLS")
+    use_template = sft.manifest.get("model", {}).get("use_chat_template", mc.use_chat_template)
+
+    # 3. data: pairs -> token ids, truncation counted, pairs identical after truncation dropped
+    def encode(pairs, name):
+        rows, truncated, identical = [], 0, 0
+        for p in pairs:
+            prompt = render_prompt(tokenizer, p.prompt, use_template)
+            ci, ct = encode_response(tokenizer, prompt, p.chosen, c.max_length)
+            ri, rt = encode_response(tokenizer, prompt, p.rejected, c.max_length)
+            truncated += ct or rt
+            if ci == ri:
+                identical += 1
+                continue
+            rows.append({"chosen_ids": ci, "rejected_ids": ri, "margin": p.margin, "weight": p.weight,
+                         "group": p.group, "rank_distance": p.rank_distance})
+        say(REWARD, f"{name}: {len(rows)} pairs ({truncated} truncated to max_length={c.max_length}, "
+                    f"{identical} dropped as identical after truncation)")
+        if not rows:
+            raise ConfigError(f"{name}: no pair left after truncation; raise reward.max_length")
+        return rows, {"pairs": len(rows), "truncated": truncated, "dropped_identical": identical}
+
+    train_rows, train_counts = encode(train.pairs, "train")
+    eval_rows, eval_counts = encode(evals.pairs, "eval") if evals else (None, {})
+    train_ds = Dataset.from_list([{k: r[k] for k in ("chosen_ids", "rejected_ids", "margin", "weight")} for r in train_rows])
+
+    # 4. train ----------------------------------------------------------------------------
+    from trl import RewardConfig
+
+    ds_config = distributed.deepspeed_config(cfg.deepspeed, mc.dtype)
+    args = RewardConfig(**trainer_kwargs(c, output_dir=ckpt_dir, ds_config=ds_config, seed=cfg.seed, dtype=mc.dtype),
+                        center_rewards_coefficient=c.center_rewards_coefficient, disable_dropout=True,
+                        remove_unused_columns=False)
+    resume_from = last_checkpoint(ckpt_dir) if resuming else None
+    tracker = Tracker(cfg.artifact_dir, REWARD, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
+                      resume_step=int(resume_from.rsplit("-", 1)[1]) if resume_from else None)
+    trainer = WeightedRewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                                    data_collator=WeightedPreferenceCollator(pad_token_id=tokenizer.pad_token_id),
+                                    callbacks=[TrackerCallback(tracker)], groups=[r["group"] for r in train_rows])
+    if resume_from:
+        say(REWARD, f"resuming from {resume_from}")
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics: dict = {"train_loss": result.training_loss, "train_steps": result.global_step,
+                     "train_runtime_s": result.metrics.get("train_runtime"), "ties_dropped": train.ties_dropped,
+                     **{f"train_{k}": v for k, v in train_counts.items()}, **{f"eval_{k}": v for k, v in eval_counts.items()}}
+    rm = trainer.model_wrapped if cfg.deepspeed.zero_stage == 3 else trainer.model
+    if eval_rows:
+        metrics.update(evaluate_pairs(rm, eval_rows, tokenizer.pad_token_id, c.batch_size))
+        say(REWARD, f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f} on {len(eval_rows)} pairs")
+
+    # reward_stats: scores of SFT-policy responses, so PPO can centre and scale rewards (reference ~ 0)
+    stat_prompts = _stat_prompts(c, evals, train)[: c.stats_samples]
+    texts = [render_prompt(tokenizer, p, use_template) for p in stat_prompts]
+    responses = None
+    if distributed.is_main():
+        policy = models.load_causal_lm(str(sft.path), mc.dtype).to(distributed.device())
+        responses = generate_texts(policy, tokenizer, texts, max_new_tokens=cfg.ppo.max_new_tokens,
+                                   max_prompt_length=cfg.ppo.max_prompt_length, temperature=cfg.ppo.temperature,
+                                   progress=True)
+        del policy
+    responses = distributed.broadcast_object(responses)
+    scores = score_texts(rm, tokenizer, texts, responses, max_length=c.max_length, batch_size=c.batch_size)
+    reward_stats = {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "n": len(scores),
+                    "source": "responses sampled from the SFT policy"}
+    if gold is not None:
+        golds = [gold(prompt_text(p), r) for p, r in zip(stat_prompts, responses)]
+        metrics["spearman_gold"] = spearman(scores, golds)
+        say(REWARD, f"Spearman(RM score, gold score) on {len(golds)} fresh SFT responses: {metrics['spearman_gold']:.3f}")
+    tracker.log({f"eval/{k[5:]}" if k.startswith("eval_") else k: v for k, v in metrics.items()
+                 if isinstance(v, (int, float))}, step=result.global_step)
+
+    # 5. publish --------------------------------------------------------------------------
+    staged = artifacts.staging_dir(cfg.artifact_dir, REWARD)
+    save_for_publish(trainer, staged, tokenizer, merge_lora=False) if not c.lora else _save_lora(trainer, staged, tokenizer, sft)
+    art = None
+    if distributed.is_main():
+        manifest = artifacts.build_manifest(
+            REWARD, config, parents=[sft], tokenizer_fp=tok_fp,
+            data=artifacts.data_fingerprint({"train_data": train_src, "eval_data": c.eval_data}),
+            metrics=metrics, started=started, reward_stats=reward_stats,
+            model={"base": init_path, "lora": "merged" if c.lora else None, "use_chat_template": use_template})
+        art = artifacts.publish(cfg.artifact_dir, REWARD, staged, manifest)
+        tracker.summary(metrics)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    tracker.finish()
+    distributed.barrier()
+    art = art or artifacts.load(artifacts.stage_dir(cfg.artifact_dir, REWARD), REWARD)
+    summary_line(REWARD, art, ["eval_accuracy", "spearman_gold", "train_loss"])
+    return art
+
+
+def _stat_prompts(c, evals, train) -> list:
+    """Prompts for reward_stats: held-out ones when there are, one per distinct prompt."""
+    seen, out = set(), []
+    for p in (evals or train).pairs:
+        key = prompt_text(p.prompt)
+        if key not in seen or len(seen) >= c.stats_samples // 2:
+            seen.add(key)
+            out.append(p.prompt)
+    return out
+
+
+def _save_lora(trainer, staged, tokenizer, sft) -> None:
+    """A LoRA reward model is published merged; the base is the model it started from."""
+    save_for_publish(trainer, staged, tokenizer, merge_lora=True)
