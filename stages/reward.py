@@ -146,14 +146,13 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
 
 
 def _stat_prompts(c, evals, train) -> list:
-    """Prompts for reward_stats: held-out ones when there are, one per distinct prompt."""
-    seen, out = set(), []
+    """stats_samples prompts for reward_stats: the held-out ones when there are, one per
+    preference row, repeated in order when there are fewer rows than samples."""
+    groups: dict[int, object] = {}
     for p in (evals or train).pairs:
-        key = prompt_text(p.prompt)
-        if key not in seen or len(seen) >= c.stats_samples // 2:
-            seen.add(key)
-            out.append(p.prompt)
-    return out
+        groups.setdefault(p.group, p.prompt)
+    prompts = list(groups.values())
+    return [prompts[i % len(prompts)] for i in range(c.stats_samples)]
 
 
 def _save_lora(trainer, staged, tokenizer, sft) -> None:

@@ -13,28 +13,28 @@ DEMO = Path(__file__).resolve().parents[2] / "reward_data" / "demo"
 
 
 @pytest.mark.parametrize("prompt, response, expected", [
-    # 3 distinct on-topic words, well formed
-    ("list some fruits", " apple, pear, plum.", 3.0),
-    # 1 on-topic, 1 off-topic
+    # 3 distinct on-topic words, well formed: mean(1, 1, 1)
+    ("list some fruits", " apple, pear, plum.", 1.0),
+    # 1 on-topic, 1 off-topic: mean(1, -1)
     ("list some fruits", " apple, dog.", 0.0),
-    # 2 distinct on-topic, 1 repeat: 2 - 0.5
-    ("list some fruits", " apple, apple, pear.", 1.5),
-    # first 'dog' is off-topic, the two further ones are repeats: -1 - 0.5 * 2
-    ("list some fruits", " dog, dog, dog.", -2.0),
-    # malformed (no commas, no full stop): 2 - 2
+    # 2 distinct on-topic, 1 repeat: (1 - 0.5 + 1) / 3
+    ("list some fruits", " apple, apple, pear.", 0.5),
+    # first 'dog' is off-topic, the two further ones are repeats: (-1 - 0.5 - 0.5) / 3
+    ("list some fruits", " dog, dog, dog.", -2.0 / 3),
+    # malformed (no commas, no full stop): mean(1, 1) - 1
     ("name a few birds", " owl crow", 0.0),
-    # malformed (capital letter), words still counted case-insensitively: 2 - 2
+    # malformed (capital letter), words still counted case-insensitively
     ("name a few birds", " Owl, crow.", 0.0),
-    # unknown word is off-topic and makes the response malformed: 1 - 1 - 2
-    ("give me tools", " saw, banana.", -2.0),
-    # empty response: nothing counted, malformed
+    # unknown word is off-topic and makes the response malformed: mean(1, -1) - 1
+    ("give me tools", " saw, banana.", -1.0),
+    # empty response
     ("give me tools", "", -2.0),
-    # 4 on-topic, 2 off-topic, 1 repeat: 4 - 2 - 0.5
-    ("which colors do you know", " red, blue, oak, red, green, pink, paris.", 1.5),
+    # 4 on-topic, 2 off-topic, 1 repeat: (4 - 2 - 0.5) / 7
+    ("which colors do you know", " red, blue, oak, red, green, pink, paris.", 1.5 / 7),
     # the topic is the last one the prompt mentions: 'file' is a tool
-    ("not fruits but tools", " file, saw.", 2.0),
+    ("not fruits but tools", " file, saw.", 1.0),
     # a prompt of no known topic makes every word off-topic
-    ("hello", " apple, pear.", -2.0),
+    ("hello", " apple, pear.", -1.0),
 ])
 def test_gold_score_hand_computed(prompt, response, expected):
     assert gold_score(prompt, response) == pytest.approx(expected)
@@ -43,7 +43,7 @@ def test_gold_score_hand_computed(prompt, response, expected):
 
 def test_gold_prefers_distinct_on_topic_words():
     p = "list some fruits"
-    assert gold_score(p, " apple, pear, plum.") > gold_score(p, " apple, pear.") > gold_score(p, " apple, apple.")
+    assert gold_score(p, " apple, pear.") > gold_score(p, " apple, apple.") > gold_score(p, " apple, dog.")
     assert gold_score(p, " apple, pear.") > gold_score(p, " apple, pear")  # malformed penalty
     assert gold_score(p, " apple, pear.") > gold_score(p, " apple, dog.")
 

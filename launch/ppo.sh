@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# bash launch/ppo.sh CONFIG [key=value ...]   (NUM_GPUS, HOSTFILE, MASTER_PORT from the environment)
+exec bash "$(dirname "${BASH_SOURCE[0]}")/_stage.sh" ppo.py "$@"

@@ -1,0 +1,104 @@
+"""Bad input fails early with an actionable message; a killed run resumes; KL penalty acts."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import DEMO, ENV, ROOT, manifest, ok, run_stage
+
+pytestmark = pytest.mark.slow
+
+
+def test_config_typo_fails_before_training(tmp_path):
+    proc = run_stage("sft.py", f"artifact_dir={tmp_path}", "sft.learnin_rate=1e-4", timeout=120)
+    assert proc.returncode == 2
+    assert "sft.learnin_rate" in proc.stderr and "sft.learning_rate" in proc.stderr
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_malformed_row_names_file_and_row(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "list some fruits", "completion": " apple."}\n{"prompt": "x"}\n')
+    proc = run_stage("sft.py", f"artifact_dir={tmp_path}/a", f"sft.train_data={bad}", timeout=120)
+    assert proc.returncode == 2
+    assert str(bad) in proc.stderr and "row 2" in proc.stderr and "'completion'" in proc.stderr
+
+
+def test_stage_refuses_partial_parent(tmp_path):
+    (tmp_path / "sft").mkdir(parents=True)
+    (tmp_path / "sft" / "config.json").write_text("{}")
+    proc = run_stage("rm.py", f"artifact_dir={tmp_path}", timeout=120)
+    assert proc.returncode == 2
+    assert "not a complete sft artifact" in proc.stderr and "launch/sft.py" in proc.stderr
+
+
+def _kill_when(cmd: list[str], path_pred, timeout: float = 600) -> None:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    start = time.time()
+    try:
+        while time.time() - start < timeout:
+            if path_pred():
+                break
+            if proc.poll() is not None:
+                pytest.fail("the run finished before it could be killed")
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint appeared in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_sft_killed_mid_training_resumes(tmp_path):
+    d = tmp_path / "art"
+    cmd = [sys.executable, str(ROOT / "launch/sft.py"), "--config", str(DEMO), f"artifact_dir={d}", "sft.save_steps=20"]
+    ckpt = d / "checkpoints" / "sft"
+    _kill_when(cmd, lambda: any((p / "trainer_state.json").exists() for p in ckpt.glob("checkpoint-*")))
+    assert not (d / "sft").exists()  # never half-published
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    ok(proc)
+    assert "resuming from" in proc.stdout
+    m = manifest(d, "sft")
+    assert m["status"] == "complete" and m["metrics"]["eval_loss"] < 0.5 * m["metrics"]["eval_loss_initial"]
+    assert not ckpt.exists()
+
+
+def test_ppo_killed_after_checkpoint_resumes(demo_run, tmp_path):
+    d = tmp_path / "art"
+    d.mkdir()
+    for s in ("sft", "reward"):
+        os.symlink(demo_run / s, d / s)
+    args = [f"artifact_dir={d}", "ppo.total_episodes=640", "ppo.save_every=5", "ppo.target_kl=0.5"]
+    cmd = [sys.executable, str(ROOT / "launch/ppo.py"), "--config", str(DEMO), *args]
+    state = d / "checkpoints" / "ppo" / "state.json"
+    _kill_when(cmd, state.exists)
+    saved = json.loads(state.read_text())
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    ok(proc)
+    assert f"resuming from update {saved['update']}" in proc.stdout
+    assert f"kl_coef={saved['kl_ctl']['value']:.4g}" in proc.stdout
+    rows = [json.loads(ln) for ln in (d / "metrics" / "ppo.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21))  # rows after the checkpoint were replaced, not doubled
+    assert manifest(d, "ppo")["metrics"]["updates"] == 20
+
+
+def test_kl_penalty_keeps_policy_close(demo_run, tmp_path):
+    """Same short run with a large and a near-zero KL coefficient: the penalty must hold KL down."""
+    kls = {}
+    for name, coef in (("large", 2.0), ("small", 0.0001)):
+        d = tmp_path / name
+        d.mkdir()
+        for s in ("sft", "reward"):
+            os.symlink(demo_run / s, d / s)
+        ok(run_stage("ppo.py", f"artifact_dir={d}", f"ppo.kl_coef={coef}", "ppo.total_episodes=640",
+                     "eval.num_prompts=64"))
+        m = manifest(d, "ppo")["metrics"]
+        kls[name] = m["kl_ppo_vs_sft"]
+    assert kls["large"] < 0.5 * kls["small"], kls
