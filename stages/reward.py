@@ -107,13 +107,14 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     # reward_stats: scores of SFT-policy responses, so PPO can centre and scale rewards (reference ~ 0)
     stat_prompts = _stat_prompts(c, evals, train)[: c.stats_samples]
     texts = [render_prompt(tokenizer, p, use_template) for p in stat_prompts]
-    responses = None
-    if distributed.is_main():
-        policy = models.load_causal_lm(str(sft.path), mc.dtype).to(distributed.device())
+    # every rank loads the policy (under ZeRO-3 loading is partitioned, hence collective) and
+    # generates with its weights gathered once; rank 0's responses are the ones used
+    policy = models.load_causal_lm(str(sft.path), mc.dtype).to(distributed.device())
+    with distributed.gathered_params(policy, cfg.deepspeed.zero_stage):
         responses = generate_texts(policy, tokenizer, texts, max_new_tokens=cfg.ppo.max_new_tokens,
                                    max_prompt_length=cfg.ppo.max_prompt_length, temperature=cfg.ppo.temperature,
-                                   progress=True)
-        del policy
+                                   progress=distributed.is_main())
+    del policy
     responses = distributed.broadcast_object(responses)
     scores = score_texts(rm, tokenizer, texts, responses, max_length=c.max_length, batch_size=c.batch_size)
     reward_stats = {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "n": len(scores),

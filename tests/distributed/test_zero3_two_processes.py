@@ -10,7 +10,7 @@ from conftest import manifest, ok, run_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-SMALL = ["sft.epochs=1", "reward.epochs=0.5", "reward.stats_samples=64", "ppo.total_episodes=256",
+SMALL = ["sft.epochs=1", "reward.epochs=1", "reward.stats_samples=64", "ppo.total_episodes=256",
          "ppo.save_every=2", "eval.num_prompts=32"]
 
 
