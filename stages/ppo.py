@@ -65,7 +65,6 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     stream = PromptStream(train_prompts, cfg.seed, distributed.rank(), distributed.world_size())
 
     # 4. train ----------------------------------------------------------------------------
-    tracker_holder: dict = {}
     trainer = PPOTrainer(cfg=c, ds=cfg.deepspeed, dtype=mc.dtype, actor_model=actor, critic_model=critic,
                          reward_model=reward_model, ref_model=ref, tokenizer=tokenizer, reward_stats=reward_stats,
                          tracker=None)
@@ -73,7 +72,6 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         say(PPO, f"resuming from update {trainer.update} (kl_coef={trainer.kl_ctl.value:.4g})")
     tracker = Tracker(cfg.artifact_dir, PPO, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
                       resume_step=trainer.update if trainer.update else None)
-    tracker_holder["t"] = tracker
     plan = trainer.plan
     say(PPO, f"{plan.num_updates} updates x {plan.episodes_per_update} episodes, {plan.world} process(es), "
              f"ZeRO-{cfg.deepspeed.zero_stage}, {'LoRA actor, reference = adapter disabled' if c.lora else 'full actor, frozen reference copy'}")

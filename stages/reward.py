@@ -128,7 +128,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
 
     # 5. publish --------------------------------------------------------------------------
     staged = artifacts.staging_dir(cfg.artifact_dir, REWARD)
-    save_for_publish(trainer, staged, tokenizer, merge_lora=False) if not c.lora else _save_lora(trainer, staged, tokenizer, sft)
+    save_for_publish(trainer, staged, tokenizer, merge_lora=c.lora)
     art = None
     if distributed.is_main():
         manifest = artifacts.build_manifest(
@@ -154,8 +154,3 @@ def _stat_prompts(c, evals, train) -> list:
         groups.setdefault(p.group, p.prompt)
     prompts = list(groups.values())
     return [prompts[i % len(prompts)] for i in range(c.stats_samples)]
-
-
-def _save_lora(trainer, staged, tokenizer, sft) -> None:
-    """A LoRA reward model is published merged; the base is the model it started from."""
-    save_for_publish(trainer, staged, tokenizer, merge_lora=True)
