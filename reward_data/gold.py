@@ -1,11 +1,11 @@
 """Gold scorer of the demo task: the stand-in for "what humans prefer".
 
 A prompt asks for things of one topic ("list some fruits"); a good response is a
-comma-separated list of *distinct* words of that topic, ending with a full stop.
-Each word earns +1 when it is on topic and new, -1 when off topic, -0.5 when repeated;
-the score is the mean over the words, minus 1 for a malformed response:
+comma-separated list of words of that topic, ending with a full stop. Each word earns
++1 when it is on topic and -1 when it is not; the score is the mean over the words,
+minus 1 for a malformed response:
 
-    gold(prompt, response) = mean_w(word score) - [malformed]      in [-2, 1]
+    gold(prompt, response) = mean_w(+1 if w on topic else -1) - [malformed]   in [-2, 1]
 
 A response without words scores -2.
 
@@ -55,17 +55,7 @@ def gold_score(prompt: str, response: str) -> float:
     words = _words(response)
     if not words:
         return -2.0
-    seen: set[str] = set()
-    total = 0.0
-    for w in words:
-        if w in seen:
-            total -= 0.5
-        elif WORD_TOPIC.get(w) == topic:
-            total += 1.0
-        else:
-            total -= 1.0
-        seen.add(w)
-    score = total / len(words)
+    score = sum(1.0 if WORD_TOPIC.get(w) == topic else -1.0 for w in words) / len(words)
     if not is_well_formed(response):
         score -= 1.0
     return float(score)

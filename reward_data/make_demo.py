@@ -6,7 +6,8 @@ Files written:
   sft_train.jsonl / sft_eval.jsonl     {"prompt", "completion"}: responses of *mixed*
                                        quality, so that PPO has room to improve on SFT
   prefs_train.jsonl / prefs_eval.jsonl {"prompt", "responses": [best..worst]}: 4-wise
-                                       rankings labelled by the gold scorer (ties removed)
+                                       rankings labelled by the gold scorer (responses
+                                       closer than MIN_GAP in gold score are not ranked)
   prompts_train.jsonl / prompts_eval.jsonl   {"prompt"}: PPO and held-out prompts
   prefs_hh_eval.jsonl                  the eval pairs as raw HH-RLHF transcripts
 """
@@ -27,8 +28,13 @@ def sample_prompt(rng: random.Random) -> tuple[str, str]:
     return rng.choice(TEMPLATES).format(t=topic), topic
 
 
-def sample_response(rng: random.Random, topic: str) -> str:
-    """A response of random quality: some off-topic words, some repeats, varying length."""
+def sample_response(rng: random.Random, topic: str, p_malformed: float = 0.0) -> str:
+    """A response of random quality: some off-topic words, some repeats, varying length.
+
+    With probability `p_malformed` the text is also damaged (no full stop, or cut off), so that
+    a reward model trained on these responses learns the gold scorer's malformed penalty for
+    the failure a language model policy shows most: running out of tokens.
+    """
     p_on = rng.uniform(0.35, 1.0)
     p_repeat = rng.uniform(0.0, 0.3)
     n = rng.randint(2, 6)
@@ -40,7 +46,19 @@ def sample_response(rng: random.Random, topic: str) -> str:
             words.append(rng.choice(TOPICS[topic]))
         else:
             words.append(rng.choice(ALL_WORDS))
-    return " " + ", ".join(words) + "."
+    text = " " + ", ".join(words) + "."
+    if p_malformed and rng.random() < p_malformed:
+        text = damage(rng, words)
+    return text
+
+
+def damage(rng: random.Random, words: list[str]) -> str:
+    """The list `words` without its full stop, or cut off (possibly inside a word): what a
+    language model produces when it runs out of tokens (see sample_response)."""
+    text = " " + ", ".join(words)
+    if rng.random() < 0.5:
+        return text
+    return text[: rng.randint(len(words[0]) + 1, len(text) - 1)]
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -49,15 +67,26 @@ def _write(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
+MIN_GAP = 0.3  # rank only responses whose gold scores differ by at least this much
+P_MALFORMED = 0.2  # share of ranked candidates that are malformed (the SFT data stays well formed)
+
+
 def ranking(rng: random.Random, k: int = 4) -> dict | None:
+    """Up to k responses to one prompt, best first, any two differing by >= MIN_GAP in gold score.
+
+    Candidates are taken best first and one is kept only when it is clearly apart from every
+    response kept so far: the labels model a rater who ranks clearly different responses and
+    is not asked to split near-ties.
+    """
     prompt, topic = sample_prompt(rng)
-    cands = list(dict.fromkeys(sample_response(rng, topic) for _ in range(k)))  # distinct, in sampling order
-    by_score: dict[float, str] = {}
-    for c in cands:  # keep one response per distinct score, so the ranking has no ties
-        by_score.setdefault(gold_score(prompt, c), c)
-    if len(by_score) < 2:
+    cands = list(dict.fromkeys(sample_response(rng, topic, P_MALFORMED) for _ in range(k)))  # distinct, in sampling order
+    kept: list[tuple[float, str]] = []
+    for score, c in sorted(((gold_score(prompt, c), c) for c in cands), key=lambda x: -x[0]):
+        if all(prev - score >= MIN_GAP for prev, _ in kept):
+            kept.append((score, c))
+    if len(kept) < 2:
         return None
-    return {"prompt": prompt, "responses": [by_score[s] for s in sorted(by_score, reverse=True)]}
+    return {"prompt": prompt, "responses": [c for _, c in kept]}
 
 
 def main() -> None:

@@ -222,23 +222,28 @@ def stage_config(config: dict, stage: str) -> dict:
     return {k: config[k] for k in STAGE_CONFIG_KEYS[stage]}
 
 
-def is_up_to_date(artifact_dir: str | Path, stage: str, config: dict, parents: list[Artifact]) -> bool:
-    """True when DIR/<stage> is complete, built from the same stage config and the same parents."""
+def is_up_to_date(artifact_dir: str | Path, stage: str, config: dict, parents: list[Artifact],
+                  data: dict | None = None) -> bool:
+    """True when DIR/<stage> is complete and built from the same stage config, the same parents
+    and (when `data` is given: a `data_fingerprint`) the same input files."""
     m = read_manifest(stage_dir(artifact_dir, stage))
     if m is None or m.get("status") != "complete" or m.get("stage") != stage:
         return False
     same_cfg = sha256_json(stage_config(m.get("config", {}), stage)) == sha256_json(stage_config(config, stage))
+    same_data = data is None or m.get("data") == data
     theirs = {(p["stage"], p["manifest_sha256"]) for p in m.get("parents", [])}
     ours = {(p.stage, sha256_file(p.path / MANIFEST)) for p in parents}
-    return same_cfg and theirs == ours
+    return same_cfg and same_data and theirs == ours
 
 
-def prepare_checkpoints(artifact_dir: str | Path, stage: str, config: dict) -> tuple[Path, bool]:
-    """(checkpoint dir, resuming?). Checkpoints left by a run with another stage config are
-    discarded, so a changed config never resumes stale state. Call on rank 0 only."""
+def prepare_checkpoints(artifact_dir: str | Path, stage: str, config: dict,
+                        data: dict | None = None) -> tuple[Path, bool]:
+    """(checkpoint dir, resuming?). Checkpoints left by a run with another stage config (or other
+    input files, when `data` is given) are discarded, so a change never resumes stale state.
+    Call on rank 0 only."""
     ckpt = checkpoint_dir(artifact_dir, stage)
     marker = ckpt / "stage_config.json"
-    want = sha256_json(stage_config(config, stage))
+    want = sha256_json(stage_config(config, stage) if data is None else {"config": stage_config(config, stage), "data": data})
     if ckpt.exists():
         have = json.loads(marker.read_text()).get("sha256") if marker.is_file() else None
         if have != want:

@@ -19,8 +19,9 @@ def say(stage: str, msg: str) -> None:
         print(f"[{stage}] {msg}", flush=True)
 
 
-def skip_if_up_to_date(artifact_dir: str, stage: str, config: dict, parents: list, force: bool) -> artifacts.Artifact | None:
-    if force or not artifacts.is_up_to_date(artifact_dir, stage, config, parents):
+def skip_if_up_to_date(artifact_dir: str, stage: str, config: dict, parents: list, force: bool,
+                       data: dict | None = None) -> artifacts.Artifact | None:
+    if force or not artifacts.is_up_to_date(artifact_dir, stage, config, parents, data):
         return None
     say(stage, f"{artifacts.stage_dir(artifact_dir, stage)} is complete and up to date: skipping (force=true reruns it)")
     return artifacts.load(artifacts.stage_dir(artifact_dir, stage), stage)

@@ -32,13 +32,14 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     tokenizer = models.load_tokenizer(str(sft.path))
     tok_fp = artifacts.tokenizer_fingerprint(tokenizer)
     rm_art = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, REWARD), REWARD, tokenizer_fp=tok_fp)
-    done = skip_if_up_to_date(cfg.artifact_dir, PPO, config, [sft, rm_art], cfg.force)
+    data = artifacts.data_fingerprint({"train_prompts": train_src, "eval_prompts": c.eval_prompts})
+    done = skip_if_up_to_date(cfg.artifact_dir, PPO, config, [sft, rm_art], cfg.force, data)
     if done:
         return done
     if c.lora and c.max_new_tokens and not mc.lora.r:
         raise ConfigError("ppo.lora=true needs model.lora.r > 0")
     ckpt_dir, resuming = distributed.broadcast_object(
-        artifacts.prepare_checkpoints(cfg.artifact_dir, PPO, config) if distributed.is_main() else None)
+        artifacts.prepare_checkpoints(cfg.artifact_dir, PPO, config, data) if distributed.is_main() else None)
     distributed.barrier()
     set_seed(cfg.seed + distributed.rank())
     use_template = sft.manifest.get("model", {}).get("use_chat_template", mc.use_chat_template)
@@ -106,7 +107,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                 f.write(json.dumps(row) + "\n")
         manifest = artifacts.build_manifest(
             PPO, config, parents=[sft, rm_art], tokenizer_fp=tok_fp,
-            data=artifacts.data_fingerprint({"train_prompts": train_src, "eval_prompts": c.eval_prompts}),
+            data=data,
             metrics=result_metrics, started=started, reward_stats=reward_stats,
             model={"base": str(sft.path), "lora": "merged" if c.lora else None, "use_chat_template": use_template,
                    "critic": "critic/"})

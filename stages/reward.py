@@ -29,11 +29,12 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     # 1. inputs ---------------------------------------------------------------------------
     train_src = require(c.train_data, "reward.train_data", "the preference training file")
     sft = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, SFT), SFT)
-    done = skip_if_up_to_date(cfg.artifact_dir, REWARD, config, [sft], cfg.force)
+    data = artifacts.data_fingerprint({"train_data": train_src, "eval_data": c.eval_data})
+    done = skip_if_up_to_date(cfg.artifact_dir, REWARD, config, [sft], cfg.force, data)
     if done:
         return done
     ckpt_dir, resuming = distributed.broadcast_object(
-        artifacts.prepare_checkpoints(cfg.artifact_dir, REWARD, config) if distributed.is_main() else None)
+        artifacts.prepare_checkpoints(cfg.artifact_dir, REWARD, config, data) if distributed.is_main() else None)
     distributed.barrier()
     set_seed(cfg.seed)
     train = load_preferences(train_src, c.pair_weighting)
@@ -133,7 +134,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     if distributed.is_main():
         manifest = artifacts.build_manifest(
             REWARD, config, parents=[sft], tokenizer_fp=tok_fp,
-            data=artifacts.data_fingerprint({"train_data": train_src, "eval_data": c.eval_data}),
+            data=data,
             metrics=metrics, started=started, reward_stats=reward_stats,
             model={"base": init_path, "lora": "merged" if c.lora else None, "use_chat_template": use_template})
         art = artifacts.publish(cfg.artifact_dir, REWARD, staged, manifest)

@@ -29,11 +29,12 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         raise ConfigError("set model.name_or_path (hub id or local dir) or model.scratch (a from-scratch spec)")
     if c.lora and mc.name_or_path is None:
         raise ConfigError("sft.lora=true needs a pretrained base (model.name_or_path); a scratch model trains all weights")
-    done = skip_if_up_to_date(cfg.artifact_dir, SFT, config, [], cfg.force)
+    data = artifacts.data_fingerprint({"train_data": train_src, "eval_data": c.eval_data})
+    done = skip_if_up_to_date(cfg.artifact_dir, SFT, config, [], cfg.force, data)
     if done:
         return done
     ckpt_dir, resuming = distributed.broadcast_object(
-        artifacts.prepare_checkpoints(cfg.artifact_dir, SFT, config) if distributed.is_main() else None)
+        artifacts.prepare_checkpoints(cfg.artifact_dir, SFT, config, data) if distributed.is_main() else None)
     distributed.barrier()
     set_seed(cfg.seed)
     train_rows = load_sft(train_src)
@@ -101,7 +102,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     if distributed.is_main():
         manifest = artifacts.build_manifest(
             SFT, config, parents=[], tokenizer_fp=artifacts.tokenizer_fingerprint(tokenizer),
-            data=artifacts.data_fingerprint({"train_data": train_src, "eval_data": c.eval_data}),
+            data=data,
             metrics=metrics, started=started,
             model={"base": mc.name_or_path or "scratch", "lora": "merged" if c.lora else None,
                    "use_chat_template": mc.use_chat_template})

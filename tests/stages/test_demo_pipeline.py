@@ -39,9 +39,9 @@ def test_sft_learns_the_task(demo_run, tmp_path):
 
 def test_reward_model_learns_gold_preferences(demo_run):
     m = manifest(demo_run, "reward")
-    # well above chance (0.5); the target of 0.90 is not reached yet by the demo RM
-    assert m["metrics"]["eval_accuracy"] >= 0.70
-    assert m["metrics"]["spearman_gold"] > 0.2
+    # held-out pairs labelled by the gold scorer, and rank agreement with gold on fresh SFT samples
+    assert m["metrics"]["eval_accuracy"] >= 0.90, m["metrics"]
+    assert m["metrics"]["spearman_gold"] >= 0.8, m["metrics"]
     assert m["reward_stats"]["std"] > 0 and math.isfinite(m["reward_stats"]["mean"])
     assert m["parents"][0]["stage"] == "sft"
     assert (demo_run / "reward" / "model.safetensors").is_file()
@@ -50,7 +50,9 @@ def test_reward_model_learns_gold_preferences(demo_run):
 def test_ppo_raises_reward_within_kl_budget(demo_run):
     m = manifest(demo_run, "ppo")["metrics"]
     assert m["rm_score_ppo"] > m["rm_score_sft"] + 0.3, m  # the proxy reward PPO optimises goes up
-    assert math.isfinite(m["gold_score_ppo"]) and math.isfinite(m["gold_score_sft"])
+    # ... and so does the gold score it stands for: by half a standard deviation of SFT's gold scores
+    assert m["gold_score_ppo"] >= m["gold_score_sft"] + 0.5 * m["gold_score_sft_std"], m
+    assert m["win_rate_gold"] > 0.6, m
     assert m["within_kl_budget"] and m["kl_ppo_vs_sft"] <= m["kl_budget"]
     rows = [json.loads(ln) for ln in (demo_run / "metrics" / "ppo.jsonl").read_text().splitlines()]
     assert len(rows) == m["updates"]

@@ -219,6 +219,22 @@ def test_reward_stale_when_sft_key_or_parent_changes(tmp_path):
     assert not A.is_up_to_date(tmp_path, REWARD, cfg, [])
 
 
+def test_not_up_to_date_when_an_input_file_changes(tmp_path):
+    cfg = config()
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "a", "completion": "b"}\n')
+    data = A.data_fingerprint({"train_data": str(train)})
+    manifest = A.build_manifest(SFT, cfg, [], TOK_FP, data=data, metrics={}, started=time.time())
+    A.publish(tmp_path, SFT, stage_files(tmp_path, SFT, "weights"), manifest)
+    assert A.is_up_to_date(tmp_path, SFT, cfg, [], A.data_fingerprint({"train_data": str(train)}))
+    train.write_text('{"prompt": "a", "completion": "c"}\n')  # same path, new contents
+    assert not A.is_up_to_date(tmp_path, SFT, cfg, [], A.data_fingerprint({"train_data": str(train)}))
+    # and checkpoints of a run on the old file are not resumed
+    A.prepare_checkpoints(tmp_path, SFT, cfg, data)
+    assert A.prepare_checkpoints(tmp_path, SFT, cfg, data)[1]
+    assert not A.prepare_checkpoints(tmp_path, SFT, cfg, A.data_fingerprint({"train_data": str(train)}))[1]
+
+
 def test_not_up_to_date_when_missing_or_incomplete(tmp_path):
     cfg = config()
     assert not A.is_up_to_date(tmp_path, SFT, cfg, [])

@@ -13,14 +13,16 @@ DEMO = Path(__file__).resolve().parents[2] / "reward_data" / "demo"
 
 
 @pytest.mark.parametrize("prompt, response, expected", [
-    # 3 distinct on-topic words, well formed: mean(1, 1, 1)
+    # 3 on-topic words, well formed: mean(1, 1, 1)
     ("list some fruits", " apple, pear, plum.", 1.0),
     # 1 on-topic, 1 off-topic: mean(1, -1)
     ("list some fruits", " apple, dog.", 0.0),
-    # 2 distinct on-topic, 1 repeat: (1 - 0.5 + 1) / 3
-    ("list some fruits", " apple, apple, pear.", 0.5),
-    # first 'dog' is off-topic, the two further ones are repeats: (-1 - 0.5 - 0.5) / 3
-    ("list some fruits", " dog, dog, dog.", -2.0 / 3),
+    # a repeated word counts again: mean(1, 1, 1)
+    ("list some fruits", " apple, apple, pear.", 1.0),
+    # 3 off-topic: mean(-1, -1, -1)
+    ("list some fruits", " dog, dog, dog.", -1.0),
+    # cut off inside a word: 'pe' is unknown (off-topic) and the text is malformed: mean(1, -1) - 1
+    ("list some fruits", " apple, pe", -1.0),
     # malformed (no commas, no full stop): mean(1, 1) - 1
     ("name a few birds", " owl crow", 0.0),
     # malformed (capital letter), words still counted case-insensitively
@@ -29,8 +31,8 @@ DEMO = Path(__file__).resolve().parents[2] / "reward_data" / "demo"
     ("give me tools", " saw, banana.", -1.0),
     # empty response
     ("give me tools", "", -2.0),
-    # 4 on-topic, 2 off-topic, 1 repeat: (4 - 2 - 0.5) / 7
-    ("which colors do you know", " red, blue, oak, red, green, pink, paris.", 1.5 / 7),
+    # 5 on-topic (one repeated), 2 off-topic: (5 - 2) / 7
+    ("which colors do you know", " red, blue, oak, red, green, pink, paris.", 3 / 7),
     # the topic is the last one the prompt mentions: 'file' is a tool
     ("not fruits but tools", " file, saw.", 1.0),
     # a prompt of no known topic makes every word off-topic
@@ -41,9 +43,9 @@ def test_gold_score_hand_computed(prompt, response, expected):
     assert isinstance(gold_score(prompt, response), float)
 
 
-def test_gold_prefers_distinct_on_topic_words():
+def test_gold_prefers_on_topic_well_formed_lists():
     p = "list some fruits"
-    assert gold_score(p, " apple, pear.") > gold_score(p, " apple, apple.") > gold_score(p, " apple, dog.")
+    assert gold_score(p, " apple, pear.") > gold_score(p, " apple, pear, dog.") > gold_score(p, " apple, dog.")
     assert gold_score(p, " apple, pear.") > gold_score(p, " apple, pear")  # malformed penalty
     assert gold_score(p, " apple, pear.") > gold_score(p, " apple, dog.")
 
@@ -90,7 +92,7 @@ def test_shipped_rankings_are_ordered_by_gold_without_ties(name):
     for r in rows:
         scores = [gold_score(r["prompt"], x) for x in r["responses"]]
         assert len(scores) >= 2
-        assert all(a > b for a, b in zip(scores, scores[1:])), r
+        assert all(a - b >= 0.3 - 1e-9 for a, b in zip(scores, scores[1:])), r  # make_demo.MIN_GAP
 
 
 def test_make_demo_reproduces_shipped_files(tmp_path, monkeypatch):
@@ -100,11 +102,5 @@ def test_make_demo_reproduces_shipped_files(tmp_path, monkeypatch):
     make_demo.main()
     shipped = sorted(p.name for p in DEMO.glob("*.jsonl"))
     assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == shipped
-    for name in ("sft_train.jsonl", "sft_eval.jsonl", "prompts_train.jsonl", "prompts_eval.jsonl"):
+    for name in shipped:
         assert (tmp_path / name).read_bytes() == (DEMO / name).read_bytes(), name
-    # rankings: same prompts and ranking sizes (which response represents a score is not
-    # compared: see the report on make_demo.ranking's set iteration order)
-    for name in ("prefs_train.jsonl", "prefs_eval.jsonl"):
-        new = [json.loads(x) for x in (tmp_path / name).read_text().splitlines()]
-        old = _rows(name)
-        assert [(r["prompt"], len(r["responses"])) for r in new] == [(r["prompt"], len(r["responses"])) for r in old]
