@@ -33,9 +33,9 @@ _WELL_FORMED = re.compile(r"^\s*[a-z]+(, [a-z]+)*\.\s*$")
 
 
 def prompt_topic(prompt: str) -> str | None:
-    """The topic a demo prompt asks about (the last topic name it mentions), or None."""
-    found = [t for t in TOPICS if re.search(rf"\b{t}\b", prompt)]
-    return found[-1] if found else None
+    """The topic a demo prompt asks about (the last topic name in the text), or None."""
+    found = [(m.start(), t) for t in TOPICS for m in re.finditer(rf"\b{t}\b", prompt)]
+    return max(found)[1] if found else None
 
 
 def is_well_formed(response: str) -> bool:

@@ -9,7 +9,8 @@ Files written:
                                        rankings labelled by the gold scorer (responses
                                        closer than MIN_GAP in gold score are not ranked)
   prompts_train.jsonl / prompts_eval.jsonl   {"prompt"}: PPO and held-out prompts
-  prefs_hh_eval.jsonl                  the eval pairs as raw HH-RLHF transcripts
+  prefs_hh_train.jsonl / prefs_hh_eval.jsonl   best vs worst of each ranking as raw HH-RLHF
+                                       transcripts (a third of the training ones multi-turn)
 """
 from __future__ import annotations
 
@@ -89,6 +90,21 @@ def ranking(rng: random.Random, k: int = 4) -> dict | None:
     return {"prompt": prompt, "responses": [c for _, c in kept]}
 
 
+def hh_transcripts(rows: list[dict], multi_turn: bool) -> list[dict]:
+    """Each ranking's best vs worst response as raw HH-RLHF transcripts. With `multi_turn`, every
+    third transcript starts with the previous ranking's prompt and best response as an earlier
+    exchange, so the prompt is a conversation (no randomness: the other files stay as they are)."""
+    out = []
+    for i, r in enumerate(rows):
+        history = ""
+        if multi_turn and i % 3 == 2:
+            prev = rows[i - 1]
+            history = f"\n\nHuman: {prev['prompt']}\n\nAssistant:{prev['responses'][0]}"
+        turn = f"{history}\n\nHuman: {r['prompt']}\n\nAssistant:"
+        out.append({"chosen": turn + r["responses"][0], "rejected": turn + r["responses"][-1]})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).parent / "demo"))
@@ -110,10 +126,7 @@ def main() -> None:
     for name, n in (("prefs_train.jsonl", 2000), ("prefs_eval.jsonl", 200)):
         rows = [r for r in (ranking(rng) for _ in range(n)) if r]
         _write(out / name, rows)
-        if name == "prefs_eval.jsonl":
-            _write(out / "prefs_hh_eval.jsonl", [
-                {"chosen": f"\n\nHuman: {r['prompt']}\n\nAssistant:{r['responses'][0]}",
-                 "rejected": f"\n\nHuman: {r['prompt']}\n\nAssistant:{r['responses'][-1]}"} for r in rows])
+        _write(out / name.replace("prefs_", "prefs_hh_"), hh_transcripts(rows, multi_turn=name == "prefs_train.jsonl"))
     _write(out / "prompts_train.jsonl", [{"prompt": sample_prompt(rng)[0]} for _ in range(1024)])
     _write(out / "prompts_eval.jsonl", [{"prompt": sample_prompt(rng)[0]} for _ in range(128)])
 

@@ -255,6 +255,21 @@ def prepare_checkpoints(artifact_dir: str | Path, stage: str, config: dict,
     return ckpt, resuming
 
 
+def resume_point(artifact_dir: str | Path, stage: str) -> str | None:
+    """Where a re-run of an unfinished stage continues ("update 5", "step 40"), or None when it
+    has no complete checkpoint (a re-run starts over)."""
+    ckpt = checkpoint_dir(artifact_dir, stage)
+    state = ckpt / "state.json"  # PPO: written last, after both engines' checkpoints
+    if state.is_file():
+        try:
+            return f"update {json.loads(state.read_text())['update']}"
+        except (ValueError, KeyError):
+            return None
+    steps = [int(p.name.split("-")[1]) for p in ckpt.glob("checkpoint-*")
+             if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return f"step {max(steps)}" if steps else None
+
+
 def stage_state(artifact_dir: str | Path, stage: str) -> str:
     """complete / partial (resumable state or an unfinished publish exists) / missing."""
     m = read_manifest(stage_dir(artifact_dir, stage))

@@ -41,7 +41,8 @@ def run_pipeline(config: str, overrides: list[str]) -> int:
         log = logs / f"{stage}.log"
         print(f"== {stage}: {' '.join(cmd)}\n   log: {log}", flush=True)
         started = time.time()
-        with log.open("w") as f:
+        with log.open("a") as f:  # appended: an interrupted and a resumed run stay in one log
+            f.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')}  {' '.join(cmd)}\n")
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
             for line in proc.stdout:
@@ -72,7 +73,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             figures = ", ".join(f"{k}={m['metrics'][k]:.4g}" for k in keys if isinstance(m["metrics"].get(k), (int, float)))
             line += f"  ({m.get('duration_s', 0):.0f}s)  {figures}"
         elif state == "partial":
-            line += "  (resumable: re-run the same command to continue)"
+            point = artifacts.resume_point(d, stage)
+            line += (f"  (resumable from {point}: re-run the same command to continue)" if point
+                     else "  (started, no checkpoint yet: a re-run starts the stage over)")
         print(line)
     return 0
 

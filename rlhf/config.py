@@ -154,6 +154,8 @@ class PPOStageConfig:
     missing_eos_penalty: float | None = _f(1.0, "subtracted from the score of a response without EOS (None = off)")
     critic_from_reward: bool = _f(True, "initialise the critic from the reward model (else from the policy)")
     lora: bool = _f(False, "actor = base + adapter; reference = base with adapter disabled")
+    critic_lora: bool = _f(True, "with ppo.lora: the critic is also base + adapter; when it starts from the reward "
+                                 "model, the reward model is that base with the adapter disabled (one copy of its weights)")
     save_every: int = _f(10, "PPO updates between resumable checkpoints")
     sample_every: int = _f(10, "updates between sample tables on W&B")
     max_grad_norm: float = _f(1.0, "gradient clipping")

@@ -11,12 +11,12 @@ from transformers import set_seed
 
 from rlhf import artifacts, distributed, models
 from rlhf.artifacts import PPO, REWARD, SFT
-from rlhf.config import ConfigError, PipelineConfig, require
+from rlhf.config import PipelineConfig, require
 from rlhf.data import load_prompts, prompt_text, render_prompt
 from rlhf.generation import decode_responses, generate
 from rlhf.ppo.rollout import policy_forward
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
-from rlhf.scoring import load_gold_scorer, reward_scores
+from rlhf.scoring import load_gold_scorer
 from rlhf.stage_io import say, skip_if_up_to_date, summary_line
 from rlhf.tracking import Tracker
 
@@ -36,8 +36,6 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     done = skip_if_up_to_date(cfg.artifact_dir, PPO, config, [sft, rm_art], cfg.force, data)
     if done:
         return done
-    if c.lora and c.max_new_tokens and not mc.lora.r:
-        raise ConfigError("ppo.lora=true needs model.lora.r > 0")
     ckpt_dir, resuming = distributed.broadcast_object(
         artifacts.prepare_checkpoints(cfg.artifact_dir, PPO, config, data) if distributed.is_main() else None)
     distributed.barrier()
@@ -59,7 +57,11 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         ref = models.load_causal_lm(str(sft.path), mc.dtype)
     critic_src = str(rm_art.path) if c.critic_from_reward else str(sft.path)
     critic = models.load_reward_model(critic_src, mc.dtype, tokenizer.pad_token_id)
-    reward_model = models.load_reward_model(str(rm_art.path), mc.dtype, tokenizer.pad_token_id)
+    reward_model = None  # LoRA critic on the RM: the reward model is the critic with its adapter disabled
+    if c.lora and c.critic_lora:
+        critic = models.add_lora(critic, mc.lora, "SEQ_CLS")
+    if not (c.lora and c.critic_lora and c.critic_from_reward):
+        reward_model = models.load_reward_model(str(rm_art.path), mc.dtype, tokenizer.pad_token_id)
     reward_stats = rm_art.manifest["reward_stats"]
 
     # 3. data -----------------------------------------------------------------------------
@@ -75,7 +77,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                       resume_step=trainer.update if trainer.update else None)
     plan = trainer.plan
     say(PPO, f"{plan.num_updates} updates x {plan.episodes_per_update} episodes, {plan.world} process(es), "
-             f"ZeRO-{cfg.deepspeed.zero_stage}, {'LoRA actor, reference = adapter disabled' if c.lora else 'full actor, frozen reference copy'}")
+             f"ZeRO-{cfg.deepspeed.zero_stage}, {_model_layout(trainer)}")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=plan.num_updates, initial=trainer.update, desc="ppo", disable=not distributed.is_main())
@@ -99,7 +101,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     if "kl_ppo_vs_sft" in evaluation:
         result_metrics["within_kl_budget"] = evaluation["kl_ppo_vs_sft"] <= c.kl_budget
     staged = artifacts.staging_dir(cfg.artifact_dir, PPO)
-    _save_policy(trainer, staged, tokenizer, cfg.deepspeed.zero_stage, c.lora)
+    _save_policy(trainer, staged, tokenizer, cfg.deepspeed.zero_stage)
     art = None
     if distributed.is_main():
         with (staged / artifacts.SAMPLES).open("w") as f:
@@ -135,9 +137,16 @@ def _policy_samples(trainer: PPOTrainer, tokenizer, texts: list[str], c, use_ref
                                   max_prompt_length=c.max_prompt_length, temperature=c.temperature, top_k=c.top_k,
                                   top_p=c.top_p, device=trainer.device))
     for g in out_g:
-        out_r.append(reward_scores(trainer.reward_model, torch.cat([g.query_ids, g.response_ids], 1),
-                                   torch.cat([g.query_mask, g.response_mask], 1)))
+        out_r.append(trainer.scores(torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1)))
     return out_g, torch.cat(out_r)
+
+
+def _model_layout(trainer: PPOTrainer) -> str:
+    actor = "LoRA actor, reference = its base" if trainer.lora else "full actor, frozen reference copy"
+    critic = ("LoRA critic, reward model = its base" if trainer.critic_lora
+              else ("LoRA critic" if hasattr(trainer.critic.module, "disable_adapter") else "full critic")
+              + ", frozen reward model")
+    return f"{actor}; {critic}"
 
 
 def _null():
@@ -193,27 +202,29 @@ def _sample_table(trainer: PPOTrainer, tokenizer, prompts: list, use_template: b
                   [[trainer.update, prompt_text(p), r, float(s)] for p, r, s in zip(prompts, responses, scores)])
 
 
-def _save_policy(trainer: PPOTrainer, staged, tokenizer, zero_stage: int, lora: bool) -> None:
+def _save_policy(trainer: PPOTrainer, staged, tokenizer, zero_stage: int) -> None:
     """Collective: consolidate actor (merged when LoRA) and critic weights; rank 0 writes HF dirs."""
     def full_state(engine):
         if zero_stage == 3:
             return engine._zero3_consolidated_16bit_state_dict()  # gathers on every rank, returns on rank 0
         return engine.module.state_dict() if distributed.is_main() else None
 
+    def save(engine, state_dict, out) -> None:
+        model = engine.module
+        if hasattr(model, "merge_and_unload"):  # LoRA: publish base + adapter merged into plain weights
+            import copy
+
+            model = copy.deepcopy(model).cpu()
+            model.load_state_dict(state_dict, strict=False)
+            model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
+        else:
+            model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
+
     actor_sd, critic_sd = full_state(trainer.actor), full_state(trainer.critic)
     if not distributed.is_main():
         return
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
-    actor = trainer.actor.module
-    if lora:
-        import copy
-
-        actor = copy.deepcopy(actor).cpu()
-        actor.load_state_dict({k: v for k, v in actor_sd.items()}, strict=False)
-        actor = actor.merge_and_unload()
-        actor.save_pretrained(str(staged), safe_serialization=True)
-    else:
-        actor.save_pretrained(str(staged), state_dict=actor_sd, safe_serialization=True)
-    trainer.critic.module.save_pretrained(str(staged / "critic"), state_dict=critic_sd, safe_serialization=True)
+    save(trainer.actor, actor_sd, staged)
+    save(trainer.critic, critic_sd, staged / "critic")
     tokenizer.save_pretrained(str(staged))

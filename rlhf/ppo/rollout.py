@@ -62,10 +62,12 @@ def in_chunks(fn: Callable[[slice], Any], n: int, chunk: int) -> list:
 
 @torch.no_grad()
 def score_rollout(*, actor: Any, reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], critic: Any,
-                  reward_model: Any, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                  reward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                   response_mask: torch.Tensor, ended: torch.Tensor, temperature: float, chunk: int) -> Rollout:
     """Run each model once over the rollout. `reference(full_ids, full_mask)` returns the
-    reference log-probs (a frozen copy, or the actor with its LoRA adapter disabled)."""
+    reference log-probs (a frozen copy, or the actor with its LoRA adapter disabled) and
+    `reward(full_ids, full_mask)` the reward model's scores (a frozen copy, or the LoRA critic
+    with its adapter disabled)."""
     q = query_ids.shape[1]
     full_ids = torch.cat([query_ids, response_ids], dim=1)
     full_mask = torch.cat([query_mask, response_mask], dim=1)
@@ -73,13 +75,7 @@ def score_rollout(*, actor: Any, reference: Callable[[torch.Tensor, torch.Tensor
     pol = in_chunks(lambda s: policy_forward(actor, full_ids[s], full_mask[s], q, temperature, with_entropy=True), n, chunk)
     ref = in_chunks(lambda s: reference(full_ids[s], full_mask[s]), n, chunk)
     val = in_chunks(lambda s: value_forward(critic, full_ids[s], full_mask[s], q), n, chunk)
-    rm = in_chunks(lambda s: _last_token_scores(reward_model, full_ids[s], full_mask[s]), n, chunk)
+    rm = in_chunks(lambda s: reward(full_ids[s], full_mask[s]), n, chunk)
     return Rollout(query_ids, query_mask, response_ids, response_mask, ended,
                    logprobs=torch.cat([p[0] for p in pol]), ref_logprobs=torch.cat(ref), values=torch.cat(val),
                    raw_scores=torch.cat(rm), entropy=torch.cat([p[1] for p in pol]))
-
-
-def _last_token_scores(reward_model: Any, full_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
-    from rlhf.scoring import reward_scores
-
-    return reward_scores(reward_model, full_ids, full_mask)

@@ -3,7 +3,8 @@
 Actor and critic are DeepSpeed engines (ZeRO 0-3, optional CPU offload). The reference
 policy and the reward model are inference-only: plain modules, or ZeRO-3 inference
 engines (sharded) under ZeRO-3. In LoRA mode the reference is the actor with its
-adapter disabled, so the base weights exist once. Under ZeRO-3 the actor's weights are
+adapter disabled, and (with a LoRA critic started from the reward model) the reward model is
+the critic with its adapter disabled, so each set of base weights exists once. Under ZeRO-3 the actor's weights are
 gathered once per rollout for generation, not once per token.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rlhf import distributed
 from rlhf.generation import generate
 from rlhf.ppo import core
 from rlhf.ppo.rollout import Rollout, policy_forward, score_rollout, value_forward
+from rlhf.scoring import reward_scores
 
 
 class NonFiniteError(RuntimeError):
@@ -119,17 +121,21 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 class PPOTrainer:
     """Owns the engines and runs updates; `stages/ppo.py` decides what to load and publish."""
 
-    def __init__(self, *, cfg: Any, ds: Any, dtype: str, actor_model: Any, critic_model: Any, reward_model: Any,
+    def __init__(self, *, cfg: Any, ds: Any, dtype: str, actor_model: Any, critic_model: Any, reward_model: Any | None,
                  ref_model: Any | None, tokenizer: Any, reward_stats: dict, tracker: Any):
+        """`ref_model=None`: the actor is a LoRA model and the reference is its base (adapter
+        disabled). `reward_model=None`: the critic is a LoRA model on the reward model, and the
+        reward model is its base (adapter disabled). Neither keeps a second copy of the weights."""
         self.c, self.ds, self.tok, self.tracker = cfg, ds, tokenizer, tracker
         self.plan = Plan.make(cfg, distributed.world_size())
         steps_per_update = cfg.ppo_epochs * (self.plan.rollout_batch // self.plan.mini_batch)
         ecfg = engine_config(ds, dtype, self.plan, cfg.max_grad_norm)
         self.actor = make_engine(actor_model, cfg.learning_rate, ecfg, self.plan.num_updates, steps_per_update)
         self.critic = make_engine(critic_model, cfg.critic_learning_rate, ecfg, self.plan.num_updates, steps_per_update)
-        self.reward_model = make_inference(reward_model, ds, dtype)
+        self.reward_model = make_inference(reward_model, ds, dtype) if reward_model is not None else None
         self.ref = make_inference(ref_model, ds, dtype) if ref_model is not None else None
         self.lora = ref_model is None
+        self.critic_lora = reward_model is None
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl
                        else core.FixedKLController(cfg.kl_coef))
         self.score_mean, self.score_std = reward_stats["mean"], reward_stats["std"]
@@ -143,6 +149,13 @@ class PPOTrainer:
                 return policy_forward(self.actor, full_ids, full_mask, q_len, self.c.temperature)[0]
         return policy_forward(self.ref, full_ids, full_mask, q_len, self.c.temperature)[0]
 
+    def scores(self, full_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) raw reward-model scores of query+response sequences."""
+        if self.critic_lora:  # the reward model is the critic's frozen base
+            with self.critic.module.disable_adapter():
+                return reward_scores(self.critic, full_ids, full_mask)
+        return reward_scores(self.reward_model, full_ids, full_mask)
+
     # --------------------------------------------------------------- one update
     def rollout(self, prompt_texts: list[str]) -> Rollout:
         c = self.c
@@ -154,7 +167,7 @@ class PPOTrainer:
                          max_prompt_length=c.max_prompt_length, do_sample=True, temperature=c.temperature,
                          top_k=c.top_k, top_p=c.top_p, device=self.device)
         q_len = g.query_ids.shape[1]
-        return score_rollout(actor=self.actor, critic=self.critic, reward_model=self.reward_model,
+        return score_rollout(actor=self.actor, critic=self.critic, reward=self.scores,
                              reference=lambda ids, mask: self.reference_logprobs(ids, mask, q_len),
                              query_ids=g.query_ids, query_mask=g.query_mask, response_ids=g.response_ids,
                              response_mask=g.response_mask, ended=g.ended, temperature=c.temperature,

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import pytest
 
-from conftest import manifest, ok, run_stage
+from conftest import DEMO, ENV, ROOT, manifest, ok, run_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -14,21 +15,46 @@ SMALL = ["sft.epochs=1", "reward.epochs=1", "reward.stats_samples=64", "ppo.tota
          "ppo.save_every=2", "eval.num_prompts=32"]
 
 
+def _pipeline(d, *extra: str) -> subprocess.CompletedProcess:
+    """`NUM_GPUS=2 bash launch/pipeline.sh demo.yaml ...` as a user runs it."""
+    cmd = ["bash", str(ROOT / "launch" / "pipeline.sh"), str(DEMO), f"artifact_dir={d}", "deepspeed.zero_stage=3",
+           *SMALL, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env={**ENV, "NUM_GPUS": "2", "MASTER_PORT": "29622"}, capture_output=True,
+                          text=True, timeout=2400)
+
+
 def test_zero3_pipeline_two_processes(tmp_path):
     d = tmp_path / "z3"
-    for script in ("sft.py", "rm.py", "ppo.py"):
-        ok(run_stage(script, f"artifact_dir={d}", "deepspeed.zero_stage=3", *SMALL, deepspeed_procs=2, timeout=1500))
+    proc = _pipeline(d)
+    ok(proc)
+    assert "report:" in proc.stdout
     sft = manifest(d, "sft")
     assert sft["status"] == "complete" and sft["config"]["deepspeed"]["zero_stage"] == 3
     assert sft["metrics"]["eval_loss"] < 0.7 * sft["metrics"]["eval_loss_initial"]
     assert (d / "sft" / "model.safetensors").stat().st_size > 100_000
     rm = manifest(d, "reward")
-    assert rm["metrics"]["eval_accuracy"] > 0.55 and "reward_stats" in rm
+    assert rm["metrics"]["eval_accuracy"] > 0.6 and "reward_stats" in rm
+    assert (d / "reward" / "model.safetensors").stat().st_size > 100_000
     ppo = manifest(d, "ppo")
     assert ppo["metrics"]["updates"] == 4  # 256 episodes / (32 prompts x 2 processes)
     rows = [json.loads(ln) for ln in (d / "metrics" / "ppo.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["objective/kl"]) for r in rows) and len(rows) == 4
     assert (d / "ppo" / "samples.jsonl").is_file() and (d / "ppo" / "critic" / "model.safetensors").is_file()
+    assert "2 process(es), ZeRO-3" in (d / "logs" / "ppo.log").read_text()
+
+    # the same command again: every stage is up to date and skipped
+    created = {s: manifest(d, s)["created"] for s in ("sft", "reward", "ppo")}
+    again = _pipeline(d)
+    ok(again)
+    assert again.stdout.count("up to date: skipping") == 3, again.stdout
+    assert {s: manifest(d, s)["created"] for s in created} == created
+
+    # force=true reruns all three
+    forced = _pipeline(d, "force=true")
+    ok(forced)
+    assert "skipping" not in forced.stdout
+    for s in created:
+        assert manifest(d, s)["status"] == "complete" and manifest(d, s)["created"] != created[s]
 
 
 def test_sft_zero2_two_processes(tmp_path):

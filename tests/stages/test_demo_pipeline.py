@@ -88,3 +88,31 @@ def test_rerun_skips_complete_stage(demo_run):
     proc = run_stage("sft.py", f"artifact_dir={demo_run}")
     assert proc.returncode == 0
     assert "up to date: skipping" in proc.stdout
+
+
+def test_lora_ppo_under_zero2(demo_run, tmp_path):
+    """LoRA PPO: the reference is the actor's base and the reward model the critic's base; the
+    published policy is a plain merged model that differs from SFT and scores higher."""
+    import shutil
+
+    from conftest import ok, run_stage
+    from safetensors.torch import load_file
+
+    for stage in ("sft", "reward"):
+        shutil.copytree(demo_run / stage, tmp_path / stage)
+    proc = run_stage("ppo.py", f"artifact_dir={tmp_path}", "ppo.lora=true", "deepspeed.zero_stage=2",
+                     "ppo.total_episodes=256", "ppo.learning_rate=1e-3")
+    ok(proc)
+    assert "LoRA actor, reference = its base; LoRA critic, reward model = its base" in proc.stdout
+    m = manifest(tmp_path, "ppo")
+    assert m["status"] == "complete" and m["model"]["lora"] == "merged"
+    assert m["metrics"]["rm_score_ppo"] > m["metrics"]["rm_score_sft"], m["metrics"]
+    policy = load_file(str(tmp_path / "ppo" / "model.safetensors"))
+    sft = load_file(str(demo_run / "sft" / "model.safetensors"))
+    assert not any("lora" in k for k in policy) and set(policy) <= set(sft)  # (a tied lm_head may be left out)
+    assert any(not (policy[k] == sft[k]).all() for k in policy)
+    from rlhf.models import load_causal_lm
+
+    assert load_causal_lm(str(tmp_path / "ppo"), "float32").config.vocab_size == m["tokenizer"]["vocab_size"]
+    critic = load_file(str(tmp_path / "ppo" / "critic" / "model.safetensors"))
+    assert not any("lora" in k or "modules_to_save" in k for k in critic)

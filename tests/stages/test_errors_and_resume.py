@@ -80,8 +80,16 @@ def test_ppo_killed_after_checkpoint_resumes(demo_run, tmp_path):
     state = d / "checkpoints" / "ppo" / "state.json"
     _kill_when(cmd, state.exists)
     saved = json.loads(state.read_text())
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    status = subprocess.run([sys.executable, "-m", "rlhf.cli", "status", "--artifact-dir", str(d)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    ok(status)
+    ppo_line = next(ln for ln in status.stdout.splitlines() if ln.lstrip().startswith("ppo"))
+    assert "partial" in ppo_line and f"update {saved['update']}" in ppo_line, status.stdout
+    # the pipeline command skips the two complete stages and resumes PPO where it stopped
+    proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "pipeline", str(DEMO), *args], cwd=ROOT,
+                          env={**ENV, "MASTER_PORT": "29655"}, capture_output=True, text=True, timeout=900)
     ok(proc)
+    assert proc.stdout.count("up to date: skipping") == 2, proc.stdout
     assert f"resuming from update {saved['update']}" in proc.stdout
     assert f"kl_coef={saved['kl_ctl']['value']:.4g}" in proc.stdout
     rows = [json.loads(ln) for ln in (d / "metrics" / "ppo.jsonl").read_text().splitlines()]

@@ -323,3 +323,19 @@ def test_layout_and_fingerprints(tmp_path):
         "hub": {"path": "org/name", "sha256": None},
     }
     assert A.sha256_json({"a": 1, "b": 2}) == A.sha256_json({"b": 2, "a": 1})
+
+
+def test_resume_point(tmp_path):
+    assert A.resume_point(tmp_path, PPO) is None
+    ckpt = A.checkpoint_dir(tmp_path, SFT)
+    (ckpt / "checkpoint-20").mkdir(parents=True)
+    (ckpt / "checkpoint-20" / "trainer_state.json").write_text("{}")
+    (ckpt / "checkpoint-40").mkdir()  # not written completely: ignored
+    assert A.resume_point(tmp_path, SFT) == "step 20"
+    assert A.stage_state(tmp_path, SFT) == "partial"
+    ppo = A.checkpoint_dir(tmp_path, PPO)
+    ppo.mkdir(parents=True)
+    (ppo / "stage_config.json").write_text("{}")
+    assert A.resume_point(tmp_path, PPO) is None and A.stage_state(tmp_path, PPO) == "partial"
+    (ppo / "state.json").write_text(json.dumps({"update": 5}))
+    assert A.resume_point(tmp_path, PPO) == "update 5"

@@ -119,3 +119,34 @@ def test_lora_reference_equals_base_model():
             ref, _ = policy_forward(actor, ids, mask, 3, 1.0)
     assert torch.allclose(ref, want, atol=1e-6)
     assert not torch.allclose(changed, want, atol=1e-3)
+
+
+def test_lora_critic_base_is_the_reward_model():
+    """A LoRA critic started from the RM scores like the RM once its adapter (and head copy) is off."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf.config import LoraConfig
+    from rlhf.models import add_lora
+    from rlhf.scoring import reward_scores
+
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_labels=1,
+                                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                                    pad_token_id=0))
+    ids = torch.randint(1, 50, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    with torch.no_grad():
+        want = reward_scores(rm, ids, mask)
+    critic = add_lora(rm, LoraConfig(r=4), "SEQ_CLS")
+    trainable = {n for n, p in critic.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in critic.named_parameters():  # train the adapter and the critic's own head copy
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+        changed = reward_scores(critic, ids, mask)
+        with critic.disable_adapter():
+            base = reward_scores(critic, ids, mask)
+    assert torch.allclose(base, want, atol=1e-5)
+    assert not torch.allclose(changed, want, atol=1e-3)
