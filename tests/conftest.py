@@ -40,3 +40,12 @@ def demo_run(tmp_path_factory) -> Path:
     for script in ("sft.py", "rm.py", "ppo.py"):
         ok(run_stage(script, f"artifact_dir={d}"))
     return d
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-init checkpoints of gpt2, pythia, qwen2, llama3 and opt (tests/families.py), built once."""
+    from families import FAMILIES, build_family
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_family(name, root / name) for name in FAMILIES}
