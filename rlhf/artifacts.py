@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 SFT, REWARD, PPO = "sft", "reward", "ppo"
 STAGES = (SFT, REWARD, PPO)
@@ -217,9 +217,16 @@ STAGE_CONFIG_KEYS = {
 }
 
 
+# the reward stage measures reward_stats by sampling as PPO will: these ppo keys shape its result too
+REWARD_STATS_PPO_KEYS = ("temperature", "top_k", "top_p", "max_new_tokens", "max_prompt_length")
+
+
 def stage_config(config: dict, stage: str) -> dict:
     """The part of the resolved config that determines a stage's result (and so its skip/resume)."""
-    return {k: config[k] for k in STAGE_CONFIG_KEYS[stage]}
+    out = {k: config[k] for k in STAGE_CONFIG_KEYS[stage]}
+    if stage == REWARD:
+        out["ppo_sampling"] = {k: config.get("ppo", {}).get(k) for k in REWARD_STATS_PPO_KEYS}
+    return out
 
 
 def is_up_to_date(artifact_dir: str | Path, stage: str, config: dict, parents: list[Artifact],

@@ -83,7 +83,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from rlhf import models
     from rlhf.data import load_prompts, prompt_text, render_prompt
-    from rlhf.generation import generate_texts
+    from rlhf.generation import GREEDY, Sampling, generate_texts
 
     manifest = artifacts.read_manifest(args.model)
     if manifest is None or manifest.get("status") != "complete":
@@ -94,8 +94,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     use_template = manifest.get("model", {}).get("use_chat_template", True)
     prompts = load_prompts(args.prompts)
     texts = [render_prompt(tok, p, use_template) for p in prompts]
-    out = generate_texts(model, tok, texts, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                         temperature=args.temperature, batch_size=args.batch_size, progress=True)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) if args.sample else GREEDY
+    out = generate_texts(model, tok, texts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                         batch_size=args.batch_size, progress=True)
     with open(args.out, "w") as f:
         for p, r in zip(prompts, out):
             f.write(json.dumps({"prompt": prompt_text(p) if not isinstance(p, str) else p, "response": r}) + "\n")
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="with --sample: top-k (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus (1.0 = off)")
     p.add_argument("--batch-size", type=int, default=64)
     p = sub.add_parser("report", help="(re)build DIR/report/ from DIR/metrics and the manifests")
     p.add_argument("--artifact-dir", required=True)

@@ -49,11 +49,11 @@ class ScratchModelConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    enabled: bool = _f(False, "train a LoRA adapter instead of all weights")
     r: int = _f(8, "LoRA rank")
     alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r)")
     dropout: float = _f(0.0, "dropout on the LoRA branch")
-    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get adapters; 'all-linear' for every linear layer")
+    target_modules: list | None = _f(None, "module names that get adapters; 'all-linear' for every linear layer; "
+                                          "default: peft's choice for the model family (q/v projections, GPT-2's c_attn, ...)")
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,8 @@ class SFTStageConfig:
     grad_accum: int = _f(1, "micro-steps per optimizer step")
     max_length: int = _f(128, "longest tokenized prompt+completion; longer ones are truncated")
     packing: bool = _f(False, "pack several examples into one sequence of max_length")
+    loss_on: str = _f("last", "messages rows: loss on the last assistant turn ('last') or on every assistant turn ('all')")
+    max_skipped_fraction: float = _f(0.01, "fail when more than this fraction of rows is unusable (empty response); fewer are skipped and counted")
     lora: bool = _f(False, "train with the model.lora adapter (published merged into the base)")
     gradient_checkpointing: bool = _f(False, "recompute activations to save memory")
     save_steps: int = _f(50, "optimizer steps between resumable checkpoints")
@@ -121,6 +123,8 @@ class RewardStageConfig:
     logging_steps: int = _f(10, "optimizer steps between metric logs")
     max_grad_norm: float = _f(1.0, "gradient clipping")
     stats_samples: int = _f(256, "SFT-policy responses scored to measure reward_stats")
+    max_skipped_fraction: float = _f(0.01, "fail when more than this fraction of rows is unusable (empty response, "
+                                           "chosen == rejected, tie); fewer are skipped and counted")
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ class PPOStageConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     gold_scorer: str | None = _f(None, "path/to/file.py:function mapping (prompt, response) -> float; evaluation only", path=True)
-    max_new_tokens: int = _f(24, "longest response in evaluation generations")
+    max_new_tokens: int | None = _f(None, "longest response in the final evaluation; default: ppo.max_new_tokens")
     num_prompts: int = _f(128, "held-out prompts used for samples and evaluation")
 
 
@@ -368,6 +372,10 @@ def _validate(cfg: Any, where: str) -> None:
         raise bad("dtype", f"must be float32, bfloat16 or float16, got {cfg.dtype!r}")
     if isinstance(cfg, WandbConfig) and cfg.mode not in (None, "online", "offline", "disabled"):
         raise bad("mode", f"must be online, offline or disabled, got {cfg.mode!r}")
+    if isinstance(cfg, SFTStageConfig) and cfg.loss_on not in ("last", "all"):
+        raise bad("loss_on", f"must be last or all, got {cfg.loss_on!r}")
+    if isinstance(cfg, (SFTStageConfig, RewardStageConfig)) and not 0 <= cfg.max_skipped_fraction <= 1:
+        raise bad("max_skipped_fraction", f"must be in [0, 1], got {cfg.max_skipped_fraction}")
     if isinstance(cfg, RewardStageConfig) and cfg.pair_weighting not in ("per_prompt", "uniform"):
         raise bad("pair_weighting", f"must be per_prompt or uniform, got {cfg.pair_weighting!r}")
     if isinstance(cfg, PPOStageConfig):

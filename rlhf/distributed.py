@@ -133,3 +133,12 @@ def gathered_params(model: Any, zero_stage: int) -> Iterator[None]:
     params = [p for p in model.parameters()]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
+
+
+def full_state_dict(model: Any, zero_stage: int) -> dict | None:
+    """Every parameter of `model` (a DeepSpeed engine or a plain module) as CPU tensors on rank 0,
+    None on the other ranks. Collective under ZeRO-3: every rank must call it."""
+    if zero_stage == 3 and hasattr(model, "_zero3_consolidated_16bit_state_dict"):
+        return model._zero3_consolidated_16bit_state_dict()
+    module = getattr(model, "module", model)
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()} if is_main() else None

@@ -1,10 +1,63 @@
 """Batched generation shared by PPO rollouts, evaluation, reward statistics and `rlhf generate`."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+
+from rlhf.tokenization import encode_prompt
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The distribution responses are drawn from. PPO computes every log-prob from this same
+    distribution (rlhf.ppo.core.sampling_logprobs), so nothing else may shape it: a checkpoint's
+    generation_config.json (repetition_penalty, no_repeat_ngram_size, min_new_tokens, its own
+    top_k ...) is set aside for the call."""
+
+    temperature: float = 1.0
+    top_k: int = 0        # 0 = off
+    top_p: float = 1.0    # 1.0 = off
+    do_sample: bool = True
+
+
+GREEDY = Sampling(do_sample=False)
+
+
+def clean_generation_config(tokenizer: Any, max_new_tokens: int, sampling: Sampling) -> Any:
+    """A GenerationConfig with every processor off except the sampling settings given.
+    Values are explicit (top_k=0, not None) because generate() fills None from its own
+    defaults (top_k=50)."""
+    from transformers import GenerationConfig
+
+    kw: dict = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, use_cache=True,
+                    min_new_tokens=0, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    if sampling.do_sample:
+        kw.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    else:
+        kw.update(do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
+    return GenerationConfig(**kw)
+
+
+def hf_model(model: Any) -> Any:
+    """The transformers model inside a DeepSpeed engine and/or a peft wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def only_generation_config(model: Any, gen_cfg: Any) -> Iterator[None]:
+    """generate() merges the model's own generation_config into the one it is given; swap it out."""
+    inner = hf_model(model)
+    saved = inner.generation_config
+    inner.generation_config = gen_cfg
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 @dataclass
@@ -18,7 +71,7 @@ class Generated:
 
 def encode_prompts(tokenizer: Any, texts: list[str], max_prompt_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, Q) left-padded ids and mask; prompts longer than max_prompt_length keep their end."""
-    enc = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_prompt_length:] for t in texts]
+    enc = [encode_prompt(tokenizer, t)[-max_prompt_length:] for t in texts]
     q = max(len(e) for e in enc)
     ids = torch.full((len(enc), q), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(enc), q), dtype=torch.long)
@@ -42,20 +95,15 @@ def truncate_at_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tup
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompt_texts: list[str], *, max_new_tokens: int, max_prompt_length: int = 512,
-             do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             device: torch.device | None = None, synced_gpus: bool = False) -> Generated:
-    """Sample (or greedily decode) one response per prompt. `synced_gpus` keeps ZeRO-3 ranks in
-    lock-step when their weights are not gathered for the call."""
+def generate(model: Any, tokenizer: Any, prompt_texts: list[str], *, max_new_tokens: int, sampling: Sampling,
+             max_prompt_length: int = 512, device: torch.device | None = None, synced_gpus: bool = False) -> Generated:
+    """Sample (or greedily decode) one response per prompt from exactly `sampling`.
+    `synced_gpus` keeps ZeRO-3 ranks in lock-step when their weights are not gathered for the call."""
     device = device or next(model.parameters()).device
     q_ids, q_mask = encode_prompts(tokenizer, prompt_texts, max_prompt_length, device)
-    kwargs: dict = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
-                        eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus, use_cache=True)
-    if do_sample:
-        kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
-    else:
-        kwargs.update(temperature=None, top_k=None, top_p=None)
-    out = model.generate(input_ids=q_ids, attention_mask=q_mask, **kwargs)
+    gen_cfg = clean_generation_config(tokenizer, max_new_tokens, sampling)
+    with only_generation_config(model, gen_cfg):
+        out = model.generate(input_ids=q_ids, attention_mask=q_mask, generation_config=gen_cfg, synced_gpus=synced_gpus)
     resp = out[:, q_ids.shape[1]:]
     if resp.shape[1] == 0:  # a batch that produced nothing: keep one padded column for uniform shapes
         resp = torch.full((len(prompt_texts), 1), tokenizer.pad_token_id, dtype=torch.long, device=device)

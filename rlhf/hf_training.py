@@ -4,7 +4,6 @@ collective save that precedes a publish."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -75,38 +74,6 @@ class TrackerCallback(TrainerCallback):
             out[name.replace("eval_", "eval/", 1) if name.startswith("eval_") else name] = v
         out["epoch"] = state.epoch
         self.tracker.log(out, step=state.global_step)
-
-
-def save_for_publish(trainer: Any, staged: Path, tokenizer: Any, merge_lora: bool) -> None:
-    """Every rank calls this (the ZeRO-3 weight gather is collective); rank 0 ends with a
-    consolidated HF model directory (safetensors + tokenizer) in `staged`."""
-    raw = staged.with_name(staged.name + "-raw")
-    if distributed.is_main():
-        shutil.rmtree(raw, ignore_errors=True)
-        shutil.rmtree(staged, ignore_errors=True)
-    distributed.barrier()
-    trainer.save_model(str(raw))
-    distributed.barrier()
-    if not distributed.is_main():
-        return
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if merge_lora:
-        # the adapter was saved; merge it into a fresh copy of the base and save that
-        from peft import PeftModel
-
-        base_path = model.peft_config["default"].base_model_name_or_path
-        base_cls = type(model.get_base_model())
-        base = base_cls.from_pretrained(base_path, use_safetensors=True, dtype=model.get_base_model().dtype)
-        merged = PeftModel.from_pretrained(base, str(raw)).merge_and_unload()
-        merged.save_pretrained(str(staged), safe_serialization=True)
-        shutil.rmtree(raw)
-    else:
-        raw.rename(staged)
-        (staged / "training_args.bin").unlink(missing_ok=True)
-    if not (staged / "model.safetensors").is_file() and not list(staged.glob("model-*.safetensors")):
-        raise RuntimeError(f"saving the model wrote no safetensors into {staged}; "
-                           "under ZeRO-3 stage3_gather_16bit_weights_on_model_save must be true")
-    tokenizer.save_pretrained(str(staged))
 
 
 def untrained_eval_loss(trainer: Any, max_examples: int = 512) -> float:

@@ -109,7 +109,8 @@ def add_lora(model: Any, lora: Any, task_type: str) -> Any:
     from peft import get_peft_model
 
     targets = lora.target_modules
-    targets = "all-linear" if targets in (["all-linear"], "all-linear") else list(targets)
+    if targets is not None:  # None: peft's per-family default
+        targets = "all-linear" if targets in (["all-linear"], "all-linear") else list(targets)
     cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                          task_type=task_type)
     return get_peft_model(model, cfg)
@@ -140,3 +141,87 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) index of the last attended position of right-padded rows."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (attention_mask.long() * positions).argmax(dim=1)
+
+
+def disable_dropout(model: Any) -> None:
+    """Switch off every dropout of `model`: nn.Dropout modules (LoRA's too) and the float rates
+    that some families (OPT, GPT-NeoX attention) hand to functional dropout."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for name in list(vars(config)) if config is not None else []:
+        if ("dropout" in name or "pdrop" in name) and isinstance(getattr(config, name), float):
+            setattr(config, name, 0.0)
+
+
+def is_lora(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def merged_lora_state_dict(model: Any, state_dict: dict) -> dict:
+    """The plain (base-model) state dict of a peft LoRA model whose full state is `state_dict`:
+    W' = W + scaling * B @ A for every adapted layer (transposed for GPT-2's Conv1D), the trained
+    copies of modules_to_save (a reward head) in place of the originals, peft's prefixes removed.
+
+    Pure tensor arithmetic on the gathered values: no model is built or touched, so it is the
+    same under ZeRO-3 (where the live parameters are empty partitions) as anywhere else, and the
+    resized vocabulary and one-output head are kept as trained."""
+    adapter = "default"
+    layers = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and adapter in getattr(module, "scaling", {}):
+            if getattr(module, "use_dora", {}).get(adapter):
+                raise ValueError("merging DoRA adapters is not supported; use plain LoRA (model.lora)")
+            layers[name] = module
+    out: dict = {}
+    for key, value in state_dict.items():
+        if ".lora_" in key or ".original_module." in key:
+            continue  # adapter factors are folded in below; originals are replaced by their trained copies
+        key = key.replace(f".modules_to_save.{adapter}.", ".").replace(".base_layer.", ".")
+        out[key] = value
+    for name, module in layers.items():
+        a = state_dict[f"{name}.lora_A.{adapter}.weight"].float()  # (r, in)
+        b = state_dict[f"{name}.lora_B.{adapter}.weight"].float()  # (out, r)
+        delta = (b @ a) * module.scaling[adapter]                  # (out, in)
+        if getattr(module, "fan_in_fan_out", False):                # Conv1D stores (in, out)
+            delta = delta.T
+        weight = f"{name}.weight"
+        out[weight] = (out[weight].float() + delta).to(out[weight].dtype)
+    prefix = "base_model.model."
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in out.items()}
+
+
+def save_plain_model(model: Any, state_dict: dict, out_dir: Any) -> None:
+    """Write `model`'s architecture with the values of `state_dict` (every parameter, gathered:
+    see distributed.full_state_dict) as a plain transformers directory; a LoRA model is merged
+    (merged_lora_state_dict). The result loads with plain AutoModelFor... and has no adapter
+    keys. Rank 0 only."""
+    if is_lora(model):
+        state_dict = merged_lora_state_dict(model, state_dict)
+        model = model.get_base_model()
+    model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
+
+
+def publish_model(model: Any, zero_stage: int, out_dir: Any, tokenizer: Any) -> None:
+    """The one save path of all three stages. Collective (every rank calls it; ZeRO-3 gathers
+    the partitions); rank 0 ends with a plain model directory (safetensors, merged when LoRA,
+    tokenizer) in `out_dir`. `model`: a DeepSpeed engine or a plain (peft) module."""
+    import shutil
+    from pathlib import Path
+
+    from rlhf import distributed
+
+    state_dict = distributed.full_state_dict(model, zero_stage)
+    if not distributed.is_main():
+        return
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    save_plain_model(getattr(model, "module", model), state_dict, out_dir)
+    if not (out_dir / "model.safetensors").is_file() and not list(out_dir.glob("model-*.safetensors")):
+        raise RuntimeError(f"saving the model wrote no safetensors into {out_dir}")
+    tokenizer.save_pretrained(str(out_dir))

@@ -1,29 +1,12 @@
 """The reward model's side of the pipeline, shared by RM training, RM evaluation and PPO:
-pair encoding (with counted truncation), the Bradley-Terry loss, and batched scoring."""
+the Bradley-Terry loss, batched scoring, and the reward statistics PPO normalises with.
+(Token ids come from rlhf.tokenization, the one encoding every stage uses.)"""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-
-def encode_response(tokenizer: Any, prompt_text: str, response: str, max_length: int) -> tuple[list[int], bool]:
-    """Token ids of prompt + response + EOS, at most max_length long; True when truncated.
-
-    The prompt and the response are tokenized separately, exactly as PPO concatenates its
-    query and sampled response ids, so the RM is trained on the token sequences it will
-    score. When too long, the prompt is cut from the left (its end matters most) down to
-    half the budget, then the response is cut from the right (losing its EOS).
-    """
-    p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(p) + len(r) <= max_length:
-        return p + r, False
-    keep_p = max(max_length - len(r), min(len(p), max_length // 2))
-    p = p[len(p) - keep_p:] if keep_p > 0 else []
-    r = r[: max_length - len(p)]
-    return p + r, True
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -68,8 +51,10 @@ def score_texts(model: Any, tokenizer: Any, prompt_texts: list[str], responses: 
                 batch_size: int = 64, device: torch.device | str | None = None) -> list[float]:
     """One reward per (rendered prompt, response), batched. Under ZeRO-3 every rank must call
     this with the same number of rows (the forward passes gather weights collectively)."""
+    from rlhf.tokenization import encode_pair
+
     device = device or next(model.parameters()).device
-    seqs = [encode_response(tokenizer, p, r, max_length)[0] for p, r in zip(prompt_texts, responses)]
+    seqs = [encode_pair(tokenizer, p, r, max_length)[0] for p, r in zip(prompt_texts, responses)]
     out: list[float] = []
     for s in range(0, len(seqs), batch_size):
         ids, mask = pad_right(seqs[s:s + batch_size], tokenizer.pad_token_id, device)
@@ -114,3 +99,39 @@ def load_gold_scorer(spec: str) -> Any:
     if not callable(fn):
         raise ConfigError(f"eval.gold_scorer: {path} has no function {name!r}")
     return fn
+
+
+@torch.no_grad()
+def policy_reward_stats(policy: Any, reward_model: Any, tokenizer: Any, prompt_texts: list[str], *, sampling: Any,
+                        max_new_tokens: int, max_prompt_length: int, batch_size: int, zero_stage: int) -> tuple[dict, list[str], list[float]]:
+    """Mean/std of the reward model's raw scores on responses the policy samples, drawn and scored
+    exactly as a PPO rollout draws and scores them (same sampling settings, the generated ids
+    themselves, EOS only where sampling stopped at it). Returns (stats, response texts, scores).
+    Every rank calls it (ZeRO-3 loading and forwards are collective); rank 0's samples are used."""
+    import statistics
+
+    from rlhf import distributed
+    from rlhf.generation import decode_responses, generate
+
+    batches = []
+    with distributed.gathered_params(policy, zero_stage):
+        for s in range(0, len(prompt_texts), batch_size):
+            batches.append(generate(policy, tokenizer, prompt_texts[s:s + batch_size], max_new_tokens=max_new_tokens,
+                                    sampling=sampling, max_prompt_length=max_prompt_length))
+    batches = distributed.broadcast_object([[t.cpu() for t in (g.query_ids, g.query_mask, g.response_ids,
+                                                               g.response_mask, g.ended)] for g in batches])
+    device = next(reward_model.parameters()).device
+    scores: list[float] = []
+    texts: list[str] = []
+    from rlhf.generation import Generated
+
+    for q_ids, q_mask, r_ids, r_mask, ended in batches:
+        ids = torch.cat([q_ids, r_ids], 1).to(device)
+        mask = torch.cat([q_mask, r_mask], 1).to(device)
+        scores.extend(reward_scores(reward_model, ids, mask).tolist())
+        texts.extend(decode_responses(tokenizer, Generated(q_ids, q_mask, r_ids, r_mask, ended)))
+    stats = {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "n": len(scores),
+             "source": "responses sampled from the SFT policy as PPO samples them",
+             "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+                          "max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length}}
+    return stats, texts, scores

@@ -13,8 +13,7 @@ from rlhf import artifacts, distributed, models
 from rlhf.artifacts import PPO, REWARD, SFT
 from rlhf.config import PipelineConfig, require
 from rlhf.data import load_prompts, prompt_text, render_prompt
-from rlhf.generation import decode_responses, generate
-from rlhf.ppo.rollout import policy_forward
+from rlhf.generation import decode_responses
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
 from rlhf.scoring import load_gold_scorer
 from rlhf.stage_io import say, skip_if_up_to_date, summary_line
@@ -41,7 +40,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     distributed.barrier()
     set_seed(cfg.seed + distributed.rank())
     use_template = sft.manifest.get("model", {}).get("use_chat_template", mc.use_chat_template)
-    train_prompts = [render_prompt(tokenizer, p, use_template) for p in load_prompts(train_src)]
+    train_prompts = load_prompts(train_src)  # rendered when drawn (PromptStream)
     eval_raw = load_prompts(c.eval_prompts)[: cfg.eval.num_prompts] if c.eval_prompts else []
     gold = load_gold_scorer(cfg.eval.gold_scorer) if cfg.eval.gold_scorer else None
 
@@ -63,9 +62,11 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     if not (c.lora and c.critic_lora and c.critic_from_reward):
         reward_model = models.load_reward_model(str(rm_art.path), mc.dtype, tokenizer.pad_token_id)
     reward_stats = rm_art.manifest["reward_stats"]
+    _check_reward_stats(reward_stats, c, rm_art.path)
 
     # 3. data -----------------------------------------------------------------------------
-    stream = PromptStream(train_prompts, cfg.seed, distributed.rank(), distributed.world_size())
+    stream = PromptStream(train_prompts, cfg.seed, distributed.rank(), distributed.world_size(),
+                          render=lambda p: render_prompt(tokenizer, p, use_template))
 
     # 4. train ----------------------------------------------------------------------------
     trainer = PPOTrainer(cfg=c, ds=cfg.deepspeed, dtype=mc.dtype, actor_model=actor, critic_model=critic,
@@ -87,13 +88,14 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if trainer.update % c.sample_every == 0 and eval_raw:
-            _sample_table(trainer, tokenizer, eval_raw[:8], use_template, tracker)
+            _sample_table(trainer, eval_raw[:8], use_template, tracker)
         if trainer.update % c.save_every == 0 and trainer.update < plan.num_updates:
             trainer.save(ckpt_dir, stream)
     bar.close()
 
     # 5. evaluate and publish -----------------------------------------------------------------
-    evaluation, samples = evaluate(trainer, tokenizer, eval_raw, use_template, gold, c) if eval_raw else ({}, [])
+    eval_tokens = cfg.eval.max_new_tokens or c.max_new_tokens
+    evaluation, samples = evaluate(trainer, eval_raw, use_template, gold, eval_tokens) if eval_raw else ({}, [])
     final = {k: v for k, v in metrics.items()} if plan.num_updates else {}
     result_metrics = {"updates": trainer.update, "episodes": trainer.update * plan.episodes_per_update,
                       "final_objective_scores": final.get("objective/scores"), "final_objective_kl": final.get("objective/kl"),
@@ -101,7 +103,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     if "kl_ppo_vs_sft" in evaluation:
         result_metrics["within_kl_budget"] = evaluation["kl_ppo_vs_sft"] <= c.kl_budget
     staged = artifacts.staging_dir(cfg.artifact_dir, PPO)
-    _save_policy(trainer, staged, tokenizer, cfg.deepspeed.zero_stage)
+    trainer.save_models(staged)
     art = None
     if distributed.is_main():
         with (staged / artifacts.SAMPLES).open("w") as f:
@@ -112,7 +114,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
             data=data,
             metrics=result_metrics, started=started, reward_stats=reward_stats,
             model={"base": str(sft.path), "lora": "merged" if c.lora else None, "use_chat_template": use_template,
-                   "critic": "critic/"})
+                   "critic": "critic/", "critic_value_scale": {"mean": trainer.value_scale[0], "std": trainer.value_scale[1],
+                                                               "meaning": "values in PPO units = (head output - mean) / std"}})
         art = artifacts.publish(cfg.artifact_dir, PPO, staged, manifest)
         tracker.summary(result_metrics)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -123,22 +126,16 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     return art
 
 
-@torch.no_grad()
-def _policy_samples(trainer: PPOTrainer, tokenizer, texts: list[str], c, use_ref: bool):
-    """Sampled responses of the PPO policy (or of the SFT reference) and their RM scores."""
-    model = trainer.actor.module
-    if use_ref and not trainer.lora:
-        model = trainer.ref.module if hasattr(trainer.ref, "module") else trainer.ref
-    ctx = model.disable_adapter() if use_ref and trainer.lora else _null()
-    out_g, out_r = [], []
-    with ctx, distributed.gathered_params(model, trainer.ds.zero_stage if model is trainer.actor.module or trainer.ds.zero_stage == 3 else 0):
-        for s in range(0, len(texts), c.forward_batch_size):
-            out_g.append(generate(model, tokenizer, texts[s:s + c.forward_batch_size], max_new_tokens=c.max_new_tokens,
-                                  max_prompt_length=c.max_prompt_length, temperature=c.temperature, top_k=c.top_k,
-                                  top_p=c.top_p, device=trainer.device))
-    for g in out_g:
-        out_r.append(trainer.scores(torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1)))
-    return out_g, torch.cat(out_r)
+def _check_reward_stats(reward_stats: dict, c, rm_path) -> None:
+    """reward_stats must come from responses sampled as this PPO run samples them."""
+    want = {"temperature": c.temperature, "top_k": c.top_k, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
+            "max_prompt_length": c.max_prompt_length}
+    have = reward_stats.get("sampling")
+    if have is not None and have != want:
+        diff = ", ".join(f"ppo.{k}={want[k]} (reward_stats: {have.get(k)})" for k in want if have.get(k) != want[k])
+        raise artifacts.ArtifactError(
+            f"{rm_path}: its reward_stats were measured on responses sampled differently from this PPO run ({diff}); "
+            f"re-run the reward stage with the same ppo settings ({artifacts.REBUILD[REWARD]}) or use its settings")
 
 
 def _model_layout(trainer: PPOTrainer) -> str:
@@ -149,37 +146,29 @@ def _model_layout(trainer: PPOTrainer) -> str:
     return f"{actor}; {critic}"
 
 
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
-
-
 @torch.no_grad()
-def evaluate(trainer: PPOTrainer, tokenizer, prompts: list, use_template: bool, gold, c) -> tuple[dict, list[dict]]:
+def evaluate(trainer: PPOTrainer, prompts: list, use_template: bool, gold, max_new_tokens: int) -> tuple[dict, list[dict]]:
     """SFT vs PPO on held-out prompts: RM score, gold score, KL(PPO||SFT), win rates, length, EOS rate."""
-    trainer.actor.eval()
+    tokenizer = trainer.tok
     texts = [render_prompt(tokenizer, p, use_template) for p in prompts]
     torch.manual_seed(12345)
-    ppo_g, ppo_rm = _policy_samples(trainer, tokenizer, texts, c, use_ref=False)
+    ppo_g, ppo_rm = trainer.sample(texts, max_new_tokens=max_new_tokens)
     torch.manual_seed(12345)
-    sft_g, sft_rm = _policy_samples(trainer, tokenizer, texts, c, use_ref=True)
-    kls = []
-    for g in ppo_g:  # KL(PPO || SFT) per response: sum of log pi - log pi_ref over PPO's own samples (k1)
-        ids, mask = torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1)
-        q = g.query_ids.shape[1]
-        lp = policy_forward(trainer.actor, ids, mask, q, c.temperature)[0]
-        ref = trainer.reference_logprobs(ids, mask, q)
-        kls.append(((lp - ref) * g.response_mask).sum(1))
-    kl = torch.cat(kls)
+    sft_g, sft_rm = trainer.sample(texts, reference=True, max_new_tokens=max_new_tokens, sampling=trainer.ref_sampling)
+    kl = torch.cat([trainer.kl_to_reference(g) for g in ppo_g])
     ppo_txt = [t for g in ppo_g for t in decode_responses(tokenizer, g)]
     sft_txt = [t for g in sft_g for t in decode_responses(tokenizer, g)]
-    length = lambda gs: float(torch.cat([g.response_mask.sum(1) for g in gs]).float().mean())  # noqa: E731
-    eos = lambda gs: float(torch.cat([g.ended for g in gs]).float().mean())  # noqa: E731
+
+    def length(gs):
+        return float(torch.cat([g.response_mask.sum(1) for g in gs]).float().mean())
+
+    def eos_rate(gs):
+        return float(torch.cat([g.ended for g in gs]).float().mean())
+
     out = {"eval_prompts": len(prompts), "rm_score_sft": float(sft_rm.mean()), "rm_score_ppo": float(ppo_rm.mean()),
            "win_rate_rm": float((ppo_rm > sft_rm).float().mean() + 0.5 * (ppo_rm == sft_rm).float().mean()),
            "kl_ppo_vs_sft": float(kl.mean()), "response_length_sft": length(sft_g), "response_length_ppo": length(ppo_g),
-           "eos_rate_sft": eos(sft_g), "eos_rate_ppo": eos(ppo_g)}
+           "eos_rate_sft": eos_rate(sft_g), "eos_rate_ppo": eos_rate(ppo_g)}
     samples = [{"prompt": prompt_text(p), "response": r, "sft_response": s, "rm_score": float(a), "rm_score_sft": float(b)}
                for p, r, s, a, b in zip(prompts, ppo_txt, sft_txt, ppo_rm, sft_rm)]
     if gold is not None:
@@ -194,37 +183,9 @@ def evaluate(trainer: PPOTrainer, tokenizer, prompts: list, use_template: bool, 
     return out, samples
 
 
-def _sample_table(trainer: PPOTrainer, tokenizer, prompts: list, use_template: bool, tracker: Tracker) -> None:
-    texts = [render_prompt(tokenizer, p, use_template) for p in prompts]
-    gs, scores = _policy_samples(trainer, tokenizer, texts, trainer.c, use_ref=False)
-    responses = [t for g in gs for t in decode_responses(tokenizer, g)]
+def _sample_table(trainer: PPOTrainer, prompts: list, use_template: bool, tracker: Tracker) -> None:
+    texts = [render_prompt(trainer.tok, p, use_template) for p in prompts]
+    gs, scores = trainer.sample(texts)
+    responses = [t for g in gs for t in decode_responses(trainer.tok, g)]
     tracker.table("samples", ["update", "prompt", "response", "rm_score"],
                   [[trainer.update, prompt_text(p), r, float(s)] for p, r, s in zip(prompts, responses, scores)])
-
-
-def _save_policy(trainer: PPOTrainer, staged, tokenizer, zero_stage: int) -> None:
-    """Collective: consolidate actor (merged when LoRA) and critic weights; rank 0 writes HF dirs."""
-    def full_state(engine):
-        if zero_stage == 3:
-            return engine._zero3_consolidated_16bit_state_dict()  # gathers on every rank, returns on rank 0
-        return engine.module.state_dict() if distributed.is_main() else None
-
-    def save(engine, state_dict, out) -> None:
-        model = engine.module
-        if hasattr(model, "merge_and_unload"):  # LoRA: publish base + adapter merged into plain weights
-            import copy
-
-            model = copy.deepcopy(model).cpu()
-            model.load_state_dict(state_dict, strict=False)
-            model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
-        else:
-            model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
-
-    actor_sd, critic_sd = full_state(trainer.actor), full_state(trainer.critic)
-    if not distributed.is_main():
-        return
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    save(trainer.actor, actor_sd, staged)
-    save(trainer.critic, critic_sd, staged / "critic")
-    tokenizer.save_pretrained(str(staged))

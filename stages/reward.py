@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 import shutil
-import statistics
 import time
 
-import torch
 from datasets import Dataset
 from transformers import set_seed
 
 from rlhf import artifacts, distributed, models
 from rlhf.artifacts import REWARD, SFT
 from rlhf.config import ConfigError, PipelineConfig, require
-from rlhf.data import load_preferences, load_prompts, prompt_text, render_prompt
-from rlhf.generation import generate_texts
-from rlhf.hf_training import TrackerCallback, last_checkpoint, save_for_publish, trainer_kwargs
+from rlhf.data import load_preferences, prompt_text, render_prompt
+from rlhf.generation import Sampling
+from rlhf.hf_training import TrackerCallback, last_checkpoint, trainer_kwargs
 from rlhf.reward_training import WeightedPreferenceCollator, WeightedRewardTrainer, evaluate_pairs
-from rlhf.scoring import encode_response, load_gold_scorer, score_texts, spearman
+from rlhf.scoring import load_gold_scorer, policy_reward_stats, spearman
+from rlhf.tokenization import encode_pair
 from rlhf.stage_io import say, skip_if_up_to_date, summary_line
 from rlhf.tracking import Tracker
 
@@ -37,8 +36,9 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         artifacts.prepare_checkpoints(cfg.artifact_dir, REWARD, config, data) if distributed.is_main() else None)
     distributed.barrier()
     set_seed(cfg.seed)
-    train = load_preferences(train_src, c.pair_weighting)
-    evals = load_preferences(c.eval_data, "uniform") if c.eval_data else None
+    skip = dict(max_skipped_fraction=c.max_skipped_fraction, skip_key="reward.max_skipped_fraction")
+    train = load_preferences(train_src, c.pair_weighting, **skip)
+    evals = load_preferences(c.eval_data, "uniform", **skip) if c.eval_data else None
     gold = load_gold_scorer(cfg.eval.gold_scorer) if cfg.eval.gold_scorer else None
 
     # 2. tokenizer and model: the SFT tokenizer, a one-output head on the SFT model by default
@@ -63,8 +63,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         rows, truncated, identical = [], 0, 0
         for p in pairs:
             prompt = render_prompt(tokenizer, p.prompt, use_template)
-            ci, ct = encode_response(tokenizer, prompt, p.chosen, c.max_length)
-            ri, rt = encode_response(tokenizer, prompt, p.rejected, c.max_length)
+            ci, _, ct = encode_pair(tokenizer, prompt, p.chosen, c.max_length)
+            ri, _, rt = encode_pair(tokenizer, prompt, p.rejected, c.max_length)
             truncated += ct or rt
             if ci == ri:
                 identical += 1
@@ -99,27 +99,24 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics: dict = {"train_loss": result.training_loss, "train_steps": result.global_step,
                      "train_runtime_s": result.metrics.get("train_runtime"), "ties_dropped": train.ties_dropped,
+                     **{f"skipped_{k}": v for k, v in train.skipped.items()},
                      **{f"train_{k}": v for k, v in train_counts.items()}, **{f"eval_{k}": v for k, v in eval_counts.items()}}
     rm = trainer.model_wrapped if cfg.deepspeed.zero_stage == 3 else trainer.model
     if eval_rows:
         metrics.update(evaluate_pairs(rm, eval_rows, tokenizer.pad_token_id, c.batch_size))
         say(REWARD, f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f} on {len(eval_rows)} pairs")
 
-    # reward_stats: scores of SFT-policy responses, so PPO can centre and scale rewards (reference ~ 0)
+    # reward_stats: raw scores of SFT-policy responses sampled and scored exactly as PPO will
+    # (ppo.* sampling settings, generated ids), so PPO's normalised reference score is ~0
     stat_prompts = _stat_prompts(c, evals, train)[: c.stats_samples]
     texts = [render_prompt(tokenizer, p, use_template) for p in stat_prompts]
-    # every rank loads the policy (under ZeRO-3 loading is partitioned, hence collective) and
-    # generates with its weights gathered once; rank 0's responses are the ones used
     policy = models.load_causal_lm(str(sft.path), mc.dtype).to(distributed.device())
-    with distributed.gathered_params(policy, cfg.deepspeed.zero_stage):
-        responses = generate_texts(policy, tokenizer, texts, max_new_tokens=cfg.ppo.max_new_tokens,
-                                   max_prompt_length=cfg.ppo.max_prompt_length, temperature=cfg.ppo.temperature,
-                                   progress=distributed.is_main())
+    pc = cfg.ppo
+    reward_stats, responses, scores = policy_reward_stats(
+        policy, rm, tokenizer, texts, sampling=Sampling(temperature=pc.temperature, top_k=pc.top_k, top_p=pc.top_p),
+        max_new_tokens=pc.max_new_tokens, max_prompt_length=pc.max_prompt_length, batch_size=pc.forward_batch_size,
+        zero_stage=cfg.deepspeed.zero_stage)
     del policy
-    responses = distributed.broadcast_object(responses)
-    scores = score_texts(rm, tokenizer, texts, responses, max_length=c.max_length, batch_size=c.batch_size)
-    reward_stats = {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "n": len(scores),
-                    "source": "responses sampled from the SFT policy"}
     if gold is not None:
         golds = [gold(prompt_text(p), r) for p, r in zip(stat_prompts, responses)]
         metrics["spearman_gold"] = spearman(scores, golds)
@@ -129,7 +126,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
 
     # 5. publish --------------------------------------------------------------------------
     staged = artifacts.staging_dir(cfg.artifact_dir, REWARD)
-    save_for_publish(trainer, staged, tokenizer, merge_lora=c.lora)
+    models.publish_model(trainer.model_wrapped, cfg.deepspeed.zero_stage, staged, tokenizer)
     art = None
     if distributed.is_main():
         manifest = artifacts.build_manifest(

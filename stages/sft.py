@@ -13,7 +13,8 @@ from rlhf import artifacts, distributed, models
 from rlhf.artifacts import SFT
 from rlhf.config import ConfigError, PipelineConfig, require
 from rlhf.data import load_sft, prompt_text, render_prompt
-from rlhf.hf_training import TrackerCallback, last_checkpoint, save_for_publish, trainer_kwargs, untrained_eval_loss
+from rlhf.hf_training import TrackerCallback, last_checkpoint, trainer_kwargs, untrained_eval_loss
+from rlhf.tokenization import encode_conversation, encode_pair
 from rlhf.stage_io import say, skip_if_up_to_date, summary_line
 from rlhf.tracking import Tracker
 
@@ -37,8 +38,11 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         artifacts.prepare_checkpoints(cfg.artifact_dir, SFT, config, data) if distributed.is_main() else None)
     distributed.barrier()
     set_seed(cfg.seed)
-    train_rows = load_sft(train_src)
-    eval_rows = load_sft(c.eval_data) if c.eval_data else None
+    train_data = load_sft(train_src, max_skipped_fraction=c.max_skipped_fraction, skip_key="sft.max_skipped_fraction")
+    eval_data = load_sft(c.eval_data, max_skipped_fraction=c.max_skipped_fraction,
+                         skip_key="sft.max_skipped_fraction") if c.eval_data else None
+    train_rows = train_data.examples
+    eval_rows = eval_data.examples if eval_data else None
 
     # 2. tokenizer and model --------------------------------------------------------------
     tok_dir = ckpt_dir / "tokenizer"
@@ -60,13 +64,28 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     say(SFT, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
              f"vocabulary {len(tokenizer)}, {distributed.world_size()} process(es), ZeRO-{cfg.deepspeed.zero_stage}")
 
-    # 3. data -----------------------------------------------------------------------------
-    def to_dataset(rows):  # prompts rendered exactly as the RM and PPO stages will render them
-        return Dataset.from_list([{"prompt": render_prompt(tokenizer, r.prompt, mc.use_chat_template),
-                                   "completion": r.completion} for r in rows])
+    # 3. data: token ids made here, by the same functions the RM and PPO stages use, so PPO
+    #    samples after exactly the prompt ids SFT trained on (TRL gets them pre-tokenized)
+    def to_dataset(rows, name):
+        examples, truncated = [], 0
+        for r in rows:
+            if c.loss_on == "all" and r.messages:
+                ids, mask, cut = encode_conversation(
+                    tokenizer, r.messages, lambda m: render_prompt(tokenizer, m, mc.use_chat_template), c.max_length)
+            else:
+                prompt = render_prompt(tokenizer, r.prompt, mc.use_chat_template)
+                ids, n_prompt, cut = encode_pair(tokenizer, prompt, r.completion, c.max_length)
+                mask = [0] * n_prompt + [1] * (len(ids) - n_prompt)
+            truncated += cut
+            if any(mask):
+                examples.append({"input_ids": ids, "completion_mask": mask})
+        say(SFT, f"{name}: {len(examples)} examples ({truncated} truncated to sft.max_length={c.max_length})")
+        if not examples:
+            raise ConfigError(f"{name}: no example keeps a response token within sft.max_length={c.max_length}; raise it")
+        return Dataset.from_list(examples), truncated
 
-    train_ds = to_dataset(train_rows)
-    eval_ds = to_dataset(eval_rows) if eval_rows else None
+    train_ds, train_truncated = to_dataset(train_rows, "train")
+    eval_ds, _ = to_dataset(eval_rows, "eval") if eval_rows else (None, 0)
 
     # 4. train ----------------------------------------------------------------------------
     ds_config = distributed.deepspeed_config(cfg.deepspeed, mc.dtype)
@@ -78,7 +97,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                       resume_step=resume_step)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[TrackerCallback(tracker)])
-    metrics: dict = {}
+    metrics: dict = {"train_rows": train_data.rows, "train_examples": len(train_ds), "train_truncated": train_truncated,
+                     **{f"skipped_{k}": v for k, v in train_data.skipped.items()}}
     initial_file = ckpt_dir / "initial_eval.json"
     if eval_ds is not None:
         if resume_from is None:  # the untrained model's held-out loss, the baseline the result is judged by
@@ -97,7 +117,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
 
     # 5. publish --------------------------------------------------------------------------
     staged = artifacts.staging_dir(cfg.artifact_dir, SFT)
-    save_for_publish(trainer, staged, tokenizer, merge_lora=c.lora)
+    models.publish_model(trainer.model_wrapped, cfg.deepspeed.zero_stage, staged, tokenizer)
     art = None
     if distributed.is_main():
         manifest = artifacts.build_manifest(
@@ -105,7 +125,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
             data=data,
             metrics=metrics, started=started,
             model={"base": mc.name_or_path or "scratch", "lora": "merged" if c.lora else None,
-                   "use_chat_template": mc.use_chat_template})
+                   "use_chat_template": mc.use_chat_template, "loss_on": c.loss_on})
         art = artifacts.publish(cfg.artifact_dir, SFT, staged, manifest)
         tracker.summary(metrics)
         shutil.rmtree(ckpt_dir, ignore_errors=True)

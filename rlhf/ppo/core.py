@@ -10,16 +10,46 @@ import torch
 import torch.nn.functional as F
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(B, R) log pi(token_t | s_t) at the sampling temperature.  logits (B, R, V), tokens (B, R)."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., V) float32 logits of the distribution generate() samples from: temperature, then
+    top-k, then top-p (transformers' own warpers, in generate()'s order); filtered tokens get -inf.
+
+    `keep` (...,) token ids that are never filtered: the sampled tokens. A recomputed forward can
+    differ from the generation pass in the last bits and move a sampled token just past a top-k/
+    top-p boundary; its log-prob must stay finite.
+    """
+    x = logits.float() / temperature
+    if top_k <= 0 and top_p >= 1.0:
+        return x
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    flat = x.reshape(-1, x.shape[-1])
+    warped = flat
+    if top_k > 0:
+        warped = TopKLogitsWarper(top_k=top_k)(None, warped)
+    if top_p < 1.0:
+        warped = TopPLogitsWarper(top_p=top_p)(None, warped)
+    if keep is not None:
+        rows = torch.arange(flat.shape[0], device=flat.device)
+        idx = keep.reshape(-1)
+        warped = warped.clone()
+        warped[rows, idx] = flat[rows, idx]
+    return warped.reshape(x.shape)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0) -> torch.Tensor:
+    """(B, R) log pi(token_t | s_t) under the sampling distribution.  logits (B, R, V), tokens (B, R)."""
+    logp = F.log_softmax(sampling_logits(logits, temperature, top_k, top_p, keep=tokens), dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(B, R) entropy of the sampling distribution at each position."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(B, R) entropy of the sampling distribution at each position (filtered tokens count 0)."""
+    logp = F.log_softmax(sampling_logits(logits, temperature, top_k, top_p), dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:

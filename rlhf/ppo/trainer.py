@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from rlhf import distributed
-from rlhf.generation import generate
+from rlhf.generation import Sampling, generate
+from rlhf.models import disable_dropout
 from rlhf.ppo import core
 from rlhf.ppo.rollout import Rollout, policy_forward, score_rollout, value_forward
 from rlhf.scoring import reward_scores
@@ -91,23 +92,31 @@ def make_inference(model: Any, ds: Any, dtype: str) -> Any:
 
 
 class PromptStream:
-    """Each process's next `n` prompts; a seeded reshuffle every pass. Its position is checkpointed."""
+    """Each process's next `n` prompts; a seeded reshuffle every pass. Its position is checkpointed.
 
-    def __init__(self, prompts: list, seed: int, rank: int, world: int):
+    Prompts are rendered (`render`, e.g. through the chat template) only when drawn, and the
+    shuffled order of a pass is computed once, so a file of 10^5-10^6 prompts costs nothing
+    per batch beyond the prompts in it."""
+
+    def __init__(self, prompts: list, seed: int, rank: int, world: int, render: Any = None):
         self.prompts, self.seed, self.rank, self.world = prompts, seed, rank, world
+        self.render = render or (lambda p: p)
         self.position = 0  # prompts consumed globally
+        self._epoch, self._order = -1, []
 
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.prompts)))
-        random.Random(self.seed + epoch).shuffle(order)
-        return order
+    def _order_of(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            order = list(range(len(self.prompts)))
+            random.Random(self.seed + epoch).shuffle(order)
+            self._epoch, self._order = epoch, order
+        return self._order
 
     def next(self, n: int) -> list:
         out = []
         for i in range(n):
             g = self.position + i * self.world + self.rank
             epoch, k = divmod(g, len(self.prompts))
-            out.append(self.prompts[self._order(epoch)[k]])
+            out.append(self.render(self.prompts[self._order_of(epoch)[k]]))
         self.position += n * self.world
         return out
 
@@ -128,6 +137,13 @@ class PPOTrainer:
         reward model is its base (adapter disabled). Neither keeps a second copy of the weights."""
         self.c, self.ds, self.tok, self.tracker = cfg, ds, tokenizer, tracker
         self.plan = Plan.make(cfg, distributed.world_size())
+        # the policy samples from, and is scored under, exactly this distribution; the reference
+        # is the SFT policy at the same temperature, untruncated (so KL(pi || pi_ref) stays finite)
+        self.sampling = Sampling(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        self.ref_sampling = Sampling(temperature=cfg.temperature)
+        for m in (actor_model, critic_model, reward_model, ref_model):
+            if m is not None:  # the ratio is 1 on the first minibatch only without dropout (N+ details)
+                disable_dropout(m)
         steps_per_update = cfg.ppo_epochs * (self.plan.rollout_batch // self.plan.mini_batch)
         ecfg = engine_config(ds, dtype, self.plan, cfg.max_grad_norm)
         self.actor = make_engine(actor_model, cfg.learning_rate, ecfg, self.plan.num_updates, steps_per_update)
@@ -139,6 +155,7 @@ class PPOTrainer:
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl
                        else core.FixedKLController(cfg.kl_coef))
         self.score_mean, self.score_std = reward_stats["mean"], reward_stats["std"]
+        self.value_scale = (self.score_mean, self.score_std)  # the critic's head read in normalised-score units
         self.update = 0
         self.device = distributed.device()
 
@@ -146,8 +163,8 @@ class PPOTrainer:
     def reference_logprobs(self, full_ids: torch.Tensor, full_mask: torch.Tensor, q_len: int) -> torch.Tensor:
         if self.lora:  # the same weights with the adapter switched off
             with self.actor.module.disable_adapter():
-                return policy_forward(self.actor, full_ids, full_mask, q_len, self.c.temperature)[0]
-        return policy_forward(self.ref, full_ids, full_mask, q_len, self.c.temperature)[0]
+                return policy_forward(self.actor, full_ids, full_mask, q_len, self.ref_sampling)[0]
+        return policy_forward(self.ref, full_ids, full_mask, q_len, self.ref_sampling)[0]
 
     def scores(self, full_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
         """(B,) raw reward-model scores of query+response sequences."""
@@ -155,6 +172,46 @@ class PPOTrainer:
             with self.critic.module.disable_adapter():
                 return reward_scores(self.critic, full_ids, full_mask)
         return reward_scores(self.reward_model, full_ids, full_mask)
+
+    # --------------------------------------------------------------- sampling for evaluation
+    @torch.no_grad()
+    def sample(self, prompt_texts: list[str], *, reference: bool = False, max_new_tokens: int | None = None,
+               sampling: Sampling | None = None) -> tuple[list[Any], torch.Tensor]:
+        """Responses of the policy (or of the frozen SFT reference) in chunks of
+        forward_batch_size, and their raw reward-model scores (B,). Every rank calls it."""
+        c = self.c
+        sampling = sampling or self.sampling
+        model = self.actor.module
+        if reference and not self.lora:
+            model = getattr(self.ref, "module", self.ref)
+        adapter_off = model.disable_adapter() if reference and self.lora else nullcontext()
+        # the actor engine and (under ZeRO-3) the reference engine are sharded: gather once per call
+        zero = self.ds.zero_stage if (model is self.actor.module or self.ds.zero_stage == 3) else 0
+        self.actor.eval()
+        gens = []
+        with adapter_off, distributed.gathered_params(model, zero):
+            for s in range(0, len(prompt_texts), c.forward_batch_size):
+                gens.append(generate(model, self.tok, prompt_texts[s:s + c.forward_batch_size],
+                                     max_new_tokens=max_new_tokens or c.max_new_tokens, sampling=sampling,
+                                     max_prompt_length=c.max_prompt_length, device=self.device))
+        scores = [self.scores(torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1))
+                  for g in gens]
+        return gens, torch.cat(scores)
+
+    @torch.no_grad()
+    def kl_to_reference(self, g: Any) -> torch.Tensor:
+        """(B,) sum over the response of log pi - log pi_ref on the policy's own samples `g` (k1)."""
+        ids, mask = torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1)
+        q = g.query_ids.shape[1]
+        logp = policy_forward(self.actor, ids, mask, q, self.sampling)[0]
+        return ((logp - self.reference_logprobs(ids, mask, q)) * g.response_mask).sum(1)
+
+    def save_models(self, out_dir: Path) -> None:
+        """Collective: the policy (merged when LoRA) into out_dir, the critic into out_dir/critic."""
+        from rlhf.models import publish_model
+
+        publish_model(self.actor, self.ds.zero_stage, out_dir, self.tok)
+        publish_model(self.critic, self.ds.zero_stage, Path(out_dir) / "critic", self.tok)
 
     # --------------------------------------------------------------- one update
     def rollout(self, prompt_texts: list[str]) -> Rollout:
@@ -164,14 +221,13 @@ class PPOTrainer:
         # whole model gathered once for the whole generate() call under ZeRO-3
         with distributed.gathered_params(self.actor.module, self.ds.zero_stage):
             g = generate(self.actor.module, self.tok, prompt_texts, max_new_tokens=c.max_new_tokens,
-                         max_prompt_length=c.max_prompt_length, do_sample=True, temperature=c.temperature,
-                         top_k=c.top_k, top_p=c.top_p, device=self.device)
+                         max_prompt_length=c.max_prompt_length, sampling=self.sampling, device=self.device)
         q_len = g.query_ids.shape[1]
         return score_rollout(actor=self.actor, critic=self.critic, reward=self.scores,
                              reference=lambda ids, mask: self.reference_logprobs(ids, mask, q_len),
                              query_ids=g.query_ids, query_mask=g.query_mask, response_ids=g.response_ids,
-                             response_mask=g.response_mask, ended=g.ended, temperature=c.temperature,
-                             chunk=c.forward_batch_size)
+                             response_mask=g.response_mask, ended=g.ended, sampling=self.sampling,
+                             chunk=c.forward_batch_size, value_scale=self.value_scale)
 
     def step(self, prompt_texts: list[str]) -> dict:
         c, plan = self.c, self.plan
@@ -205,6 +261,7 @@ class PPOTrainer:
         q = ro.query_ids.shape[1]
         full_ids, full_mask = ro.full_ids, ro.full_mask
         n = full_ids.shape[0]
+        first_ratio_dev: float | None = None
         for _ in range(c.ppo_epochs):
             order = torch.randperm(n)
             for ms in range(0, n, plan.mini_batch):
@@ -212,12 +269,15 @@ class PPOTrainer:
                 for us in range(0, len(mini), plan.micro_batch):
                     idx = mini[us:us + plan.micro_batch]
                     m = mask[idx]
-                    logp, ent = policy_forward(self.actor, full_ids[idx], full_mask[idx], q, c.temperature, with_entropy=True)
+                    logp, ent = policy_forward(self.actor, full_ids[idx], full_mask[idx], q, self.sampling, with_entropy=True)
+                    if first_ratio_dev is None:  # before any step pi == pi_old: a deviation means dropout or a
+                        # sampling/scoring mismatch (always-on diagnostic, N+ "ratio is 1 at the start")
+                        first_ratio_dev = float((((logp.detach() - ro.logprobs[idx]).exp() - 1).abs() * m).max())
                     pg_loss, pg = core.policy_loss(logp, ro.logprobs[idx], advantages[idx], m, c.cliprange)
                     check_finite("the policy loss", pg_loss)
                     self.actor.backward(pg_loss)
                     self.actor.step()
-                    values = value_forward(self.critic, full_ids[idx], full_mask[idx], q)
+                    values = value_forward(self.critic, full_ids[idx], full_mask[idx], q, self.value_scale)
                     vf_loss, vf = core.value_loss(values, ro.values[idx], returns[idx], m, c.cliprange_value)
                     check_finite("the value loss", vf_loss)
                     self.critic.backward(c.vf_coef * vf_loss)
@@ -252,6 +312,7 @@ class PPOTrainer:
             "val/clipfrac_avg": mean("vf_clipfrac"),
             "val/ratio": float(distributed_mean(ratio_t.mean())),
             "val/ratio_var": float(distributed_mean(ratio_t.var(unbiased=False))),
+            "policy/first_ratio_dev": float(distributed_mean(torch.tensor(first_ratio_dev or 0.0))),
             "val/num_eos_tokens": float(distributed_mean(ro.ended.float().sum())) * plan.world,
             "val/response_length": float(distributed_mean(mask.sum(1).mean())),
             "lr": self.actor.get_lr()[0],

@@ -219,6 +219,22 @@ def test_reward_stale_when_sft_key_or_parent_changes(tmp_path):
     assert not A.is_up_to_date(tmp_path, REWARD, cfg, [])
 
 
+@pytest.mark.parametrize("key,value", [("temperature", 0.7), ("top_k", 20), ("top_p", 0.9), ("max_new_tokens", 48),
+                                       ("max_prompt_length", 128)])
+def test_reward_stats_stale_when_ppo_sampling_changes(tmp_path, key, value):
+    """reward_stats are measured by sampling as PPO samples: a change there re-runs the RM stage,
+    while a PPO key that does not shape the samples (kl_coef) does not."""
+    cfg = config()
+    sft = publish(tmp_path, SFT, cfg)
+    publish(tmp_path, REWARD, cfg, parents=[sft])
+    changed = copy.deepcopy(cfg)
+    changed["ppo"][key] = value
+    assert not A.is_up_to_date(tmp_path, REWARD, changed, [sft])
+    other = copy.deepcopy(cfg)
+    other["ppo"]["kl_coef"] = 0.3
+    assert A.is_up_to_date(tmp_path, REWARD, other, [sft])
+
+
 def test_not_up_to_date_when_an_input_file_changes(tmp_path):
     cfg = config()
     train = tmp_path / "train.jsonl"
@@ -248,7 +264,7 @@ def test_not_up_to_date_when_missing_or_incomplete(tmp_path):
 def test_stage_config_keys():
     cfg = config()
     assert set(A.stage_config(cfg, SFT)) == {"seed", "model", "deepspeed", "sft"}
-    assert set(A.stage_config(cfg, REWARD)) == {"seed", "model", "deepspeed", "sft", "reward"}
+    assert set(A.stage_config(cfg, REWARD)) == {"seed", "model", "deepspeed", "sft", "reward", "ppo_sampling"}
     assert set(A.stage_config(cfg, PPO)) == {"seed", "model", "deepspeed", "sft", "reward", "ppo", "eval"}
 
 

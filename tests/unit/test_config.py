@@ -234,3 +234,23 @@ def test_require_and_describe():
     keys = {k for k, _, _ in describe()}
     assert {"ppo.kl_coef", "ppo.target_kl", "model.scratch.vocab_size", "deepspeed.zero_stage", "force"} <= keys
     assert all(h for _, _, h in describe())
+
+
+@pytest.mark.parametrize("key", ["model.lora.enabled=true"])
+def test_keys_without_effect_do_not_exist(key):
+    """A key either works or does not exist: LoRA is switched on per stage (sft.lora, reward.lora, ppo.lora)."""
+    with pytest.raises(ConfigError, match="unknown config key 'model.lora.enabled'"):
+        load_config(None, [key])
+
+
+def test_eval_max_new_tokens_defaults_to_ppo_and_can_be_set():
+    assert load_config(None, []).eval.max_new_tokens is None  # evaluation then uses ppo.max_new_tokens
+    assert load_config(None, ["eval.max_new_tokens=7"]).eval.max_new_tokens == 7
+
+
+@pytest.mark.parametrize("override,key", [("sft.loss_on=every", "sft.loss_on"),
+                                          ("reward.max_skipped_fraction=1.5", "reward.max_skipped_fraction"),
+                                          ("sft.max_skipped_fraction=-0.1", "sft.max_skipped_fraction")])
+def test_new_keys_are_validated(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])

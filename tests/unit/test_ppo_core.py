@@ -101,6 +101,7 @@ def test_lora_reference_equals_base_model():
 
     from rlhf.config import LoraConfig
     from rlhf.models import add_lora
+    from rlhf.generation import Sampling
     from rlhf.ppo.rollout import policy_forward
 
     torch.manual_seed(0)
@@ -108,15 +109,15 @@ def test_lora_reference_equals_base_model():
                                         num_attention_heads=2, num_key_value_heads=2))
     ids = torch.randint(0, 50, (2, 7))
     mask = torch.ones_like(ids)
-    want, _ = policy_forward(base, ids, mask, 3, 1.0)
+    want, _ = policy_forward(base, ids, mask, 3, Sampling())
     actor = add_lora(base, LoraConfig(r=4), "CAUSAL_LM")
     for n, p in actor.named_parameters():  # make the adapter change the output
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.5)
     with torch.no_grad():
-        changed, _ = policy_forward(actor, ids, mask, 3, 1.0)
+        changed, _ = policy_forward(actor, ids, mask, 3, Sampling())
         with actor.disable_adapter():
-            ref, _ = policy_forward(actor, ids, mask, 3, 1.0)
+            ref, _ = policy_forward(actor, ids, mask, 3, Sampling())
     assert torch.allclose(ref, want, atol=1e-6)
     assert not torch.allclose(changed, want, atol=1e-3)
 

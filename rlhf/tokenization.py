@@ -1,0 +1,98 @@
+"""The one tokenization path of the pipeline: SFT trains on, the reward model scores and PPO
+samples from exactly the same token ids for the same prompt and response.
+
+    prompt ids   = the tokenizer's own prefix specials (Llama-3's BOS, OPT's "</s>"), unless the
+                   rendered prompt already starts with them (a chat template that writes BOS),
+                   followed by the rendered prompt encoded without special tokens
+    response ids = the response encoded without special tokens, then EOS
+
+Prompt and response are encoded separately because PPO samples response tokens after the
+prompt's ids: a joint encoding would merge tokens across the boundary and train the models
+on sequences PPO never produces. Special tokens are added once, here, and nowhere else
+(a tokenizer's `add_special_tokens=True` would give a chat template that starts with BOS a
+second one).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+IGNORE = -100  # label of positions without loss
+
+
+def prefix_special_ids(tokenizer: Any) -> list[int]:
+    """Ids the tokenizer puts before any text when it adds special tokens ([] for GPT-2, Qwen2)."""
+    cached = getattr(tokenizer, "_rlhf_prefix_ids", None)
+    if cached is not None:
+        return cached
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    prefix: list[int] = []
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            prefix = list(full[:start])
+            break
+    try:
+        tokenizer._rlhf_prefix_ids = prefix
+    except AttributeError:  # a tokenizer that refuses new attributes: recomputed each call
+        pass
+    return prefix
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Ids of a rendered prompt, with the tokenizer's prefix specials exactly once."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prefix = prefix_special_ids(tokenizer)
+    if prefix and ids[: len(prefix)] != prefix:
+        ids = prefix + ids
+    return ids
+
+
+def encode_response(tokenizer: Any, text: str) -> list[int]:
+    """Ids of a response, EOS appended (the token PPO's sampling stops at)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def fit(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
+    """(prompt ids, response ids, truncated) within max_length: the prompt is cut from the left
+    (its end matters most) down to half the budget, then the response from the right (losing EOS)."""
+    if len(prompt_ids) + len(response_ids) <= max_length:
+        return prompt_ids, response_ids, False
+    keep_p = max(max_length - len(response_ids), min(len(prompt_ids), max_length // 2))
+    prompt_ids = prompt_ids[len(prompt_ids) - keep_p:] if keep_p > 0 else []
+    return prompt_ids, response_ids[: max_length - len(prompt_ids)], True
+
+
+def encode_pair(tokenizer: Any, prompt_text: str, response: str, max_length: int) -> tuple[list[int], int, bool]:
+    """(ids of prompt + response + EOS, prompt length, truncated) at most max_length long."""
+    p, r, truncated = fit(encode_prompt(tokenizer, prompt_text), encode_response(tokenizer, response), max_length)
+    return p + r, len(p), truncated
+
+
+def encode_conversation(tokenizer: Any, messages: list[dict], render: Any, max_length: int) -> tuple[list[int], list[int], bool]:
+    """(ids, loss mask, truncated) of a whole conversation with loss on every assistant turn.
+
+    `render(messages)` is the prompt renderer of rlhf.data (the text before an assistant reply).
+    Each assistant turn is encoded exactly as encode_pair encodes a final turn, and the text
+    between turns is what the renderer adds; a chat template that re-renders earlier turns
+    differently (e.g. drops them) cannot be trained this way and raises ValueError.
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    consumed = ""
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant" or k == 0:
+            continue
+        text = render(messages[:k])
+        if not text.startswith(consumed):
+            raise ValueError("the chat template renders earlier turns differently once later turns follow; "
+                             "train on the last assistant turn only (sft.loss_on=last)")
+        delta = text[len(consumed):]
+        head = encode_prompt(tokenizer, delta) if not ids else tokenizer(delta, add_special_tokens=False)["input_ids"]
+        reply = encode_response(tokenizer, m["content"])
+        ids += head + reply
+        mask += [0] * len(head) + [1] * len(reply)
+        consumed = text + m["content"] + (tokenizer.eos_token or "")
+    if len(ids) <= max_length:
+        return ids, mask, False
+    return ids[:max_length], mask[:max_length], True
