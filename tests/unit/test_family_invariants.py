@@ -191,3 +191,27 @@ def test_lora_publish_is_a_plain_merged_checkpoint(family_checkpoints, family, t
     with torch.no_grad():
         got = plain(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_loss_on_every_assistant_turn(family_checkpoints, family):
+    """sft.loss_on=all: every assistant reply (and its EOS) carries loss, nothing else does, and the
+    last turn is encoded exactly as the single-turn path encodes it."""
+    tok, _ = _policy(family_checkpoints[family])
+    msgs = [{"role": "user", "content": "give me birds"}, {"role": "assistant", "content": "owl, duck."},
+            {"role": "user", "content": "and cities?"}, {"role": "assistant", "content": "oslo, rome."}]
+
+    def render(m):
+        return render_prompt(tok, m, True)
+
+    from rlhf.tokenization import encode_conversation
+
+    ids, mask, truncated = encode_conversation(tok, msgs, render, 512)
+    assert not truncated and len(ids) == len(mask)
+    labelled = [i for i, m in zip(ids, mask) if m]
+    assert labelled == encode_response(tok, "owl, duck.") + encode_response(tok, "oslo, rome.")
+    last_prompt = render(msgs[:3])
+    single, n_prompt, _ = encode_pair(tok, last_prompt, "oslo, rome.", 512)
+    assert tok.decode(ids) == tok.decode(single)  # the same text as the last-turn example
+    assert sum(mask) == len(single) - n_prompt + len(encode_response(tok, "owl, duck."))
+    assert ids.count(tok.bos_token_id) <= 1 if tok.bos_token_id is not None else True
