@@ -43,6 +43,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     train_prompts = load_prompts(train_src)  # rendered when drawn (PromptStream)
     eval_raw = load_prompts(c.eval_prompts)[: cfg.eval.num_prompts] if c.eval_prompts else []
     gold = load_gold_scorer(cfg.eval.gold_scorer) if cfg.eval.gold_scorer else None
+    reward_stats = rm_art.manifest["reward_stats"]
+    _check_reward_stats(reward_stats, c, rm_art.path)
 
     # 2. models: actor from SFT; reference = frozen SFT (or the actor without its adapter);
     #    critic from the RM; the RM itself frozen
@@ -61,8 +63,6 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         critic = models.add_lora(critic, mc.lora, "SEQ_CLS")
     if not (c.lora and c.critic_lora and c.critic_from_reward):
         reward_model = models.load_reward_model(str(rm_art.path), mc.dtype, tokenizer.pad_token_id)
-    reward_stats = rm_art.manifest["reward_stats"]
-    _check_reward_stats(reward_stats, c, rm_art.path)
 
     # 3. data -----------------------------------------------------------------------------
     stream = PromptStream(train_prompts, cfg.seed, distributed.rank(), distributed.world_size(),

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "launch" / "configs" / "demo.yaml"
@@ -49,3 +51,61 @@ def family_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("families")
     return {name: build_family(name, root / name) for name in FAMILIES}
+
+
+# ---------------------------------------------------------------- family pipelines (tests/families.py)
+
+def _head(src, dst, n: int) -> str:
+    lines = (ROOT / "reward_data" / "demo" / src).read_text().splitlines()[:n]
+    dst.write_text("\n".join(lines) + "\n")
+    return str(dst)
+
+
+def small_overrides(tmp_path, model_dir) -> list[str]:
+    """The demo config with a family checkpoint and a few dozen rows of each data file."""
+    return [
+        "model.scratch=null", f"model.name_or_path={model_dir}", "model.lora.r=4", "model.lora.alpha=8",
+        f"sft.train_data={_head('sft_train.jsonl', tmp_path / 'sft.jsonl', 64)}",
+        f"sft.eval_data={_head('sft_eval.jsonl', tmp_path / 'sft_eval.jsonl', 16)}",
+        "sft.epochs=1", "sft.batch_size=16", "sft.learning_rate=1e-3",
+        f"reward.train_data={_head('prefs_train.jsonl', tmp_path / 'prefs.jsonl', 32)}",
+        f"reward.eval_data={_head('prefs_eval.jsonl', tmp_path / 'prefs_eval.jsonl', 8)}",
+        "reward.epochs=1", "reward.batch_size=16", "reward.stats_samples=8", "reward.max_length=128",
+        f"ppo.train_prompts={_head('prompts_train.jsonl', tmp_path / 'prompts.jsonl', 32)}",
+        f"ppo.eval_prompts={_head('prompts_eval.jsonl', tmp_path / 'prompts_eval.jsonl', 8)}",
+        "ppo.total_episodes=16", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2",
+        "ppo.max_new_tokens=8", "ppo.max_prompt_length=96", "ppo.learning_rate=1e-2", "ppo.forward_batch_size=8",
+        "sft.max_length=128", "eval.num_prompts=8", "eval.max_new_tokens=5",
+    ]
+
+
+def run_pipeline(d, overrides: list[str], port: int, procs: int = 1) -> subprocess.CompletedProcess:
+    """`rlhf pipeline demo.yaml ...` (each stage under the deepspeed launcher, NUM_GPUS processes)."""
+    cmd = [sys.executable, "-m", "rlhf.cli", "pipeline", str(DEMO), f"artifact_dir={d}", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env={**ENV, "MASTER_PORT": str(port), "NUM_GPUS": str(procs)},
+                          capture_output=True, text=True, timeout=1200)
+
+
+def _tensors(path) -> dict:
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def check_published(d) -> None:
+    """Each stage directory is a plain checkpoint with the SFT tokenizer's vocabulary and pad id."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(d / "sft"))
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    for stage, cls in (("sft", AutoModelForCausalLM), ("reward", AutoModelForSequenceClassification),
+                       ("ppo", AutoModelForCausalLM), ("ppo/critic", AutoModelForSequenceClassification)):
+        keys = list(_tensors(d / stage))
+        assert not [k for k in keys if "lora" in k or "modules_to_save" in k or "base_model.model" in k], (stage, keys[:4])
+        model = cls.from_pretrained(str(d / stage), use_safetensors=True)
+        assert model.get_input_embeddings().weight.shape[0] == len(tok), stage
+        assert model.config.pad_token_id == tok.pad_token_id, stage
+        if cls is AutoModelForSequenceClassification:
+            assert model.config.num_labels == 1
+    sft, ppo = _tensors(d / "sft"), _tensors(d / "ppo")
+    assert sft.keys() == ppo.keys()
+    assert any(not torch.equal(sft[k], ppo[k]) for k in sft), "PPO did not change the policy"

@@ -63,3 +63,17 @@ def test_sft_zero2_two_processes(tmp_path):
                  port=29633, timeout=900))
     m = manifest(d, "sft")
     assert m["status"] == "complete" and m["metrics"]["eval_loss"] < 0.7 * m["metrics"]["eval_loss_initial"]
+
+
+def test_lora_in_every_stage_zero3_two_processes_llama3(family_checkpoints, tmp_path):
+    """LoRA SFT, RM and PPO of a Llama-3-style checkpoint sharded over 2 ranks: every publish
+    gathers the partitions collectively and merges the adapter into plain weights."""
+    from conftest import check_published, run_pipeline, small_overrides
+
+    d = tmp_path / "run"
+    proc = run_pipeline(d, small_overrides(tmp_path, family_checkpoints["llama3"]) + [
+        "sft.lora=true", "reward.lora=true", "ppo.lora=true", "deepspeed.zero_stage=3"], port=29644, procs=2)
+    ok(proc)
+    check_published(d)
+    assert "2 process(es), ZeRO-3" in (d / "logs" / "ppo.log").read_text()
+    assert manifest(d, "ppo")["metrics"]["updates"] == 1  # 16 episodes / (8 prompts x 2 processes)
