@@ -123,16 +123,43 @@ def deepspeed_config(ds: Any, dtype: str, micro_batch: int | str = "auto", grad_
 
 
 @contextmanager
-def gathered_params(model: Any, zero_stage: int) -> Iterator[None]:
-    """All of `model`'s parameters materialised at once (ZeRO-3), e.g. for one whole generate() call."""
+def gathered_params(model: Any, zero_stage: int) -> Iterator[Any]:
+    """`model` (a DeepSpeed engine or a plain module) with all its parameters materialised for
+    the duration of the block, e.g. one whole generate() call; yields the plain module.
+
+    Under ZeRO-3 gathering alone is not enough for an engine: its per-module hooks release each
+    module's parameters after its forward and fetch them again on the next, so every decode step
+    would all-gather the whole model once more. The hooks are taken off for the block (as TRL's
+    unwrap_model_for_generation does) and put back after it, so the weights are fetched once per
+    call. A module partitioned by zero.Init without an engine has no such hooks."""
+    module = getattr(model, "module", model)
     if zero_stage != 3:
-        yield
+        yield module
         return
     import deepspeed
 
-    params = [p for p in model.parameters()]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
+    offload = _zero3_offload(model)
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        if offload is not None:
+            for p in module.parameters():
+                p.ds_active_sub_modules.clear()
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield module
+        finally:
+            if offload is not None:
+                offload._register_deepspeed_module(offload.module)
+
+
+def _zero3_offload(engine: Any) -> Any:
+    """The object holding a ZeRO-3 engine's module hooks (DeepSpeedZeRoOffload), or None."""
+    opt = getattr(engine, "optimizer", None)
+    if opt is None:
+        return None
+    offload = getattr(opt, "parameter_offload", opt)
+    return offload if hasattr(offload, "forward_hooks") and hasattr(offload, "_register_deepspeed_module") else None
 
 
 def full_state_dict(model: Any, zero_stage: int) -> dict | None:

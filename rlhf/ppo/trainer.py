@@ -181,15 +181,12 @@ class PPOTrainer:
         forward_batch_size, and their raw reward-model scores (B,). Every rank calls it."""
         c = self.c
         sampling = sampling or self.sampling
-        model = self.actor.module
-        if reference and not self.lora:
-            model = getattr(self.ref, "module", self.ref)
-        adapter_off = model.disable_adapter() if reference and self.lora else nullcontext()
-        # the actor engine and (under ZeRO-3) the reference engine are sharded: gather once per call
-        zero = self.ds.zero_stage if (model is self.actor.module or self.ds.zero_stage == 3) else 0
+        engine = self.ref if reference and not self.lora else self.actor
+        adapter_off = self.actor.module.disable_adapter() if reference and self.lora else nullcontext()
         self.actor.eval()
         gens = []
-        with adapter_off, distributed.gathered_params(model, zero):
+        # sharded weights (ZeRO-3 actor, ZeRO-3 reference) gathered once for the whole call
+        with adapter_off, distributed.gathered_params(engine, self.ds.zero_stage) as model:
             for s in range(0, len(prompt_texts), c.forward_batch_size):
                 gens.append(generate(model, self.tok, prompt_texts[s:s + c.forward_batch_size],
                                      max_new_tokens=max_new_tokens or c.max_new_tokens, sampling=sampling,
@@ -219,8 +216,8 @@ class PPOTrainer:
         self.actor.eval()
         self.critic.eval()
         # whole model gathered once for the whole generate() call under ZeRO-3
-        with distributed.gathered_params(self.actor.module, self.ds.zero_stage):
-            g = generate(self.actor.module, self.tok, prompt_texts, max_new_tokens=c.max_new_tokens,
+        with distributed.gathered_params(self.actor, self.ds.zero_stage) as model:
+            g = generate(model, self.tok, prompt_texts, max_new_tokens=c.max_new_tokens,
                          max_prompt_length=c.max_prompt_length, sampling=self.sampling, device=self.device)
         q_len = g.query_ids.shape[1]
         return score_rollout(actor=self.actor, critic=self.critic, reward=self.scores,

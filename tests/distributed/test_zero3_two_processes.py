@@ -77,3 +77,18 @@ def test_lora_in_every_stage_zero3_two_processes_llama3(family_checkpoints, tmp_
     check_published(d)
     assert "2 process(es), ZeRO-3" in (d / "logs" / "ppo.log").read_text()
     assert manifest(d, "ppo")["metrics"]["updates"] == 1  # 16 episodes / (8 prompts x 2 processes)
+
+
+def test_zero3_generation_fetches_weights_once(family_checkpoints):
+    """Inside gathered_params the engine's per-module hooks are off: no parameter fetch per decode
+    step (before, every step re-gathered every module), and they are back for training."""
+    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", "29655",
+                           str(ROOT / "tests" / "distributed" / "zero3_fetch_probe.py"), str(family_checkpoints["llama3"])],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    ok(proc)
+    line = [x for x in proc.stdout.splitlines() if x.startswith('{"fetches_during_generate"')]
+    assert line, proc.stdout[-3000:]
+    result = json.loads(line[-1])
+    assert result["decode_steps"] > 1
+    assert result["fetches_during_generate"] == 0, result
+    assert result["fetches_in_train_step"] > 0 and math.isfinite(result["loss"]), result
