@@ -554,6 +554,39 @@ def render_prompt(tokenizer: Any, prompt: Prompt, use_chat_template: bool) -> st
     return "".join(f"\n\n{names.get(m['role'], m['role'])}: {m['content']}" for m in prompt) + "\n\nAssistant:"
 
 
+def render_response(tokenizer: Any, prompt: Prompt, response: str, use_chat_template: bool) -> str:
+    """The text of a response as it follows render_prompt(prompt), in every stage: joined the way
+    the rendering joins an earlier assistant turn to its header — " reply" after a transcript's
+    "Assistant:" (raw HH-RLHF replies already start so), "reply" after ChatML's or Llama-3's
+    assistant header, " reply" after the scratch template's "<|assistant|>". A string prompt
+    without a chat template is the user's own format: its response is used as written."""
+    templated = use_chat_template and getattr(tokenizer, "chat_template", None)
+    if isinstance(prompt, str) and not templated:
+        return response
+    return response_separator(tokenizer, bool(templated)) + response.lstrip(" ")
+
+
+def response_separator(tokenizer: Any, templated: bool) -> str:
+    """What a rendering puts between the assistant header and the reply ("" or " ")."""
+    if not templated:
+        return " "
+    cached = getattr(tokenizer, "_rlhf_response_sep", None)
+    if cached is not None:
+        return cached
+    mark = "\u2063RESPONSE\u2063"
+    user = [{"role": "user", "content": "x"}]
+    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": mark}], tokenize=False)
+    sep = ""
+    if full.startswith(head) and mark in full[len(head):]:
+        sep = full[len(head):full.index(mark, len(head))]
+    try:
+        tokenizer._rlhf_response_sep = sep
+    except AttributeError:
+        pass
+    return sep
+
+
 def prompt_text(prompt: Prompt) -> str:
     """A readable one-string form of a prompt (for samples, reports and the gold scorer)."""
     if isinstance(prompt, str):

@@ -69,30 +69,39 @@ def encode_pair(tokenizer: Any, prompt_text: str, response: str, max_length: int
     return p + r, len(p), truncated
 
 
-def encode_conversation(tokenizer: Any, messages: list[dict], render: Any, max_length: int) -> tuple[list[int], list[int], bool]:
+def encode_conversation(tokenizer: Any, messages: list[dict], use_chat_template: bool,
+                        max_length: int) -> tuple[list[int], list[int], bool]:
     """(ids, loss mask, truncated) of a whole conversation with loss on every assistant turn.
 
-    `render(messages)` is the prompt renderer of rlhf.data (the text before an assistant reply).
-    Each assistant turn is encoded exactly as encode_pair encodes a final turn, and the text
-    between turns is what the renderer adds; a chat template that re-renders earlier turns
-    differently (e.g. drops them) cannot be trained this way and raises ValueError.
+    Each assistant turn k is encoded exactly as encode_pair encodes a final turn after
+    render_prompt(messages[:k]): the text between turns is what the rendering adds, less the EOS
+    text a template writes after a reply (its id is already there). A chat template that
+    re-renders earlier turns differently (e.g. drops them) cannot be trained this way and raises
+    ValueError.
     """
+    from rlhf.data import render_prompt, render_response
+
     ids: list[int] = []
     mask: list[int] = []
     consumed = ""
+    eos_text = tokenizer.eos_token or ""
     for k, m in enumerate(messages):
         if m["role"] != "assistant" or k == 0:
             continue
-        text = render(messages[:k])
+        text = render_prompt(tokenizer, messages[:k], use_chat_template)
         if not text.startswith(consumed):
-            raise ValueError("the chat template renders earlier turns differently once later turns follow; "
-                             "train on the last assistant turn only (sft.loss_on=last)")
+            raise ValueError("the prompt rendering writes earlier turns differently once later turns follow "
+                             "(e.g. a chat template that drops them); train on the last assistant turn only "
+                             "(sft.loss_on=last)")
         delta = text[len(consumed):]
+        if ids and eos_text and delta.startswith(eos_text):
+            delta = delta[len(eos_text):]
         head = encode_prompt(tokenizer, delta) if not ids else tokenizer(delta, add_special_tokens=False)["input_ids"]
-        reply = encode_response(tokenizer, m["content"])
+        reply_text = render_response(tokenizer, messages[:k], m["content"], use_chat_template)
+        reply = encode_response(tokenizer, reply_text)
         ids += head + reply
         mask += [0] * len(head) + [1] * len(reply)
-        consumed = text + m["content"] + (tokenizer.eos_token or "")
+        consumed = text + reply_text
     if len(ids) <= max_length:
         return ids, mask, False
     return ids[:max_length], mask[:max_length], True

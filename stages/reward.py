@@ -10,7 +10,7 @@ from transformers import set_seed
 from rlhf import artifacts, distributed, models
 from rlhf.artifacts import REWARD, SFT
 from rlhf.config import ConfigError, PipelineConfig, require
-from rlhf.data import load_preferences, prompt_text, render_prompt
+from rlhf.data import load_preferences, prompt_text, render_prompt, render_response
 from rlhf.generation import Sampling
 from rlhf.hf_training import TrackerCallback, last_checkpoint, trainer_kwargs
 from rlhf.reward_training import WeightedPreferenceCollator, WeightedRewardTrainer, evaluate_pairs
@@ -63,8 +63,9 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         rows, truncated, identical = [], 0, 0
         for p in pairs:
             prompt = render_prompt(tokenizer, p.prompt, use_template)
-            ci, _, ct = encode_pair(tokenizer, prompt, p.chosen, c.max_length)
-            ri, _, rt = encode_pair(tokenizer, prompt, p.rejected, c.max_length)
+            chosen, rejected = (render_response(tokenizer, p.prompt, r, use_template) for r in (p.chosen, p.rejected))
+            ci, _, ct = encode_pair(tokenizer, prompt, chosen, c.max_length)
+            ri, _, rt = encode_pair(tokenizer, prompt, rejected, c.max_length)
             truncated += ct or rt
             if ci == ri:
                 identical += 1

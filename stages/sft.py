@@ -12,7 +12,7 @@ from trl import SFTConfig, SFTTrainer
 from rlhf import artifacts, distributed, models
 from rlhf.artifacts import SFT
 from rlhf.config import ConfigError, PipelineConfig, require
-from rlhf.data import load_sft, prompt_text, render_prompt
+from rlhf.data import load_sft, prompt_text, render_prompt, render_response
 from rlhf.hf_training import TrackerCallback, last_checkpoint, trainer_kwargs, untrained_eval_loss
 from rlhf.tokenization import encode_conversation, encode_pair
 from rlhf.stage_io import say, skip_if_up_to_date, summary_line
@@ -70,11 +70,11 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         examples, truncated = [], 0
         for r in rows:
             if c.loss_on == "all" and r.messages:
-                ids, mask, cut = encode_conversation(
-                    tokenizer, r.messages, lambda m: render_prompt(tokenizer, m, mc.use_chat_template), c.max_length)
+                ids, mask, cut = encode_conversation(tokenizer, r.messages, mc.use_chat_template, c.max_length)
             else:
                 prompt = render_prompt(tokenizer, r.prompt, mc.use_chat_template)
-                ids, n_prompt, cut = encode_pair(tokenizer, prompt, r.completion, c.max_length)
+                completion = render_response(tokenizer, r.prompt, r.completion, mc.use_chat_template)
+                ids, n_prompt, cut = encode_pair(tokenizer, prompt, completion, c.max_length)
                 mask = [0] * n_prompt + [1] * (len(ids) - n_prompt)
             truncated += cut
             if any(mask):

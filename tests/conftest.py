@@ -79,9 +79,9 @@ def small_overrides(tmp_path, model_dir) -> list[str]:
     ]
 
 
-def run_pipeline(d, overrides: list[str], port: int, procs: int = 1) -> subprocess.CompletedProcess:
-    """`rlhf pipeline demo.yaml ...` (each stage under the deepspeed launcher, NUM_GPUS processes)."""
-    cmd = [sys.executable, "-m", "rlhf.cli", "pipeline", str(DEMO), f"artifact_dir={d}", *overrides]
+def run_pipeline(d, overrides: list[str], port: int, procs: int = 1, config: Path = DEMO) -> subprocess.CompletedProcess:
+    """`rlhf pipeline CONFIG ...` (each stage under the deepspeed launcher, NUM_GPUS processes)."""
+    cmd = [sys.executable, "-m", "rlhf.cli", "pipeline", str(config), f"artifact_dir={d}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env={**ENV, "MASTER_PORT": str(port), "NUM_GPUS": str(procs)},
                           capture_output=True, text=True, timeout=1200)
 

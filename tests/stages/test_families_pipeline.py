@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from conftest import check_published, manifest, ok, run_pipeline, small_overrides  # noqa: F401 (shared helpers)
+from conftest import ROOT, check_published, manifest, ok, run_pipeline, small_overrides  # noqa: F401 (shared helpers)
 from families import FAMILIES
 
 pytestmark = pytest.mark.slow
@@ -31,6 +31,13 @@ def test_family_pipeline(family_checkpoints, tmp_path, family, lora, zero):
     flags = [f"sft.lora={str(lora).lower()}", f"reward.lora={str(lora).lower()}", f"ppo.lora={str(lora).lower()}",
              f"deepspeed.zero_stage={zero}"]
     port = 29700 + 7 * FULL.index((family, lora, zero))
+    if family == "qwen2":  # chat data: two-turn {"messages"} rows with loss on both assistant turns
+        rows = [json.loads(x) for x in (ROOT / "reward_data/demo/sft_train.jsonl").read_text().splitlines()[:64]]
+        chats = [{"messages": [{"role": "user", "content": a["prompt"]}, {"role": "assistant", "content": a["completion"]},
+                               {"role": "user", "content": b["prompt"]}, {"role": "assistant", "content": b["completion"]}]}
+                 for a, b in zip(rows[0::2], rows[1::2])]
+        (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
+        flags += [f"sft.train_data={tmp_path / 'chats.jsonl'}", "sft.loss_on=all"]
     proc = run_pipeline(d, small_overrides(tmp_path, family_checkpoints[family]) + flags, port)
     ok(proc)
     check_published(d)
@@ -38,6 +45,9 @@ def test_family_pipeline(family_checkpoints, tmp_path, family, lora, zero):
         m = manifest(d, stage)
         assert m["config"]["model"]["name_or_path"] == str(family_checkpoints[family])
         assert (m["model"]["lora"] == "merged") is lora, (stage, m["model"])
+    if family == "qwen2":
+        sft = manifest(d, "sft")
+        assert sft["model"]["loss_on"] == "all" and sft["metrics"]["train_examples"] == 32
     ppo = manifest(d, "ppo")
     rows = [json.loads(x) for x in (d / "metrics" / "ppo.jsonl").read_text().splitlines()]
     # no dropout in any PPO model: the first micro-batch of every update sees the ratio pi/pi_old exactly 1

@@ -193,25 +193,38 @@ def test_lora_publish_is_a_plain_merged_checkpoint(family_checkpoints, family, t
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_loss_on_every_assistant_turn(family_checkpoints, family):
     """sft.loss_on=all: every assistant reply (and its EOS) carries loss, nothing else does, and the
-    last turn is encoded exactly as the single-turn path encodes it."""
+    last turn is encoded exactly as the single-turn path encodes it (templates and transcripts)."""
+    from rlhf.data import render_response
+    from rlhf.tokenization import encode_conversation
+
     tok, _ = _policy(family_checkpoints[family])
     msgs = [{"role": "user", "content": "give me birds"}, {"role": "assistant", "content": "owl, duck."},
             {"role": "user", "content": "and cities?"}, {"role": "assistant", "content": "oslo, rome."}]
-
-    def render(m):
-        return render_prompt(tok, m, True)
-
-    from rlhf.tokenization import encode_conversation
-
-    ids, mask, truncated = encode_conversation(tok, msgs, render, 512)
+    ids, mask, truncated = encode_conversation(tok, msgs, True, 512)
     assert not truncated and len(ids) == len(mask)
+    replies = [render_response(tok, msgs[:k], msgs[k]["content"], True) for k in (1, 3)]
     labelled = [i for i, m in zip(ids, mask) if m]
-    assert labelled == encode_response(tok, "owl, duck.") + encode_response(tok, "oslo, rome.")
-    last_prompt = render(msgs[:3])
-    single, n_prompt, _ = encode_pair(tok, last_prompt, "oslo, rome.", 512)
-    assert tok.decode(ids) == tok.decode(single)  # the same text as the last-turn example
-    assert sum(mask) == len(single) - n_prompt + len(encode_response(tok, "owl, duck."))
-    assert ids.count(tok.bos_token_id) <= 1 if tok.bos_token_id is not None else True
+    assert labelled == encode_response(tok, replies[0]) + encode_response(tok, replies[1])
+    single, n_prompt, _ = encode_pair(tok, render_prompt(tok, msgs[:3], True), replies[1], 512)
+    assert ids[len(ids) - (len(single) - n_prompt):] == single[n_prompt:]
+    expected = tok.decode(single).replace(tok.eos_token, "")
+    assert tok.decode(ids).replace(tok.eos_token, "") == expected  # the same conversation text, EOS aside
+    if tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id:
+        assert ids.count(tok.bos_token_id) <= 1
+
+
+@pytest.mark.parametrize("family", ["pythia", "gpt2", "opt"])
+def test_transcript_replies_are_joined_as_hh_data_joins_them(family_checkpoints, family):
+    """Without a chat template the prompt is an HH transcript: a reply from a {"messages"} row and
+    the same reply parsed from raw HH-RLHF text give the same SFT/RM text (" reply" after "Assistant:")."""
+    from rlhf.data import render_response, split_hh_pair
+
+    tok, _ = _policy(family_checkpoints[family])
+    msgs = [{"role": "user", "content": "give me birds"}]
+    hh_prompt, hh_chosen, _ = split_hh_pair("\n\nHuman: give me birds\n\nAssistant: owl.",
+                                            "\n\nHuman: give me birds\n\nAssistant: cat.")
+    assert render_prompt(tok, hh_prompt, True) == render_prompt(tok, msgs, True)
+    assert render_response(tok, hh_prompt, hh_chosen, True) == render_response(tok, msgs, "owl.", True) == " owl."
