@@ -547,6 +547,9 @@ def render_prompt(tokenizer: Any, prompt: Prompt, use_chat_template: bool) -> st
         if not templated:
             return prompt
         prompt = [{"role": "user", "content": prompt}]
+    # earlier replies are written as render_response writes a reply (its leading spaces are the
+    # rendering's business), so a conversation renders its turns the same way wherever it is cut
+    prompt = [{**m, "content": m["content"].lstrip(" ")} if m["role"] == "assistant" else m for m in prompt]
     if templated:
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     # no chat template: a plain Human/Assistant transcript (the HH-RLHF convention)

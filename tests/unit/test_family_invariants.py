@@ -201,7 +201,7 @@ def test_loss_on_every_assistant_turn(family_checkpoints, family):
     from rlhf.tokenization import encode_conversation
 
     tok, _ = _policy(family_checkpoints[family])
-    msgs = [{"role": "user", "content": "give me birds"}, {"role": "assistant", "content": "owl, duck."},
+    msgs = [{"role": "user", "content": "give me birds"}, {"role": "assistant", "content": " owl, duck."},
             {"role": "user", "content": "and cities?"}, {"role": "assistant", "content": "oslo, rome."}]
     ids, mask, truncated = encode_conversation(tok, msgs, True, 512)
     assert not truncated and len(ids) == len(mask)
