@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -364,6 +365,8 @@ def _validate(cfg: Any, where: str) -> None:
 
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise bad(f.name, f"must be a finite number, got {v}")
         if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name in _POSITIVE and v <= 0:
             raise bad(f.name, f"must be > 0, got {v}")
     if isinstance(cfg, DeepSpeedConfig) and cfg.zero_stage not in (0, 1, 2, 3):

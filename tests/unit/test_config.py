@@ -254,3 +254,10 @@ def test_eval_max_new_tokens_defaults_to_ppo_and_can_be_set():
 def test_new_keys_are_validated(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("override,key", [("sft.learning_rate=.nan", "sft.learning_rate"), ("sft.epochs=.inf", "sft.epochs"),
+                                          ("ppo.kl_coef=.nan", "ppo.kl_coef"), ("ppo.score_clip=-.inf", "ppo.score_clip")])
+def test_non_finite_values_are_rejected(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "': must be a finite number"):
+        load_config(None, [override])
