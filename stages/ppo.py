@@ -58,6 +58,9 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         ref = models.load_causal_lm(str(sft.path), mc.dtype)
     critic_src = str(rm_art.path) if c.critic_from_reward else str(sft.path)
     critic = models.load_reward_model(critic_src, mc.dtype, tokenizer.pad_token_id)
+    if c.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and without a loss on every layer
+        for m in (actor, critic):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reward_model = None  # LoRA critic on the RM: the reward model is the critic with its adapter disabled
     if c.lora and c.critic_lora:
         critic = models.add_lora(critic, mc.lora, "SEQ_CLS")
