@@ -68,9 +68,12 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     #    samples after exactly the prompt ids SFT trained on (TRL gets them pre-tokenized)
     def to_dataset(rows, name):
         examples, truncated = [], 0
-        for r in rows:
+        for i, r in enumerate(rows, 1):
             if c.loss_on == "all" and r.messages:
-                ids, mask, cut = encode_conversation(tokenizer, r.messages, mc.use_chat_template, c.max_length)
+                try:
+                    ids, mask, cut = encode_conversation(tokenizer, r.messages, mc.use_chat_template, c.max_length)
+                except ValueError as e:
+                    raise ConfigError(f"sft.loss_on=all, {name} example {i}: {e}") from None
             else:
                 prompt = render_prompt(tokenizer, r.prompt, mc.use_chat_template)
                 completion = render_response(tokenizer, r.prompt, r.completion, mc.use_chat_template)
