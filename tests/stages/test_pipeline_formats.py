@@ -66,5 +66,5 @@ def test_reward_stage_on_ultrafeedback_layout(demo_run, tmp_path):
     ok(run_stage("rm.py", f"artifact_dir={d}", f"reward.train_data={uf}", "reward.eval_data=null", "reward.epochs=1",
                  "reward.stats_samples=32"))
     rm = manifest(d, "reward")
-    assert rm["metrics"]["train_pairs"] == len(rows) > 300
+    assert rm["metrics"]["train_pairs"] == len(rows) > 200  # the single-turn transcripts of the first 400
     assert rm["metrics"]["train_loss"] < 0.69  # learns something from the conversational pairs
