@@ -13,7 +13,7 @@ from rlhf.tokenization import encode_prompt
 @dataclass(frozen=True)
 class Sampling:
     """The distribution responses are drawn from. PPO computes every log-prob from this same
-    distribution (rlhf.ppo.core.sampling_logprobs), so nothing else may shape it: a checkpoint's
+    distribution (rlhf.ppo.core.sampling_logits), so nothing else may shape it: a checkpoint's
     generation_config.json (repetition_penalty, no_repeat_ngram_size, min_new_tokens, its own
     top_k ...) is set aside for the call."""
 

@@ -111,25 +111,24 @@ def policy_reward_stats(policy: Any, reward_model: Any, tokenizer: Any, prompt_t
     import statistics
 
     from rlhf import distributed
-    from rlhf.generation import decode_responses, generate
+    from rlhf.generation import Generated, decode_responses, generate
 
     batches = []
     with distributed.gathered_params(policy, zero_stage):
         for s in range(0, len(prompt_texts), batch_size):
-            batches.append(generate(policy, tokenizer, prompt_texts[s:s + batch_size], max_new_tokens=max_new_tokens,
-                                    sampling=sampling, max_prompt_length=max_prompt_length))
-    batches = distributed.broadcast_object([[t.cpu() for t in (g.query_ids, g.query_mask, g.response_ids,
-                                                               g.response_mask, g.ended)] for g in batches])
+            g = generate(policy, tokenizer, prompt_texts[s:s + batch_size], max_new_tokens=max_new_tokens,
+                         sampling=sampling, max_prompt_length=max_prompt_length)
+            batches.append(Generated(*(t.cpu() for t in (g.query_ids, g.query_mask, g.response_ids,
+                                                          g.response_mask, g.ended))))
+    batches = distributed.broadcast_object(batches)
     device = next(reward_model.parameters()).device
     scores: list[float] = []
     texts: list[str] = []
-    from rlhf.generation import Generated
-
-    for q_ids, q_mask, r_ids, r_mask, ended in batches:
-        ids = torch.cat([q_ids, r_ids], 1).to(device)
-        mask = torch.cat([q_mask, r_mask], 1).to(device)
+    for g in batches:
+        ids = torch.cat([g.query_ids, g.response_ids], 1).to(device)
+        mask = torch.cat([g.query_mask, g.response_mask], 1).to(device)
         scores.extend(reward_scores(reward_model, ids, mask).tolist())
-        texts.extend(decode_responses(tokenizer, Generated(q_ids, q_mask, r_ids, r_mask, ended)))
+        texts.extend(decode_responses(tokenizer, g))
     stats = {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "n": len(scores),
              "source": "responses sampled from the SFT policy as PPO samples them",
              "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
