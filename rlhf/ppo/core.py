@@ -40,16 +40,26 @@ def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0) -> torch.Tensor:
-    """(B, R) log pi(token_t | s_t) under the sampling distribution.  logits (B, R, V), tokens (B, R)."""
-    logp = F.log_softmax(sampling_logits(logits, temperature, top_k, top_p, keep=tokens), dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """(B, R) log pi(token_t | s_t) under the sampling distribution.  logits (B, R, V), tokens (B, R).
+
+    Computed as x[token] - logsumexp(x): no (B, R, V) log-softmax is materialised, and backward
+    keeps one float32 copy of the logits instead of two."""
+    x = sampling_logits(logits, temperature, top_k, top_p, keep=tokens)
+    return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """(B, R) entropy of the sampling distribution at each position (filtered tokens count 0)."""
-    logp = F.log_softmax(sampling_logits(logits, temperature, top_k, top_p), dim=-1)
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                        chunk: int = 8) -> torch.Tensor:
+    """(...) entropy of the sampling distribution at each position of logits (..., V) (filtered
+    tokens count 0). A statistic only (PPO here has no entropy bonus): computed without autograd,
+    `chunk` entries of the first dimension at a time, so the float32 temporaries stay small."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, logits.shape[0], chunk):
+            logp = F.log_softmax(sampling_logits(logits[s:s + chunk].detach(), temperature, top_k, top_p), dim=-1)
+            p = logp.exp()
+            out.append(-torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1))
+    return torch.cat(out)
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:

@@ -12,9 +12,8 @@ from typing import Any, Callable
 import torch
 
 from rlhf.generation import Sampling
-from rlhf.models import token_values
 from rlhf.ppo.core import entropy_from_logits, logprobs_from_logits
-from rlhf.scoring import position_ids_from_mask
+from rlhf.ppo.packing import head_at
 
 
 @dataclass
@@ -28,7 +27,6 @@ class Rollout:
     ref_logprobs: torch.Tensor   # (B, R) log pi_ref(a_t | s_t): the SFT policy at the same temperature, untruncated
     values: torch.Tensor         # (B, R) V_old(s_t), the critic's value before emitting a_t
     raw_scores: torch.Tensor     # (B,) reward model output
-    entropy: torch.Tensor        # (B, R) policy entropy at each position
 
     @property
     def full_ids(self) -> torch.Tensor:  # (B, Q+R)
@@ -39,31 +37,38 @@ class Rollout:
         return torch.cat([self.query_mask, self.response_mask], dim=1)
 
 
+def _scatter(sel: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(B, R) tensor with `values` (K,) at the True positions of `sel` (B, R), 0 elsewhere (differentiable)."""
+    return torch.zeros(sel.shape, dtype=values.dtype, device=values.device).masked_scatter(sel, values)
+
+
 def policy_forward(model: Any, full_ids: torch.Tensor, full_mask: torch.Tensor, q_len: int,
                    sampling: Sampling, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, R) log-probs of the response tokens (and entropies) from one forward pass, under the
-    distribution `sampling` describes (the one generate() drew them from)."""
-    out = model(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask),
-                use_cache=False)
-    logits = out.logits[:, q_len - 1:-1]  # (B, R, V): the logits that predicted each response token
-    response = full_ids[:, q_len:]
+    """(B, R) log-probs of the response tokens (and entropies, without autograd) from one forward
+    pass, under the distribution `sampling` describes (the one generate() drew them from); 0 on
+    padding. The sequences run packed and the LM head only where a response token is predicted
+    (rlhf.ppo.packing): (K, V) logits for the K real response tokens, never (B, Q+R, V)."""
+    logits, sel = head_at(model, full_ids, full_mask, q_len)  # (K, V), (B, R)
+    tokens = full_ids[:, q_len:][sel]                         # (K,)
     t, k, p = sampling.temperature, sampling.top_k, sampling.top_p
-    logp = logprobs_from_logits(logits, response, t, k, p)
-    ent = entropy_from_logits(logits, t, k, p) if with_entropy else None
+    logp = _scatter(sel, logprobs_from_logits(logits, tokens, t, k, p))
+    ent = None
+    if with_entropy:
+        ent = _scatter(sel, entropy_from_logits(logits, t, k, p, chunk=max(1, (1 << 22) // logits.shape[-1])))
     return logp, ent
 
 
 def value_forward(critic: Any, full_ids: torch.Tensor, full_mask: torch.Tensor, q_len: int,
                   scale: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
-    """(B, R) V(s_t): the value head at the position that precedes each response token.
+    """(B, R) V(s_t): the value head at the position that precedes each response token (0 on padding).
 
     `scale` = (mean, std) of reward_stats: the head's output is read as (v - mean) / std, the
     units of the normalised score PPO rewards with. A critic copied from the reward model thus
     starts predicting the normalised score rather than raw reward-model units (as the N+
     implementation subtracts the reward bias); value clipping would otherwise let the offset
     shrink only by cliprange_value per rollout."""
-    v = token_values(critic, full_ids, full_mask, position_ids_from_mask(full_mask))
-    return (v[:, q_len - 1:-1] - scale[0]) / scale[1]
+    out, sel = head_at(critic, full_ids, full_mask, q_len)  # (K, 1), (B, R)
+    return _scatter(sel, (out.squeeze(-1).float() - scale[0]) / scale[1])
 
 
 def in_chunks(fn: Callable[[slice], Any], n: int, chunk: int) -> list:
@@ -74,19 +79,20 @@ def in_chunks(fn: Callable[[slice], Any], n: int, chunk: int) -> list:
 def score_rollout(*, actor: Any, reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], critic: Any,
                   reward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                   response_mask: torch.Tensor, ended: torch.Tensor, sampling: Sampling, chunk: int,
-                  value_scale: tuple[float, float] = (0.0, 1.0)) -> Rollout:
+                  value_scale: tuple[float, float] = (0.0, 1.0), logprobs: torch.Tensor | None = None) -> Rollout:
     """Run each model once over the rollout. `reference(full_ids, full_mask)` returns the
     reference log-probs (a frozen copy, or the actor with its LoRA adapter disabled) and
     `reward(full_ids, full_mask)` the reward model's scores (a frozen copy, or the LoRA critic
-    with its adapter disabled)."""
+    with its adapter disabled). `logprobs` (B, R): the policy's log-probs already taken from the
+    generation pass; without them the actor runs once more to compute them."""
     q = query_ids.shape[1]
     full_ids = torch.cat([query_ids, response_ids], dim=1)
     full_mask = torch.cat([query_mask, response_mask], dim=1)
     n = full_ids.shape[0]
-    pol = in_chunks(lambda s: policy_forward(actor, full_ids[s], full_mask[s], q, sampling, with_entropy=True), n, chunk)
+    if logprobs is None:
+        logprobs = torch.cat(in_chunks(lambda s: policy_forward(actor, full_ids[s], full_mask[s], q, sampling)[0], n, chunk))
     ref = in_chunks(lambda s: reference(full_ids[s], full_mask[s]), n, chunk)
     val = in_chunks(lambda s: value_forward(critic, full_ids[s], full_mask[s], q, value_scale), n, chunk)
     rm = in_chunks(lambda s: reward(full_ids[s], full_mask[s]), n, chunk)
-    return Rollout(query_ids, query_mask, response_ids, response_mask, ended,
-                   logprobs=torch.cat([p[0] for p in pol]), ref_logprobs=torch.cat(ref), values=torch.cat(val),
-                   raw_scores=torch.cat(rm), entropy=torch.cat([p[1] for p in pol]))
+    return Rollout(query_ids, query_mask, response_ids, response_mask, ended, logprobs=logprobs,
+                   ref_logprobs=torch.cat(ref), values=torch.cat(val), raw_scores=torch.cat(rm))

@@ -1,0 +1,170 @@
+"""Packed forward passes over PPO's [left-padded query | right-padded response] rows.
+
+A rollout's responses end at very different lengths (EOS at token 3, or none by
+max_new_tokens), so a dense (B, Q+R) batch is mostly padding. Here the real tokens of each row
+are laid back to back in rows of at most Q+R tokens (first-fit decreasing), positions restart at
+0 for every sequence, and the attention mask is left out: transformers then derives a
+block-diagonal causal mask from the position ids (flash-attention runs them as variable-length
+sequences), so no token sees another sequence. The language-model (or value) head then runs
+only on the positions that predict a response token.
+
+The result equals the dense forward up to float rounding. Whether a model honours packed
+position ids is checked once per model on its first batch (both ways, compared); a model that
+does not (custom code, a head with extra scaling) keeps the dense path, with a warning.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+MIN_SAVING = 0.1  # pack only when it removes at least this fraction of the dense batch's tokens
+# packed rows hold up to this many padded rows' worth of tokens: longer rows pack tighter, but
+# (without flash-attention) attention cost grows with row length; 2 was fastest on the CPU bench
+ROW_FACTOR = 2
+_VERIFIED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()  # model body -> packing verified
+
+
+@dataclass
+class Packing:
+    ids: torch.Tensor           # (P, L) sequences back to back; the tail of a row is filler
+    position_ids: torch.Tensor  # (P, L) 0, 1, ... restarting at each sequence
+    row: torch.Tensor           # (B,) packed row of each sequence
+    shift: torch.Tensor         # (B,) packed column = dense column + shift
+
+    def locate(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed (row, column) of dense positions (rows, cols), both (K,)."""
+        return self.row[rows], cols + self.shift[rows]
+
+
+def pack(ids: torch.Tensor, mask: torch.Tensor, force: bool = False) -> Packing | None:
+    """The real tokens of (B, T) rows whose kept tokens are contiguous, packed into rows of at most
+    ROW_FACTOR * T tokens; None when that saves less than MIN_SAVING of the tokens (unless `force`)
+    or a row is empty."""
+    b = ids.shape[0]
+    t = ids.shape[1] * ROW_FACTOR
+    lengths = mask.sum(1)
+    lens = lengths.tolist()
+    if min(lens) == 0:
+        return None
+    free: list[int] = []
+    row, start = [0] * b, [0] * b
+    for i in sorted(range(b), key=lambda i: -lens[i]):
+        p = next((j for j, f in enumerate(free) if f >= lens[i]), None)
+        if p is None:
+            free.append(t)
+            p = len(free) - 1
+        start[i], row[i] = t - free[p], p
+        free[p] -= lens[i]
+    width = t - min(free)
+    if not force and len(free) * width > (1 - MIN_SAVING) * ids.numel():
+        return None
+    dev = ids.device
+    first = mask.long().argmax(1)                                   # (B,) first real column
+    row_t, start_t = torch.tensor(row, device=dev), torch.tensor(start, device=dev)
+    seq_start = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    within = torch.arange(int(lengths.sum()), device=dev) - seq_start  # offset of each real token in its sequence
+    dest = torch.repeat_interleave(row_t * width + start_t, lengths) + within
+    src = torch.repeat_interleave(torch.arange(b, device=dev) * ids.shape[1] + first, lengths) + within
+    packed = torch.zeros(len(free) * width, dtype=ids.dtype, device=dev)
+    packed[dest] = ids.reshape(-1)[src]
+    pos = torch.arange(width, device=dev).repeat(len(free))
+    pos[dest] = within
+    return Packing(packed.view(len(free), width), pos.view(len(free), width), row_t, start_t - first)
+
+
+def _parts(model: Any) -> tuple[Any, Any] | None:
+    """(body, head) of a causal LM or a sequence-classification model, or None."""
+    from rlhf.generation import hf_model
+
+    base = hf_model(model)
+    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    head = getattr(base, "score", None)
+    if head is None and hasattr(base, "get_output_embeddings"):
+        head = base.get_output_embeddings()
+    return (body, head) if body is not None and head is not None else None
+
+
+def _agree(flag: bool) -> bool:
+    """True only if every rank says True (ranks must take the same path under ZeRO-3)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        t = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item())
+    return flag
+
+
+def _packed_head(body: Any, head: Any, pk: Packing, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    hidden = body(input_ids=pk.ids, position_ids=pk.position_ids, use_cache=False).last_hidden_state  # (P, L, H)
+    pr, pc = pk.locate(rows, cols)
+    return head(hidden[pr, pc])                                                                      # (K, V or 1)
+
+
+def _dense_head(model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                body_head: tuple[Any, Any] | None) -> torch.Tensor:
+    from rlhf.scoring import position_ids_from_mask
+
+    pos = position_ids_from_mask(mask)
+    if body_head is not None and getattr(body_head[1], "out_features", None) == 1:  # a value / reward head
+        hidden = body_head[0](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        return body_head[1](hidden[rows, cols])
+    # the LM head only on the last positions, from the first that predicts a response token
+    kw = {"logits_to_keep": ids.shape[1] - int(cols.min())} if len(cols) and _takes_logits_to_keep(model) else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw).logits
+    return logits[rows, cols - (ids.shape[1] - logits.shape[1])]
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    import inspect
+
+    from rlhf.generation import hf_model
+
+    return "logits_to_keep" in inspect.signature(hf_model(model).forward).parameters
+
+
+def head_at(model: Any, ids: torch.Tensor, mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's head output at every position that predicts a real response token.
+
+    ids, mask (B, Q+R) with queries left-padded and responses right-padded. Returns
+    (out (K, V) logits or (K, 1) values, sel (B, R) bool) with K = sel.sum(), in sel's row-major order."""
+    sel = mask[:, q_len:].bool()                          # (B, R) real response tokens
+    rows, j = sel.nonzero(as_tuple=True)
+    cols = q_len - 1 + j                                  # the position that predicts response token j
+    parts = _parts(model)
+    key = parts[0] if parts else None
+    usable = parts is not None and bool(mask[:, :q_len].any(1).all())
+    if parts is not None and key not in _VERIFIED:
+        _VERIFIED[key] = _agree(usable and _verify(model, parts, ids, mask, q_len))
+        if not _VERIFIED[key]:
+            warnings.warn(f"{type(parts[0]).__name__}: packed sequences did not reproduce the padded forward; "
+                          "PPO uses padded batches for this model (slower, same results)")
+    if parts is not None and usable and _VERIFIED[key]:
+        pk = pack(ids, mask)
+        if pk is not None:
+            return _packed_head(*parts, pk, rows, cols), sel
+    return _dense_head(model, ids, mask, rows, cols, parts), sel
+
+
+@torch.no_grad()
+def _verify(model: Any, parts: tuple[Any, Any], ids: torch.Tensor, mask: torch.Tensor, q_len: int) -> bool:
+    """Packed and dense forwards agree on the first rows of this batch."""
+    n = min(4, ids.shape[0])
+    ids, mask = ids[:n], mask[:n]
+    sel = mask[:, q_len:].bool()
+    rows, j = sel.nonzero(as_tuple=True)
+    cols = q_len - 1 + j
+    pk = pack(ids, mask, force=True)
+    try:
+        packed = _packed_head(*parts, pk, rows, cols).float()
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    dense = _dense_head(model, ids, mask, rows, cols, parts).float()
+    if packed.shape != dense.shape:
+        return False
+    if packed.shape[-1] > 1:  # compare as log-probabilities: heads may differ by a constant per row
+        packed, dense = packed.log_softmax(-1), dense.log_softmax(-1)
+    tol = 1e-3 if dense.dtype == torch.float32 and next(iter(parts[1].parameters())).dtype == torch.float32 else 5e-2
+    return bool(torch.allclose(packed, dense, atol=tol, rtol=tol))
