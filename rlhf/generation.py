@@ -67,6 +67,38 @@ class Generated:
     response_ids: torch.Tensor   # (B, R) right-padded response ids, cut after the first EOS
     response_mask: torch.Tensor  # (B, R) 1 on response tokens up to and including EOS
     ended: torch.Tensor          # (B,) bool: the response ends with EOS (not truncated)
+    logprobs: torch.Tensor | None = None  # (B, R) log-prob of each sampled token under `sampling`; 0 on padding
+
+
+class SampledLogProbs:
+    """A logits processor placed after generate()'s own (temperature, top-k, top-p): it sees the
+    exact distribution each token is drawn from, and keeps log p(sampled token) per step.
+
+    Only one step's (B, V) scores are held at a time: on each call the token sampled from the
+    previous step's scores is the last column of `input_ids`; `finish` takes the final one."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+        self._last: torch.Tensor | None = None
+
+    def _take(self, tokens: torch.Tensor) -> torch.Tensor:
+        s = self._last
+        return s.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(s, dim=-1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._last is not None:
+            self.steps.append(self._take(input_ids[:, -1]))
+        self._last = scores
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(B, steps) float32 log-probs of the generated tokens."""
+        if self._last is not None:
+            self.steps.append(self._take(sequences[:, -1]))
+            self._last = None
+        if not self.steps:
+            return torch.zeros((sequences.shape[0], 0), device=sequences.device)
+        return torch.stack(self.steps, dim=1).float()
 
 
 def encode_prompts(tokenizer: Any, texts: list[str], max_prompt_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,21 +126,50 @@ def truncate_at_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tup
     return ids, mask, ended
 
 
+def _warpers(sampling: Sampling) -> Any:
+    """generate()'s own sampling warpers for `sampling`, in its order (temperature, top-k, top-p)."""
+    from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    out = LogitsProcessorList()
+    if sampling.do_sample and sampling.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.do_sample and sampling.top_k > 0:
+        out.append(TopKLogitsWarper(top_k=sampling.top_k))
+    if sampling.do_sample and sampling.top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=sampling.top_p))
+    return out
+
+
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompt_texts: list[str], *, max_new_tokens: int, sampling: Sampling,
-             max_prompt_length: int = 512, device: torch.device | None = None, synced_gpus: bool = False) -> Generated:
+             max_prompt_length: int = 512, device: torch.device | None = None, synced_gpus: bool = False,
+             with_logprobs: bool = False) -> Generated:
     """Sample (or greedily decode) one response per prompt from exactly `sampling`.
-    `synced_gpus` keeps ZeRO-3 ranks in lock-step when their weights are not gathered for the call."""
+    `synced_gpus` keeps ZeRO-3 ranks in lock-step when their weights are not gathered for the call.
+    `with_logprobs`: also return the log-prob of every sampled token, read off the generation
+    pass itself (PPO's old log-probs without another forward)."""
     device = device or next(model.parameters()).device
     q_ids, q_mask = encode_prompts(tokenizer, prompt_texts, max_prompt_length, device)
+    recorder = SampledLogProbs() if with_logprobs else None
+    extra = {}
+    if recorder:  # generate() puts its own warpers after custom processors: here they are ours, before the recorder
+        extra["logits_processor"] = _warpers(sampling) + [recorder]
+        if sampling.do_sample:
+            sampling = Sampling()
     gen_cfg = clean_generation_config(tokenizer, max_new_tokens, sampling)
     with only_generation_config(model, gen_cfg):
-        out = model.generate(input_ids=q_ids, attention_mask=q_mask, generation_config=gen_cfg, synced_gpus=synced_gpus)
+        out = model.generate(input_ids=q_ids, attention_mask=q_mask, generation_config=gen_cfg, synced_gpus=synced_gpus,
+                             **extra)
     resp = out[:, q_ids.shape[1]:]
+    logp = recorder.finish(out) if recorder else None
     if resp.shape[1] == 0:  # a batch that produced nothing: keep one padded column for uniform shapes
         resp = torch.full((len(prompt_texts), 1), tokenizer.pad_token_id, dtype=torch.long, device=device)
+        logp = torch.zeros(resp.shape, device=device) if recorder else None
     r_ids, r_mask, ended = truncate_at_eos(resp, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    return Generated(q_ids, q_mask, r_ids, r_mask, ended)
+    if logp is not None:  # padding after EOS was never sampled: its "log-prob" (often -inf) is set to 0
+        logp = torch.where(r_mask.bool(), logp, torch.zeros_like(logp))
+    return Generated(q_ids, q_mask, r_ids, r_mask, ended, logp)
 
 
 def decode_responses(tokenizer: Any, g: Generated) -> list[str]:

@@ -119,6 +119,29 @@ def test_top_k_top_p_are_honoured_in_the_log_probs(family_checkpoints, family):
                           atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sampling", [Sampling(temperature=1.0), Sampling(temperature=0.7, top_k=5, top_p=0.9)],
+                         ids=["plain", "top-k-top-p"])
+def test_generation_pass_log_probs_equal_a_recomputed_forward(family_checkpoints, family, sampling):
+    """PPO's old log-probs come from the generation pass (KV cache, one position at a time); they
+    must equal the full forward that the update recomputes: same positions on left-padded prompts of
+    different lengths, same distribution, 0 (not -inf) on the padding after EOS."""
+    tok, model = _policy(family_checkpoints[family])
+    model.eval()
+    texts = [render_prompt(tok, p, True) for p in PROMPTS + ["a much longer prompt with many more words in it than the rest"]]
+    torch.manual_seed(3)
+    g = generate(model, tok, texts * 2, max_new_tokens=10, sampling=sampling, with_logprobs=True)
+    torch.manual_seed(3)  # recording the log-probs does not change what is sampled
+    assert torch.equal(generate(model, tok, texts * 2, max_new_tokens=10, sampling=sampling).response_ids, g.response_ids)
+    ids, mask = torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1)
+    with torch.no_grad():
+        again, _ = policy_forward(model, ids, mask, g.query_ids.shape[1], sampling)
+    m = g.response_mask.bool()
+    assert g.logprobs.shape == g.response_ids.shape and (g.query_mask == 0).any(), "prompts must be left-padded"
+    assert torch.isfinite(g.logprobs).all() and (g.logprobs[~m] == 0).all()
+    assert torch.allclose(g.logprobs[m], again[m], atol=1e-4), (g.logprobs[m] - again[m]).abs().max()
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt", "pythia"])
 def test_dropout_is_off_in_ppo_models(family_checkpoints, family):
     tok, model = _policy(family_checkpoints[family])
