@@ -69,6 +69,20 @@ def _accelerate_state_for_cpu_deepspeed() -> None:
     state.device = torch.device("cpu")
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (CPU and every GPU), as transformers.set_seed
+    does, without importing transformers' trainer utilities (and peft with them: ~2 s)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -151,6 +165,20 @@ def gathered_params(model: Any, zero_stage: int) -> Iterator[Any]:
         finally:
             if offload is not None:
                 offload._register_deepspeed_module(offload.module)
+
+
+@contextmanager
+def for_generation(model: Any, zero_stage: int, gather: bool = True) -> Iterator[tuple[Any, bool]]:
+    """(module, synced_gpus) to call generate() with. Under ZeRO-3 with `gather` (the default,
+    deepspeed.zero3_gather_for_generation) the whole model is gathered once for the block
+    (gathered_params); without it the weights stay sharded and ZeRO-3's hooks fetch each layer
+    as it runs, every decode step, with the ranks kept in lock-step (synced_gpus) — slower, but it
+    never holds more than one layer's full weights: the switch for policies too big for one device."""
+    if zero_stage == 3 and not gather:
+        yield getattr(model, "module", model), world_size() > 1
+        return
+    with gathered_params(model, zero_stage) as module:
+        yield module, False
 
 
 def _zero3_offload(engine: Any) -> Any:

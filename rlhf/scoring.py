@@ -103,7 +103,8 @@ def load_gold_scorer(spec: str) -> Any:
 
 @torch.no_grad()
 def policy_reward_stats(policy: Any, reward_model: Any, tokenizer: Any, prompt_texts: list[str], *, sampling: Any,
-                        max_new_tokens: int, max_prompt_length: int, batch_size: int, zero_stage: int) -> tuple[dict, list[str], list[float]]:
+                        max_new_tokens: int, max_prompt_length: int, batch_size: int, zero_stage: int,
+                        gather: bool = True) -> tuple[dict, list[str], list[float]]:
     """Mean/std of the reward model's raw scores on responses the policy samples, drawn and scored
     exactly as a PPO rollout draws and scores them (same sampling settings, the generated ids
     themselves, EOS only where sampling stopped at it). Returns (stats, response texts, scores).
@@ -114,10 +115,10 @@ def policy_reward_stats(policy: Any, reward_model: Any, tokenizer: Any, prompt_t
     from rlhf.generation import Generated, decode_responses, generate
 
     batches = []
-    with distributed.gathered_params(policy, zero_stage):
+    with distributed.for_generation(policy, zero_stage, gather) as (model, synced):
         for s in range(0, len(prompt_texts), batch_size):
-            g = generate(policy, tokenizer, prompt_texts[s:s + batch_size], max_new_tokens=max_new_tokens,
-                         sampling=sampling, max_prompt_length=max_prompt_length)
+            g = generate(model, tokenizer, prompt_texts[s:s + batch_size], max_new_tokens=max_new_tokens,
+                         sampling=sampling, max_prompt_length=max_prompt_length, synced_gpus=synced)
             batches.append(Generated(*(t.cpu() for t in (g.query_ids, g.query_mask, g.response_ids,
                                                           g.response_mask, g.ended))))
     batches = distributed.broadcast_object(batches)

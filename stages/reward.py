@@ -5,7 +5,6 @@ import shutil
 import time
 
 from datasets import Dataset
-from transformers import set_seed
 
 from rlhf import artifacts, distributed, models
 from rlhf.artifacts import REWARD, SFT
@@ -35,7 +34,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     ckpt_dir, resuming = distributed.broadcast_object(
         artifacts.prepare_checkpoints(cfg.artifact_dir, REWARD, config, data) if distributed.is_main() else None)
     distributed.barrier()
-    set_seed(cfg.seed)
+    distributed.seed_everything(cfg.seed)
     skip = dict(max_skipped_fraction=c.max_skipped_fraction, skip_key="reward.max_skipped_fraction")
     train = load_preferences(train_src, c.pair_weighting, **skip)
     evals = load_preferences(c.eval_data, "uniform", **skip) if c.eval_data else None
@@ -112,11 +111,16 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     stat_prompts = _stat_prompts(c, evals, train)[: c.stats_samples]
     texts = [render_prompt(tokenizer, p, use_template) for p in stat_prompts]
     policy = models.load_causal_lm(str(sft.path), mc.dtype).to(distributed.device())
+    gather = cfg.deepspeed.zero3_gather_for_generation
+    if cfg.deepspeed.zero_stage == 3 and not gather:  # sharded by an inference engine whose hooks fetch per layer
+        from rlhf.ppo.trainer import make_inference
+
+        policy = make_inference(policy, cfg.deepspeed, mc.dtype)
     pc = cfg.ppo
     reward_stats, responses, scores = policy_reward_stats(
         policy, rm, tokenizer, texts, sampling=Sampling(temperature=pc.temperature, top_k=pc.top_k, top_p=pc.top_p),
         max_new_tokens=pc.max_new_tokens, max_prompt_length=pc.max_prompt_length, batch_size=pc.forward_batch_size,
-        zero_stage=cfg.deepspeed.zero_stage)
+        zero_stage=cfg.deepspeed.zero_stage, gather=gather)
     del policy
     if gold is not None:
         golds = [gold(prompt_text(p), r) for p, r in zip(stat_prompts, responses)]

@@ -80,8 +80,10 @@ def test_lora_in_every_stage_zero3_two_processes_llama3(family_checkpoints, tmp_
 
 
 def test_zero3_generation_fetches_weights_once(family_checkpoints):
-    """Inside gathered_params the engine's per-module hooks are off: no parameter fetch per decode
-    step (before, every step re-gathered every module), and they are back for training."""
+    """Gathered for generation the engine's per-module hooks are off: no parameter fetch per decode
+    step (before, every step re-gathered every module), and they are back for training. With
+    deepspeed.zero3_gather_for_generation=false the ranks generate from sharded weights, in step,
+    and draw the same tokens."""
     proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", "29655",
                            str(ROOT / "tests" / "distributed" / "zero3_fetch_probe.py"), str(family_checkpoints["llama3"])],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -92,3 +94,6 @@ def test_zero3_generation_fetches_weights_once(family_checkpoints):
     assert result["decode_steps"] > 1
     assert result["fetches_during_generate"] == 0, result
     assert result["fetches_in_train_step"] > 0 and math.isfinite(result["loss"]), result
+    # the documented switch for policies too big for one device: per-layer fetches, same samples
+    assert result["synced_without_gathering"] and result["fetches_without_gathering"] > result["decode_steps"], result
+    assert result["without_gathering_same_samples"], result

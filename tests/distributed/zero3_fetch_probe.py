@@ -1,5 +1,6 @@
 """Run under `deepspeed --num_gpus 2`: counts ZeRO-3 parameter fetches made by the engine's
-module hooks while a whole generate() call runs inside rlhf.distributed.gathered_params.
+module hooks while a whole generate() call runs gathered (rlhf.distributed.for_generation), and
+checks that generating without gathering (sharded, synced ranks) samples the same tokens.
 Prints one JSON line on rank 0. Argument: a tokenizer directory."""
 from __future__ import annotations
 
@@ -43,20 +44,30 @@ def main() -> None:
     prompts = ["give me birds", "name a few cities"]
     engine.eval()
     torch.manual_seed(1)
-    with distributed.gathered_params(engine, 3) as module:
-        g = generate(module, tok, prompts, max_new_tokens=16, sampling=Sampling(), synced_gpus=False)
+    with distributed.for_generation(engine, 3) as (module, synced):
+        g = generate(module, tok, prompts, max_new_tokens=16, sampling=Sampling(), synced_gpus=synced, with_logprobs=True)
     during = fetches["n"]
     steps = int(g.response_mask.sum(1).max())
+    # deepspeed.zero3_gather_for_generation=false: sharded weights fetched layer by layer, ranks in lock-step
+    torch.manual_seed(1)
+    with distributed.for_generation(engine, 3, gather=False) as (module, synced):
+        sharded = generate(module, tok, prompts, max_new_tokens=16, sampling=Sampling(), synced_gpus=synced,
+                           with_logprobs=True)
+    fetches_sharded = fetches["n"] - during
+    same = bool(torch.equal(sharded.response_ids, g.response_ids)
+                and torch.allclose(sharded.logprobs, g.logprobs, atol=1e-4))
+    during_total = fetches["n"]
     # the hooks are back: a training step afterwards fetches through them as usual
     engine.train()
     ids = torch.cat([g.query_ids, g.response_ids], 1)
     loss = engine(input_ids=ids, attention_mask=torch.cat([g.query_mask, g.response_mask], 1), labels=ids).loss
     engine.backward(loss)
     engine.step()
-    after = fetches["n"] - during
+    after = fetches["n"] - during_total
     if distributed.is_main():
         print(json.dumps({"fetches_during_generate": during, "decode_steps": steps, "fetches_in_train_step": after,
-                          "loss": float(loss)}), flush=True)
+                          "loss": float(loss), "fetches_without_gathering": fetches_sharded,
+                          "without_gathering_same_samples": same, "synced_without_gathering": synced}), flush=True)
 
 
 if __name__ == "__main__":
