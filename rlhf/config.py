@@ -72,6 +72,9 @@ class DeepSpeedConfig:
     zero_stage: int = _f(2, "ZeRO stage: 0, 1, 2 or 3")
     offload: bool = _f(False, "offload optimizer state (and parameters under ZeRO-3) to CPU memory")
     config_file: str | None = _f(None, "a DeepSpeed JSON to use as the base (values derived from this config still win)", path=True)
+    zero3_gather_for_generation: bool = _f(True, "under ZeRO-3, gather the whole policy once per generate() call (fast; "
+                                                  "it must fit on one device); false: fetch it layer by layer at every "
+                                                  "decode step (slow, for policies too big for one device)")
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,8 @@ class PPOStageConfig:
     forward_batch_size: int = _f(32, "rows per chunk in inference-only forward passes")
     gradient_checkpointing: bool = _f(False, "recompute the actor's and critic's activations in the update's backward "
                                              "pass (less memory, ~30% more update time)")
+    logprobs_from_generation: bool = _f(True, "take the old log-probs from the generation pass itself (exact up to "
+                                              "float rounding); false: recompute them with one more actor forward")
 
 
 @dataclass(frozen=True)

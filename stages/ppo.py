@@ -7,7 +7,6 @@ import statistics
 import time
 
 import torch
-from transformers import set_seed
 
 from rlhf import artifacts, distributed, models
 from rlhf.artifacts import PPO, REWARD, SFT
@@ -38,7 +37,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     ckpt_dir, resuming = distributed.broadcast_object(
         artifacts.prepare_checkpoints(cfg.artifact_dir, PPO, config, data) if distributed.is_main() else None)
     distributed.barrier()
-    set_seed(cfg.seed + distributed.rank())
+    distributed.seed_everything(cfg.seed + distributed.rank())
     use_template = sft.manifest.get("model", {}).get("use_chat_template", mc.use_chat_template)
     train_prompts = load_prompts(train_src)  # rendered when drawn (PromptStream)
     eval_raw = load_prompts(c.eval_prompts)[: cfg.eval.num_prompts] if c.eval_prompts else []

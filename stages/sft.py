@@ -6,7 +6,6 @@ import shutil
 import time
 
 from datasets import Dataset
-from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from rlhf import artifacts, distributed, models
@@ -37,7 +36,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     ckpt_dir, resuming = distributed.broadcast_object(
         artifacts.prepare_checkpoints(cfg.artifact_dir, SFT, config, data) if distributed.is_main() else None)
     distributed.barrier()
-    set_seed(cfg.seed)
+    distributed.seed_everything(cfg.seed)
     train_data = load_sft(train_src, max_skipped_fraction=c.max_skipped_fraction, skip_key="sft.max_skipped_fraction")
     eval_data = load_sft(c.eval_data, max_skipped_fraction=c.max_skipped_fraction,
                          skip_key="sft.max_skipped_fraction") if c.eval_data else None

@@ -5,7 +5,7 @@ policy and the reward model are inference-only: plain modules, or ZeRO-3 inferen
 engines (sharded) under ZeRO-3. In LoRA mode the reference is the actor with its
 adapter disabled, and (with a LoRA critic started from the reward model) the reward model is
 the critic with its adapter disabled, so each set of base weights exists once. Under ZeRO-3 the actor's weights are
-gathered once per rollout for generation, not once per token.
+gathered once per rollout for generation, not once per token (deepspeed.zero3_gather_for_generation).
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import os
 import random
 import time
 import warnings
-from contextlib import nullcontext
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -121,6 +122,36 @@ class PromptStream:
         return out
 
 
+class PhaseTimer:
+    """Wall seconds per phase of an update (generation, scoring, update forward/backward,
+    optimizer). With `sync` (the benchmark sets it) CUDA work is awaited at each phase boundary
+    so the seconds belong to the phase that queued the work; training runs leave it off."""
+
+    PHASES = ("generation", "scoring", "forward_backward", "optimizer")
+
+    def __init__(self, sync: bool = False):
+        self.sync = sync and torch.cuda.is_available()
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.seconds[phase] += time.perf_counter() - t
+
+    def take(self) -> dict[str, float]:
+        """Seconds per phase since the last call."""
+        out = {k: self.seconds.get(k, 0.0) for k in self.PHASES}
+        self.seconds.clear()
+        return out
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     if not torch.isfinite(t).all():
         raise NonFiniteError(f"{name} is not finite (NaN or inf). Training stopped before any checkpoint of this "
@@ -158,6 +189,8 @@ class PPOTrainer:
         self.value_scale = (self.score_mean, self.score_std)  # the critic's head read in normalised-score units
         self.update = 0
         self.device = distributed.device()
+        self.gather = getattr(ds, "zero3_gather_for_generation", True)
+        self.timer = PhaseTimer()
 
     # --------------------------------------------------------------- reference
     def reference_logprobs(self, full_ids: torch.Tensor, full_mask: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -186,21 +219,23 @@ class PPOTrainer:
         self.actor.eval()
         gens = []
         # sharded weights (ZeRO-3 actor, ZeRO-3 reference) gathered once for the whole call
-        with adapter_off, distributed.gathered_params(engine, self.ds.zero_stage) as model:
+        with adapter_off, distributed.for_generation(engine, self.ds.zero_stage, self.gather) as (model, synced):
             for s in range(0, len(prompt_texts), c.forward_batch_size):
                 gens.append(generate(model, self.tok, prompt_texts[s:s + c.forward_batch_size],
                                      max_new_tokens=max_new_tokens or c.max_new_tokens, sampling=sampling,
-                                     max_prompt_length=c.max_prompt_length, device=self.device))
+                                     max_prompt_length=c.max_prompt_length, device=self.device, synced_gpus=synced,
+                                     with_logprobs=not reference and sampling == self.sampling))
         scores = [self.scores(torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1))
                   for g in gens]
         return gens, torch.cat(scores)
 
     @torch.no_grad()
     def kl_to_reference(self, g: Any) -> torch.Tensor:
-        """(B,) sum over the response of log pi - log pi_ref on the policy's own samples `g` (k1)."""
+        """(B,) sum over the response of log pi - log pi_ref on the policy's own samples `g` (k1);
+        log pi from the generation pass when `sample` recorded it."""
         ids, mask = torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1)
         q = g.query_ids.shape[1]
-        logp = policy_forward(self.actor, ids, mask, q, self.sampling)[0]
+        logp = g.logprobs if g.logprobs is not None else policy_forward(self.actor, ids, mask, q, self.sampling)[0]
         return ((logp - self.reference_logprobs(ids, mask, q)) * g.response_mask).sum(1)
 
     def save_models(self, out_dir: Path) -> None:
@@ -216,15 +251,18 @@ class PPOTrainer:
         self.actor.eval()
         self.critic.eval()
         # whole model gathered once for the whole generate() call under ZeRO-3
-        with distributed.gathered_params(self.actor, self.ds.zero_stage) as model:
+        with self.timer("generation"), \
+                distributed.for_generation(self.actor, self.ds.zero_stage, self.gather) as (model, synced):
             g = generate(model, self.tok, prompt_texts, max_new_tokens=c.max_new_tokens,
-                         max_prompt_length=c.max_prompt_length, sampling=self.sampling, device=self.device)
+                         max_prompt_length=c.max_prompt_length, sampling=self.sampling, device=self.device,
+                         synced_gpus=synced, with_logprobs=c.logprobs_from_generation)
         q_len = g.query_ids.shape[1]
-        return score_rollout(actor=self.actor, critic=self.critic, reward=self.scores,
-                             reference=lambda ids, mask: self.reference_logprobs(ids, mask, q_len),
-                             query_ids=g.query_ids, query_mask=g.query_mask, response_ids=g.response_ids,
-                             response_mask=g.response_mask, ended=g.ended, sampling=self.sampling,
-                             chunk=c.forward_batch_size, value_scale=self.value_scale)
+        with self.timer("scoring"):
+            return score_rollout(actor=self.actor, critic=self.critic, reward=self.scores,
+                                 reference=lambda ids, mask: self.reference_logprobs(ids, mask, q_len),
+                                 query_ids=g.query_ids, query_mask=g.query_mask, response_ids=g.response_ids,
+                                 response_mask=g.response_mask, ended=g.ended, sampling=self.sampling,
+                                 chunk=c.forward_batch_size, value_scale=self.value_scale, logprobs=g.logprobs)
 
     def step(self, prompt_texts: list[str]) -> dict:
         c, plan = self.c, self.plan
@@ -252,13 +290,14 @@ class PPOTrainer:
         t1 = time.time()
         self.actor.train()
         self.critic.train()
-        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac",
-                                                           "approxkl", "entropy", "ratio")}
-        ratios: list[torch.Tensor] = []
+        # per micro-batch statistics stay on the device until the update ends (one host sync, not 7 each)
+        stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac",
+                                                                "approxkl", "entropy", "ratio")}
         q = ro.query_ids.shape[1]
         full_ids, full_mask = ro.full_ids, ro.full_mask
         n = full_ids.shape[0]
-        first_ratio_dev: float | None = None
+        first_ratio_dev: torch.Tensor | None = None
+        timer = self.timer
         for _ in range(c.ppo_epochs):
             order = torch.randperm(n)
             for ms in range(0, n, plan.mini_batch):
@@ -266,33 +305,40 @@ class PPOTrainer:
                 for us in range(0, len(mini), plan.micro_batch):
                     idx = mini[us:us + plan.micro_batch]
                     m = mask[idx]
-                    logp, ent = policy_forward(self.actor, full_ids[idx], full_mask[idx], q, self.sampling, with_entropy=True)
-                    if first_ratio_dev is None:  # before any step pi == pi_old: a deviation means dropout or a
-                        # sampling/scoring mismatch (always-on diagnostic, N+ "ratio is 1 at the start")
-                        first_ratio_dev = float((((logp.detach() - ro.logprobs[idx]).exp() - 1).abs() * m).max())
-                    pg_loss, pg = core.policy_loss(logp, ro.logprobs[idx], advantages[idx], m, c.cliprange)
-                    check_finite("the policy loss", pg_loss)
-                    self.actor.backward(pg_loss)
-                    self.actor.step()
-                    values = value_forward(self.critic, full_ids[idx], full_mask[idx], q, self.value_scale)
-                    vf_loss, vf = core.value_loss(values, ro.values[idx], returns[idx], m, c.cliprange_value)
-                    check_finite("the value loss", vf_loss)
-                    self.critic.backward(c.vf_coef * vf_loss)
-                    self.critic.step()
+                    with timer("forward_backward"):
+                        logp, ent = policy_forward(self.actor, full_ids[idx], full_mask[idx], q, self.sampling,
+                                                   with_entropy=True)
+                        if first_ratio_dev is None:  # before any step pi == pi_old: a deviation means dropout or a
+                            # sampling/scoring mismatch (always-on diagnostic, N+ "ratio is 1 at the start")
+                            first_ratio_dev = (((logp.detach() - ro.logprobs[idx]).exp() - 1).abs() * m).max()
+                        pg_loss, pg = core.policy_loss(logp, ro.logprobs[idx], advantages[idx], m, c.cliprange)
+                        check_finite("the policy loss", pg_loss)
+                        self.actor.backward(pg_loss)
+                    with timer("optimizer"):
+                        self.actor.step()
+                    with timer("forward_backward"):
+                        values = value_forward(self.critic, full_ids[idx], full_mask[idx], q, self.value_scale)
+                        vf_loss, vf = core.value_loss(values, ro.values[idx], returns[idx], m, c.cliprange_value)
+                        check_finite("the value loss", vf_loss)
+                        self.critic.backward(c.vf_coef * vf_loss)
+                    with timer("optimizer"):
+                        self.critic.step()
                     for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg["clipfrac"]),
                                  ("vf_clipfrac", vf["clipfrac"]), ("approxkl", pg["approxkl"]),
-                                 ("entropy", core.masked_mean(ent.detach(), m)), ("ratio", pg["ratio"])):
-                        stats[k].append(float(v.detach()))
-                    ratios.append(((logp.detach() - ro.logprobs[idx]).exp() * m).sum() / m.sum().clamp_min(1))
+                                 ("entropy", core.masked_mean(ent, m)), ("ratio", pg["ratio"])):
+                        stats[k].append(v.detach())
         t_update = time.time() - t1
         # 6. controller, metrics ------------------------------------------------------------
         mean_kl = float(distributed_mean(kl.sum(1).mean()))
         self.kl_ctl.update(mean_kl, plan.episodes_per_update)
         self.update += 1
-        ratio_t = torch.stack(ratios)
-        mean = lambda k: float(distributed_mean(torch.tensor(sum(stats[k]) / max(len(stats[k]), 1))))  # noqa: E731
+        stacked = {k: torch.stack(v).float() for k, v in stats.items()}  # (micro-batches,) each
+        means = distributed_mean(torch.stack([stacked[k].mean() for k in stacked])).tolist()
+        mean = dict(zip(stacked, means))
+        ratio_t = stacked["ratio"]
         tokens = float(distributed_mean(mask.sum())) * plan.world
         elapsed = time.time() - t0
+        phases = self.timer.take()
         metrics = {
             "objective/kl": mean_kl,
             "objective/kl_coef": self.kl_ctl.value,
@@ -301,15 +347,16 @@ class PPOTrainer:
             "objective/rlhf_reward": float(distributed_mean((scores + non_score.sum(1)).mean())),
             "objective/scores": float(distributed_mean(scores.mean())),
             "objective/raw_scores": float(distributed_mean(ro.raw_scores.mean())),
-            "policy/approxkl_avg": mean("approxkl"),
-            "policy/clipfrac_avg": mean("pg_clipfrac"),
-            "policy/entropy_avg": mean("entropy"),
-            "loss/policy_avg": mean("pg_loss"),
-            "loss/value_avg": mean("vf_loss"),
-            "val/clipfrac_avg": mean("vf_clipfrac"),
-            "val/ratio": float(distributed_mean(ratio_t.mean())),
+            "policy/approxkl_avg": mean["approxkl"],
+            "policy/clipfrac_avg": mean["pg_clipfrac"],
+            "policy/entropy_avg": mean["entropy"],
+            "loss/policy_avg": mean["pg_loss"],
+            "loss/value_avg": mean["vf_loss"],
+            "val/clipfrac_avg": mean["vf_clipfrac"],
+            "val/ratio": mean["ratio"],
             "val/ratio_var": float(distributed_mean(ratio_t.var(unbiased=False))),
-            "policy/first_ratio_dev": float(distributed_mean(torch.tensor(first_ratio_dev or 0.0))),
+            "policy/first_ratio_dev": float(distributed_mean(first_ratio_dev if first_ratio_dev is not None
+                                                             else torch.tensor(0.0))),
             "val/num_eos_tokens": float(distributed_mean(ro.ended.float().sum())) * plan.world,
             "val/response_length": float(distributed_mean(mask.sum(1).mean())),
             "lr": self.actor.get_lr()[0],
@@ -317,6 +364,7 @@ class PPOTrainer:
             "time/rollout": t_rollout,
             "time/update": t_update,
             "time/step": elapsed,
+            **{f"time/{k}": v for k, v in phases.items()},
             "throughput/episodes_per_s": plan.episodes_per_update / elapsed,
             "throughput/tokens_per_s": tokens / elapsed,
         }
@@ -336,7 +384,8 @@ class PPOTrainer:
         tag = f"update-{self.update}"
         self.actor.save_checkpoint(str(ckpt_dir / "actor"), tag=tag)
         self.critic.save_checkpoint(str(ckpt_dir / "critic"), tag=tag)
-        rng = {"torch": torch.get_rng_state().tolist(), "python": random.getstate()}
+        rng = {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
+               "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None}
         all_rng = gather_objects(rng)
         distributed.barrier()
         if distributed.is_main():
@@ -367,6 +416,9 @@ class PPOTrainer:
             torch.set_rng_state(torch.tensor(rngs[distributed.rank()]["torch"], dtype=torch.uint8))
             py = rngs[distributed.rank()]["python"]
             random.setstate((py[0], tuple(py[1]), py[2]))
+            cuda = rngs[distributed.rank()].get("cuda")
+            if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
         return True
 
 
