@@ -1,4 +1,4 @@
-"""The `rlhf` command: demo, pipeline, status, generate, report."""
+"""The `rlhf` command: demo, pipeline, status, generate, report, bench."""
 from __future__ import annotations
 
 import argparse
@@ -125,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=0, help="with --sample: top-k (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus (1.0 = off)")
     p.add_argument("--batch-size", type=int, default=64)
+    p = sub.add_parser("bench", help="time PPO updates on a model at chosen sizes (episodes/s, tokens/s, "
+                                     "seconds per phase, peak memory; --json)")
+    from rlhf.bench import add_arguments
+
+    add_arguments(p)
     p = sub.add_parser("report", help="(re)build DIR/report/ from DIR/metrics and the manifests")
     p.add_argument("--artifact-dir", required=True)
     args = ap.parse_args(argv)
@@ -137,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(args)
     if args.cmd == "generate":
         return cmd_generate(args)
+    if args.cmd == "bench":
+        from rlhf.bench import bench
+
+        return bench(args)
     if args.cmd == "report":
         from rlhf import report
 

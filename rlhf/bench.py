@@ -1,0 +1,271 @@
+"""`rlhf bench`: PPO updates at chosen sizes on a chosen model, timed phase by phase.
+
+Models, in order of preference:
+  --artifact-dir DIR   the SFT and reward artifacts of a pipeline run (the policy, reference,
+                       critic and reward model PPO itself would load; reward_stats from the RM);
+  --model PATH         a causal LM (hub id or local dir): policy and reference from it, critic and
+                       reward model = the same weights with a fresh one-output head;
+  (neither)            a random-init Llama sized by --hidden/--layers/--heads/--intermediate, with
+                       a BPE tokenizer trained on the shipped demo data (--vocab tokens) and
+                       --model-vocab output rows (e.g. 32000 to measure a large LM head).
+
+The loop is the pipeline's own PPOTrainer, configured through the same config keys as
+`launch/ppo.py` (the flags below are shorthands for ppo.* / deepspeed.* / model.dtype; any
+other key=value override is accepted). `--warmup` updates run first and are not timed.
+Under the deepspeed launcher (`deepspeed --num_gpus N rlhf/bench.py ...`) every rank runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "launch" / "configs" / "demo.yaml"
+PHASES = ("generation", "scoring", "forward_backward", "optimizer")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model (default: a random-init Llama of the sizes below)")
+    src.add_argument("--artifact-dir", default=None, help="use DIR/sft and DIR/reward, as PPO would")
+    src.add_argument("--model", default=None, help="a causal LM: hub id or local directory")
+    src.add_argument("--hidden", type=int, default=256)
+    src.add_argument("--layers", type=int, default=4)
+    src.add_argument("--heads", type=int, default=8)
+    src.add_argument("--intermediate", type=int, default=688)
+    src.add_argument("--vocab", type=int, default=300, help="BPE tokenizer size (trained on the demo data)")
+    src.add_argument("--model-vocab", type=int, default=None,
+                     help="output rows of the random-init model (>= the tokenizer's; default: the tokenizer's)")
+    run = p.add_argument_group("sizes")
+    run.add_argument("--config", default=str(DEMO_CONFIG), help="pipeline YAML the ppo.* defaults come from")
+    run.add_argument("--prompts", default=None, help="prompts file (default: the config's ppo.train_prompts)")
+    run.add_argument("--episodes", type=int, default=256, help="timed episodes (across processes)")
+    run.add_argument("--batch", type=int, default=32, help="prompts per rollout, per process")
+    run.add_argument("--mini-batch", type=int, default=None, help="rollouts per optimizer step (default: --batch)")
+    run.add_argument("--grad-accum", type=int, default=1)
+    run.add_argument("--max-new-tokens", type=int, default=48)
+    run.add_argument("--ppo-epochs", type=int, default=4)
+    run.add_argument("--zero-stage", type=int, default=None, help="default: the config's deepspeed.zero_stage")
+    run.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the config's)")
+    run.add_argument("--gradient-checkpointing", action="store_true")
+    run.add_argument("--recompute-logprobs", action="store_true",
+                     help="ppo.logprobs_from_generation=false: one more actor forward per rollout")
+    run.add_argument("--warmup", type=int, default=1, help="untimed updates before the timed ones")
+    run.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="further key=value config overrides, e.g. ppo.top_k=20")
+
+
+def _overrides(a: argparse.Namespace, world: int) -> list[str]:
+    mini = a.mini_batch or a.batch
+    per_update = a.batch * world
+    updates = max(1, math.ceil(a.episodes / per_update)) + a.warmup
+    out = [f"ppo.rollout_batch_size={a.batch}", f"ppo.mini_batch_size={mini}", f"ppo.grad_accum={a.grad_accum}",
+           f"ppo.max_new_tokens={a.max_new_tokens}", f"ppo.ppo_epochs={a.ppo_epochs}",
+           f"ppo.total_episodes={updates * per_update}", f"ppo.forward_batch_size={a.batch}",
+           f"ppo.gradient_checkpointing={str(a.gradient_checkpointing).lower()}",
+           f"ppo.logprobs_from_generation={str(not a.recompute_logprobs).lower()}", f"seed={a.seed}",
+           "wandb.mode=disabled"]
+    if a.prompts:
+        out.append(f"ppo.train_prompts={Path(a.prompts).resolve()}")
+    if a.zero_stage is not None:
+        out.append(f"deepspeed.zero_stage={a.zero_stage}")
+    if a.dtype:
+        out.append(f"model.dtype={a.dtype}")
+    return out + list(a.overrides)
+
+
+def _models(a: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any, Any, dict, bool, str]:
+    """(tokenizer, actor, critic, reward model, reward_stats, use_chat_template, description)."""
+    import torch
+
+    from rlhf import artifacts, models
+
+    dtype = cfg.model.dtype
+    if a.artifact_dir:
+        sft = artifacts.load(artifacts.stage_dir(a.artifact_dir, artifacts.SFT), artifacts.SFT)
+        tok = models.load_tokenizer(str(sft.path))
+        rm = artifacts.load(artifacts.stage_dir(a.artifact_dir, artifacts.REWARD), artifacts.REWARD,
+                            tokenizer_fp=artifacts.tokenizer_fingerprint(tok))
+        actor = models.load_causal_lm(str(sft.path), dtype)
+        critic = models.load_reward_model(str(rm.path), dtype, tok.pad_token_id)
+        reward = models.load_reward_model(str(rm.path), dtype, tok.pad_token_id)
+        use_template = sft.manifest.get("model", {}).get("use_chat_template", True)
+        return tok, actor, critic, reward, rm.manifest["reward_stats"], use_template, f"artifacts in {a.artifact_dir}"
+    if a.model:
+        tok = models.load_tokenizer(a.model, cfg.model.trust_remote_code)
+        added = models.ensure_pad_token(tok)
+        actor = models.load_causal_lm(a.model, dtype, cfg.model.trust_remote_code)
+        critic = models.load_reward_model(a.model, dtype, tok.pad_token_id, cfg.model.trust_remote_code)
+        reward = models.load_reward_model(a.model, dtype, tok.pad_token_id, cfg.model.trust_remote_code)
+        if added:
+            for m in (actor, critic, reward):
+                models.resize_for_tokenizer(m, tok)
+        return (tok, actor, critic, reward, {"mean": 0.0, "std": 1.0}, tok.chat_template is not None,
+                f"{a.model} (critic and reward model: fresh heads)")
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from rlhf.data import load_sft, prompt_text
+
+    texts = [prompt_text(e.prompt) + e.completion for e in load_sft(cfg.sft.train_data).examples]
+    tok = models.train_scratch_tokenizer(texts, a.vocab)
+    vocab = max(len(tok), a.model_vocab or 0)
+    lcfg = LlamaConfig(vocab_size=vocab, hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
+                       num_attention_heads=a.heads, num_key_value_heads=a.heads, max_position_embeddings=1024,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                       tie_word_embeddings=True, num_labels=1)
+    dt = models.DTYPES[dtype]
+    torch.manual_seed(a.seed)
+    actor = LlamaForCausalLM(lcfg).to(dt)
+    critic = LlamaForSequenceClassification(lcfg).to(dt)
+    reward = LlamaForSequenceClassification(lcfg).to(dt)
+    n = sum(p.numel() for p in actor.parameters())
+    return (tok, actor, critic, reward, {"mean": 0.0, "std": 1.0}, True,
+            f"random-init Llama {n / 1e6:.1f}M parameters (hidden {a.hidden}, {a.layers} layers, {a.heads} heads, "
+            f"intermediate {a.intermediate}, vocabulary {vocab})")
+
+
+class PeakMemory:
+    """Peak memory of this process from `reset()` on: CUDA allocator peak on a GPU, else the
+    resident-set high-water mark (Linux VmHWM, reset through /proc/self/clear_refs)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.cuda = torch.cuda.is_available()
+
+    def reset(self) -> None:
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass  # not Linux, or not allowed: the peak then counts from process start
+
+    def peak_mb(self) -> float | None:
+        if self.cuda:
+            return self.torch.cuda.max_memory_allocated() / 2**20
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(a: argparse.Namespace) -> dict:
+    import torch
+
+    from rlhf import distributed
+    from rlhf.config import load_config
+    from rlhf.data import load_prompts, render_prompt
+    from rlhf.models import ensure_pad_token
+    from rlhf.ppo.trainer import PhaseTimer, PPOTrainer, PromptStream
+
+    t_start = time.perf_counter()
+    distributed.init_distributed()
+    world = distributed.world_size()
+    cfg = load_config(a.config, _overrides(a, world))
+    torch.manual_seed(a.seed + distributed.rank())
+    tok, actor, critic, reward, stats, use_template, described = _models(a, cfg)
+    ensure_pad_token(tok)
+    c = cfg.ppo
+    ref = None
+    if c.lora:
+        from rlhf import models
+
+        actor = models.add_lora(actor, cfg.model.lora, "CAUSAL_LM")
+    else:
+        import copy
+
+        ref = copy.deepcopy(actor)
+    if c.gradient_checkpointing:
+        for m in (actor, critic):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = PPOTrainer(cfg=c, ds=cfg.deepspeed, dtype=cfg.model.dtype, actor_model=actor, critic_model=critic,
+                         reward_model=reward, ref_model=ref, tokenizer=tok, reward_stats=stats, tracker=None)
+    trainer.timer = PhaseTimer(sync=True)
+    prompts = load_prompts(c.train_prompts)
+    stream = PromptStream(prompts, cfg.seed, distributed.rank(), world, render=lambda p: render_prompt(tok, p, use_template))
+    setup_s = time.perf_counter() - t_start
+    for _ in range(a.warmup):
+        trainer.step(stream.next(c.rollout_batch_size))
+    memory = PeakMemory()
+    memory.reset()
+    timed = trainer.plan.num_updates - a.warmup
+    phases = dict.fromkeys(PHASES, 0.0)
+    tokens = 0.0
+    t0 = time.perf_counter()
+    for _ in range(timed):
+        m = trainer.step(stream.next(c.rollout_batch_size))
+        for k in PHASES:
+            phases[k] += m[f"time/{k}"]
+        tokens += m["val/response_length"] * trainer.plan.episodes_per_update
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    episodes = timed * trainer.plan.episodes_per_update
+    phases["other"] = max(0.0, seconds - sum(phases.values()))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    return {
+        "model": described, "device": device, "processes": world, "zero_stage": cfg.deepspeed.zero_stage,
+        "dtype": cfg.model.dtype, "batch": c.rollout_batch_size, "mini_batch": c.mini_batch_size,
+        "grad_accum": c.grad_accum, "max_new_tokens": c.max_new_tokens, "ppo_epochs": c.ppo_epochs,
+        "gradient_checkpointing": c.gradient_checkpointing, "logprobs_from_generation": c.logprobs_from_generation,
+        "updates": timed, "episodes": episodes, "seconds": seconds,
+        "episodes_per_s": episodes / seconds, "generated_tokens_per_s": tokens / seconds,
+        "mean_response_length": tokens / max(episodes, 1),
+        "phase_seconds": phases, "peak_memory_mb": memory.peak_mb(),
+        "peak_memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "resident set (VmHWM)",
+        "setup_s": setup_s,
+    }
+
+
+def render(r: dict) -> str:
+    lines = [f"model: {r['model']}", f"device: {r['device']} x{r['processes']}, ZeRO-{r['zero_stage']}, {r['dtype']}",
+             f"sizes: batch {r['batch']}, mini-batch {r['mini_batch']}, {r['max_new_tokens']} new tokens, "
+             f"{r['ppo_epochs']} PPO epochs, gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}",
+             f"timed: {r['updates']} updates, {r['episodes']} episodes in {r['seconds']:.2f} s",
+             f"episodes/s: {r['episodes_per_s']:.2f}    generated tokens/s: {r['generated_tokens_per_s']:.1f}",
+             "seconds per phase: " + ", ".join(f"{k} {v:.2f}" for k, v in r["phase_seconds"].items())]
+    if r["peak_memory_mb"] is not None:
+        lines.append(f"peak memory: {r['peak_memory_mb']:.0f} MiB ({r['peak_memory_kind']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rlhf bench", description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return bench(ap.parse_args(argv))
+
+
+def bench(a: argparse.Namespace) -> int:
+    from rlhf import distributed
+    from rlhf.stage_io import USER_ERRORS
+
+    try:
+        r = run(a)
+    except USER_ERRORS as e:
+        print(f"[bench] error: {e}", file=sys.stderr)
+        return 2
+    if distributed.is_main():
+        print(render(r))
+        print(json.dumps(r))
+        if a.json:
+            Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
