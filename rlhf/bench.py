@@ -220,6 +220,7 @@ def run(a: argparse.Namespace) -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     return {
         "model": described, "device": device, "processes": world, "zero_stage": cfg.deepspeed.zero_stage,
+        "engine_zero_stage": trainer.ds.zero_stage,
         "dtype": cfg.model.dtype, "batch": c.rollout_batch_size, "mini_batch": c.mini_batch_size,
         "grad_accum": c.grad_accum, "max_new_tokens": c.max_new_tokens, "ppo_epochs": c.ppo_epochs,
         "gradient_checkpointing": c.gradient_checkpointing, "logprobs_from_generation": c.logprobs_from_generation,
@@ -233,7 +234,9 @@ def run(a: argparse.Namespace) -> dict:
 
 
 def render(r: dict) -> str:
-    lines = [f"model: {r['model']}", f"device: {r['device']} x{r['processes']}, ZeRO-{r['zero_stage']}, {r['dtype']}",
+    zero = f"ZeRO-{r['zero_stage']}" + (f" (engines at stage {r['engine_zero_stage']}: one process, nothing to partition)"
+                                         if r["engine_zero_stage"] != r["zero_stage"] else "")
+    lines = [f"model: {r['model']}", f"device: {r['device']} x{r['processes']}, {zero}, {r['dtype']}",
              f"sizes: batch {r['batch']}, mini-batch {r['mini_batch']}, {r['max_new_tokens']} new tokens, "
              f"{r['ppo_epochs']} PPO epochs, gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}",
              f"timed: {r['updates']} updates, {r['episodes']} episodes in {r['seconds']:.2f} s",

@@ -79,11 +79,15 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     tracker = Tracker(cfg.artifact_dir, PPO, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
                       resume_step=trainer.update if trainer.update else None)
     plan = trainer.plan
+    zero = f"ZeRO-{cfg.deepspeed.zero_stage}"
+    if trainer.ds.zero_stage != cfg.deepspeed.zero_stage:
+        zero += " configured (one process, no offload: engines unpartitioned, stage 0)"
     say(PPO, f"{plan.num_updates} updates x {plan.episodes_per_update} episodes, {plan.world} process(es), "
-             f"ZeRO-{cfg.deepspeed.zero_stage}, {_model_layout(trainer)}")
+             f"{zero}, {_model_layout(trainer)}")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=plan.num_updates, initial=trainer.update, desc="ppo", disable=not distributed.is_main())
+    t_loop = time.time()
     while trainer.update < plan.num_updates:
         metrics = trainer.step(stream.next(plan.rollout_batch))
         tracker.log(metrics, step=trainer.update)
@@ -96,12 +100,16 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     bar.close()
 
     # 5. evaluate and publish -----------------------------------------------------------------
+    t_eval = time.time()
     eval_tokens = cfg.eval.max_new_tokens or c.max_new_tokens
     evaluation, samples = evaluate(trainer, eval_raw, use_template, gold, eval_tokens) if eval_raw else ({}, [])
+    # where this invocation's time went (a resumed run's loop covers only its own updates)
+    seconds = {"setup_s": t_loop - started, "loop_s": t_eval - t_loop, "evaluation_s": time.time() - t_eval}
     final = {k: v for k, v in metrics.items()} if plan.num_updates else {}
     result_metrics = {"updates": trainer.update, "episodes": trainer.update * plan.episodes_per_update,
                       "final_objective_scores": final.get("objective/scores"), "final_objective_kl": final.get("objective/kl"),
-                      "final_kl_coef": trainer.kl_ctl.value, "kl_budget": c.kl_budget, **evaluation}
+                      "final_kl_coef": trainer.kl_ctl.value, "kl_budget": c.kl_budget, **evaluation,
+                      **{f"time_{k}": v for k, v in seconds.items()}}
     if "kl_ppo_vs_sft" in evaluation:
         result_metrics["within_kl_budget"] = evaluation["kl_ppo_vs_sft"] <= c.kl_budget
     staged = artifacts.staging_dir(cfg.artifact_dir, PPO)

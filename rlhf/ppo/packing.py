@@ -125,37 +125,40 @@ def _takes_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(hf_model(model).forward).parameters
 
 
-def head_at(model: Any, ids: torch.Tensor, mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's head output at every position that predicts a real response token.
-
-    ids, mask (B, Q+R) with queries left-padded and responses right-padded. Returns
-    (out (K, V) logits or (K, 1) values, sel (B, R) bool) with K = sel.sum(), in sel's row-major order."""
-    sel = mask[:, q_len:].bool()                          # (B, R) real response tokens
+def response_positions(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sel (B, R) bool, rows (K,), cols (K,)): the real response tokens of [query | response] rows
+    and, for each, the position that predicts it (q_len - 1 + j), in sel's row-major order."""
+    sel = mask[:, q_len:].bool()
     rows, j = sel.nonzero(as_tuple=True)
-    cols = q_len - 1 + j                                  # the position that predicts response token j
+    return sel, rows, q_len - 1 + j
+
+
+def head_at(model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The model's head output at dense positions (rows, cols) of a batch whose rows hold one
+    contiguous run of real tokens each: (K, V) logits of a causal LM or (K, 1) values of a
+    sequence-classification model. Runs packed when the model is verified to allow it."""
     parts = _parts(model)
     key = parts[0] if parts else None
-    usable = parts is not None and bool(mask[:, :q_len].any(1).all())
+    usable = parts is not None and bool(mask[rows, cols].all())
     if parts is not None and key not in _VERIFIED:
-        _VERIFIED[key] = _agree(usable and _verify(model, parts, ids, mask, q_len))
+        _VERIFIED[key] = _agree(usable and _verify(model, parts, ids, mask, rows, cols))
         if not _VERIFIED[key]:
             warnings.warn(f"{type(parts[0]).__name__}: packed sequences did not reproduce the padded forward; "
                           "PPO uses padded batches for this model (slower, same results)")
     if parts is not None and usable and _VERIFIED[key]:
         pk = pack(ids, mask)
         if pk is not None:
-            return _packed_head(*parts, pk, rows, cols), sel
-    return _dense_head(model, ids, mask, rows, cols, parts), sel
+            return _packed_head(*parts, pk, rows, cols)
+    return _dense_head(model, ids, mask, rows, cols, parts)
 
 
 @torch.no_grad()
-def _verify(model: Any, parts: tuple[Any, Any], ids: torch.Tensor, mask: torch.Tensor, q_len: int) -> bool:
-    """Packed and dense forwards agree on the first rows of this batch."""
+def _verify(model: Any, parts: tuple[Any, Any], ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+            cols: torch.Tensor) -> bool:
+    """Packed and dense forwards agree at the positions of this batch's first rows."""
     n = min(4, ids.shape[0])
-    ids, mask = ids[:n], mask[:n]
-    sel = mask[:, q_len:].bool()
-    rows, j = sel.nonzero(as_tuple=True)
-    cols = q_len - 1 + j
+    keep = rows < n
+    ids, mask, rows, cols = ids[:n], mask[:n], rows[keep], cols[keep]
     pk = pack(ids, mask, force=True)
     try:
         packed = _packed_head(*parts, pk, rows, cols).float()
@@ -166,5 +169,5 @@ def _verify(model: Any, parts: tuple[Any, Any], ids: torch.Tensor, mask: torch.T
         return False
     if packed.shape[-1] > 1:  # compare as log-probabilities: heads may differ by a constant per row
         packed, dense = packed.log_softmax(-1), dense.log_softmax(-1)
-    tol = 1e-3 if dense.dtype == torch.float32 and next(iter(parts[1].parameters())).dtype == torch.float32 else 5e-2
+    tol = 1e-3 if next(iter(parts[1].parameters())).dtype == torch.float32 else 5e-2
     return bool(torch.allclose(packed, dense, atol=tol, rtol=tol))

@@ -13,7 +13,7 @@ import torch
 
 from rlhf.generation import Sampling
 from rlhf.ppo.core import entropy_from_logits, logprobs_from_logits
-from rlhf.ppo.packing import head_at
+from rlhf.ppo.packing import head_at, response_positions
 
 
 @dataclass
@@ -48,7 +48,8 @@ def policy_forward(model: Any, full_ids: torch.Tensor, full_mask: torch.Tensor, 
     pass, under the distribution `sampling` describes (the one generate() drew them from); 0 on
     padding. The sequences run packed and the LM head only where a response token is predicted
     (rlhf.ppo.packing): (K, V) logits for the K real response tokens, never (B, Q+R, V)."""
-    logits, sel = head_at(model, full_ids, full_mask, q_len)  # (K, V), (B, R)
+    sel, rows, cols = response_positions(full_mask, q_len)   # (B, R), (K,), (K,)
+    logits = head_at(model, full_ids, full_mask, rows, cols)  # (K, V)
     tokens = full_ids[:, q_len:][sel]                         # (K,)
     t, k, p = sampling.temperature, sampling.top_k, sampling.top_p
     logp = _scatter(sel, logprobs_from_logits(logits, tokens, t, k, p))
@@ -67,8 +68,18 @@ def value_forward(critic: Any, full_ids: torch.Tensor, full_mask: torch.Tensor, 
     starts predicting the normalised score rather than raw reward-model units (as the N+
     implementation subtracts the reward bias); value clipping would otherwise let the offset
     shrink only by cliprange_value per rollout."""
-    out, sel = head_at(critic, full_ids, full_mask, q_len)  # (K, 1), (B, R)
+    sel, rows, cols = response_positions(full_mask, q_len)
+    out = head_at(critic, full_ids, full_mask, rows, cols)  # (K, 1)
     return _scatter(sel, (out.squeeze(-1).float() - scale[0]) / scale[1])
+
+
+def packed_scores(model: Any, full_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) reward-model scores at each row's last real token (rlhf.scoring.reward_scores), with the
+    rows packed and the head applied to those B positions only."""
+    from rlhf.models import last_token_index
+
+    rows = torch.arange(full_ids.shape[0], device=full_ids.device)
+    return head_at(model, full_ids, full_mask, rows, last_token_index(full_mask)).squeeze(-1).float()
 
 
 def in_chunks(fn: Callable[[slice], Any], n: int, chunk: int) -> list:

@@ -90,6 +90,11 @@ def test_packed_forward_equals_the_padded_one(family_checkpoints, family, recwar
     hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
     dense_v = head(hidden).squeeze(-1)[:, q - 1:-1]
     assert torch.allclose(values[resp], dense_v[resp], atol=1e-4)
+    # reward scores at each row's last real token, packed, equal rlhf.scoring.reward_scores
+    from rlhf.ppo.rollout import packed_scores
+    from rlhf.scoring import reward_scores
+
+    assert torch.allclose(packed_scores(critic, ids, mask), reward_scores(critic, ids, mask), atol=1e-4)
     assert bool([w for w in recwarn if "packed sequences" in str(w.message)]) is not PACKS[family]
 
 
