@@ -19,7 +19,7 @@ def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
     differ from the generation pass in the last bits and move a sampled token just past a top-k/
     top-p boundary; its log-prob must stay finite.
     """
-    x = logits.float() / temperature
+    x = logits.float() if temperature == 1.0 else logits.float() / temperature
     if top_k <= 0 and top_p >= 1.0:
         return x
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
