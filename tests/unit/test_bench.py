@@ -1,0 +1,40 @@
+"""`rlhf bench` end to end on a tiny random-init model, and the engines' ZeRO stage choice."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ENV, ROOT, ok
+from rlhf.config import DeepSpeedConfig
+from rlhf.ppo.trainer import engine_deepspeed
+
+
+def test_one_process_without_offload_runs_unpartitioned_engines():
+    assert engine_deepspeed(DeepSpeedConfig(zero_stage=2), "float32", world=1).zero_stage == 0
+    assert engine_deepspeed(DeepSpeedConfig(zero_stage=3), "float32", world=1).zero_stage == 0
+    assert engine_deepspeed(DeepSpeedConfig(zero_stage=3), "float32", world=2).zero_stage == 3
+    # offload needs ZeRO: kept as configured
+    assert engine_deepspeed(DeepSpeedConfig(zero_stage=2, offload=True), "float32", world=1).zero_stage == 2
+
+
+@pytest.mark.slow
+def test_bench_reports_throughput_phases_and_memory(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "bench", "--hidden", "32", "--layers", "1", "--heads", "2",
+                           "--intermediate", "64", "--episodes", "16", "--batch", "8", "--max-new-tokens", "6",
+                           "--ppo-epochs", "1", "--zero-stage", "2", "--json", str(out)],
+                          cwd=ROOT, env={**ENV, "MASTER_PORT": "29741"}, capture_output=True, text=True, timeout=600)
+    ok(proc)
+    r = json.loads(out.read_text())
+    assert r["episodes"] == 16 and r["updates"] == 2 and r["processes"] == 1
+    assert r["zero_stage"] == 2 and r["engine_zero_stage"] == 0 and r["logprobs_from_generation"] is True
+    assert r["episodes_per_s"] == pytest.approx(16 / r["seconds"])
+    assert 0 < r["mean_response_length"] <= 6
+    assert set(r["phase_seconds"]) == {"generation", "scoring", "forward_backward", "optimizer", "other"}
+    assert all(v >= 0 for v in r["phase_seconds"].values())
+    assert sum(r["phase_seconds"].values()) == pytest.approx(r["seconds"], rel=1e-3)
+    assert r["peak_memory_mb"] > 50
+    assert "episodes/s:" in proc.stdout and "seconds per phase:" in proc.stdout
