@@ -138,16 +138,19 @@ def head_at(model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tenso
     contiguous run of real tokens each: (K, V) logits of a causal LM or (K, 1) values of a
     sequence-classification model. Runs packed when the model is verified to allow it."""
     parts = _parts(model)
-    key = parts[0] if parts else None
-    usable = parts is not None and bool(mask[rows, cols].all())
-    if parts is not None and key not in _VERIFIED:
-        _VERIFIED[key] = _agree(usable and _verify(model, parts, ids, mask, rows, cols))
+    if parts is None:
+        return _dense_head(model, ids, mask, rows, cols, parts)
+    key = parts[0]
+    # every decision below is taken by all ranks together: under ZeRO-3 the forwards are collective
+    usable = _agree(bool(mask[rows, cols].all()))
+    if usable and key not in _VERIFIED:
+        _VERIFIED[key] = _agree(_verify(model, parts, ids, mask, rows, cols))
         if not _VERIFIED[key]:
             warnings.warn(f"{type(parts[0]).__name__}: packed sequences did not reproduce the padded forward; "
                           "PPO uses padded batches for this model (slower, same results)")
-    if parts is not None and usable and _VERIFIED[key]:
+    if usable and _VERIFIED[key]:
         pk = pack(ids, mask)
-        if pk is not None:
+        if _agree(pk is not None):
             return _packed_head(*parts, pk, rows, cols)
     return _dense_head(model, ids, mask, rows, cols, parts)
 
