@@ -5,6 +5,7 @@ Prints one JSON line on rank 0. Argument: a tokenizer directory."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -68,6 +69,12 @@ def main() -> None:
         print(json.dumps({"fetches_during_generate": during, "decode_steps": steps, "fetches_in_train_step": after,
                           "loss": float(loss), "fetches_without_gathering": fetches_sharded,
                           "without_gathering_same_samples": same, "synced_without_gathering": synced}), flush=True)
+    # leave together and skip interpreter teardown: a rank tearing down while the other still holds
+    # the gloo/shm communicators can abort ("terminate called without an active exception")
+    distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
