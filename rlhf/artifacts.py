@@ -8,6 +8,11 @@
 A stage directory is published by writing everything into a temporary sibling and
 renaming it into place, so `DIR/<stage>/` is either absent or complete. Only the
 process of rank 0 publishes; the others wait at a barrier (see `distributed`).
+
+The manifest lists every file of the artifact with its size and sha256. Sizes are checked
+wherever an artifact is looked at (`rlhf status`, up-to-date checks: a stat per file); the
+hashes when a stage loads it as its parent, once per process and file (sha256 reads ~1-2
+GB/s, small beside loading the weights that follow), and by `rlhf status --verify`.
 """
 from __future__ import annotations
 
@@ -133,6 +138,39 @@ class Artifact:
                 "manifest_sha256": sha256_file(self.path / MANIFEST)}
 
 
+def file_checksums(directory: str | Path) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file under `directory` but the manifest."""
+    root = Path(directory)
+    return {str(f.relative_to(root)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in sorted(root.rglob("*")) if f.is_file() and f.name not in (MANIFEST, MANIFEST + ".part")}
+
+
+_HASHED: set[tuple[str, int, int]] = set()  # (file, size, mtime_ns) whose sha256 matched in this process
+
+
+def damaged_files(path: str | Path, manifest: dict, hashes: bool = False) -> list[str]:
+    """What is wrong with the files the manifest lists (missing, wrong size; with `hashes`, wrong
+    sha256), one line each; [] when intact or when the manifest predates file checksums."""
+    root, problems = Path(path), []
+    for rel, want in (manifest.get("files") or {}).items():
+        f = root / rel
+        try:
+            st = f.stat()
+        except OSError:
+            problems.append(f"{f}: missing")
+            continue
+        if st.st_size != want["bytes"]:
+            problems.append(f"{f}: {st.st_size} bytes, the manifest says {want['bytes']}")
+            continue
+        key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+        if hashes and key not in _HASHED:
+            if sha256_file(f) != want["sha256"]:
+                problems.append(f"{f}: sha256 differs from the manifest's (the file changed after publish)")
+                continue
+            _HASHED.add(key)
+    return problems
+
+
 def read_manifest(path: str | Path) -> dict | None:
     f = Path(path) / MANIFEST
     if not f.is_file():
@@ -143,8 +181,9 @@ def read_manifest(path: str | Path) -> dict | None:
         return None
 
 
-def load(path: str | Path, expect_stage: str, tokenizer_fp: dict | None = None) -> Artifact:
-    """Open a published artifact, refusing a missing, partial, wrong-stage or incompatible one."""
+def load(path: str | Path, expect_stage: str, tokenizer_fp: dict | None = None, verify: bool = True) -> Artifact:
+    """Open a published artifact, refusing a missing, partial, wrong-stage, damaged (with
+    `verify`: every file's size and sha256 against the manifest) or incompatible one."""
     path = Path(path)
     rebuild = REBUILD.get(expect_stage, "re-run the stage that produces it")
     if not path.exists():
@@ -160,6 +199,12 @@ def load(path: str | Path, expect_stage: str, tokenizer_fp: dict | None = None) 
         raise ArtifactError(
             f"{path} is a {manifest.get('stage')!r} artifact, but a {expect_stage!r} artifact is needed here. "
             f"Point to the {expect_stage} directory of the artifact dir, or build it: {rebuild}")
+    damaged = damaged_files(path, manifest, hashes=True) if verify else []
+    if damaged:
+        raise ArtifactError(
+            f"the {expect_stage} artifact {path} is damaged: " + "; ".join(damaged[:5])
+            + (f" (and {len(damaged) - 5} more)" if len(damaged) > 5 else "")
+            + f". Rebuild it: {rebuild} with force=true")
     if tokenizer_fp is not None and manifest.get("tokenizer") != tokenizer_fp:
         theirs = manifest.get("tokenizer") or {}
         diff = [k for k in set(tokenizer_fp) | set(theirs) if tokenizer_fp.get(k) != theirs.get(k)]
@@ -170,12 +215,13 @@ def load(path: str | Path, expect_stage: str, tokenizer_fp: dict | None = None) 
 
 
 def build_manifest(stage: str, config: dict, parents: list[Artifact], tokenizer_fp: dict,
-                   data: dict, metrics: dict, started: float, **extra: Any) -> dict:
+                   data: dict, metrics: dict, clock: "StageClock", **extra: Any) -> dict:
     return {
         "stage": stage,
         "status": "complete",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "duration_s": round(time.time() - started, 1),
+        "duration_s": round(clock.total(), 1),   # every invocation of the stage (killed and resumed ones too)
+        "invocations": clock.count(),
         "config": config,
         "parents": [p.parent_ref() for p in parents],
         "tokenizer": tokenizer_fp,
@@ -196,6 +242,7 @@ def publish(artifact_dir: str | Path, stage: str, staged: Path, manifest: dict) 
     """Publish the fully written directory `staged` as `DIR/<stage>`: the manifest goes in
     last, then one rename puts it in place (an older artifact is swapped out first)."""
     final = stage_dir(artifact_dir, stage)
+    manifest = {**manifest, "files": file_checksums(staged)}
     manifest_tmp = staged / (MANIFEST + ".part")
     manifest_tmp.write_text(json.dumps(manifest, indent=2, default=str))
     os.replace(manifest_tmp, staged / MANIFEST)
@@ -234,7 +281,7 @@ def is_up_to_date(artifact_dir: str | Path, stage: str, config: dict, parents: l
     """True when DIR/<stage> is complete and built from the same stage config, the same parents
     and (when `data` is given: a `data_fingerprint`) the same input files."""
     m = read_manifest(stage_dir(artifact_dir, stage))
-    if m is None or m.get("status") != "complete" or m.get("stage") != stage:
+    if m is None or m.get("status") != "complete" or m.get("stage") != stage or damaged_files(stage_dir(artifact_dir, stage), m):
         return False
     same_cfg = sha256_json(stage_config(m.get("config", {}), stage)) == sha256_json(stage_config(config, stage))
     same_data = data is None or m.get("data") == data
@@ -244,22 +291,68 @@ def is_up_to_date(artifact_dir: str | Path, stage: str, config: dict, parents: l
 
 
 def prepare_checkpoints(artifact_dir: str | Path, stage: str, config: dict,
-                        data: dict | None = None) -> tuple[Path, bool]:
+                        data: dict | None = None, processes: int = 1) -> tuple[Path, bool]:
     """(checkpoint dir, resuming?). Checkpoints left by a run with another stage config (or other
     input files, when `data` is given) are discarded, so a change never resumes stale state.
-    Call on rank 0 only."""
+    Resumable state written by another number of processes is refused (DeepSpeed's optimizer
+    state is partitioned per process): ArtifactError saying how to go on. Call on rank 0 only."""
     ckpt = checkpoint_dir(artifact_dir, stage)
     marker = ckpt / "stage_config.json"
     want = sha256_json(stage_config(config, stage) if data is None else {"config": stage_config(config, stage), "data": data})
     if ckpt.exists():
-        have = json.loads(marker.read_text()).get("sha256") if marker.is_file() else None
-        if have != want:
+        try:
+            have = json.loads(marker.read_text()) if marker.is_file() else {}
+        except (OSError, ValueError):
+            have = {}
+        if have.get("sha256") != want:
             print(f"[{stage}] discarding checkpoints in {ckpt}: they come from a different configuration", flush=True)
             shutil.rmtree(ckpt)
+        elif have.get("processes", processes) != processes and resume_point(artifact_dir, stage):
+            n = have["processes"]
+            raise ArtifactError(
+                f"{ckpt} holds {stage} state from a run on {n} process(es), this run has {processes}: DeepSpeed's "
+                f"partitioned optimizer state cannot be resumed on another number of processes. Re-run on {n} "
+                f"(deepspeed --num_gpus {n}, NUM_GPUS={n}, or the same hostfile) to continue from "
+                f"{resume_point(artifact_dir, stage)}, or delete {ckpt} to start the {stage} stage over.")
     resuming = ckpt.exists()
     ckpt.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"sha256": want}))
+    marker.write_text(json.dumps({"sha256": want, "processes": processes}))
     return ckpt, resuming
+
+
+class StageClock:
+    """Wall time of a stage summed over its invocations, so a stage that was killed and resumed
+    reports the time of all its runs, not the last one's. Rank 0 keeps it in
+    checkpoints/<stage>/clock.json; tick() (from every logged step, at most every `every`
+    seconds) records the running invocation, so a killed run counts up to its last tick."""
+
+    FILE = "clock.json"
+
+    def __init__(self, ckpt_dir: Path | None, started: float, enabled: bool = True, every: float = 5.0):
+        self.path = ckpt_dir / self.FILE if ckpt_dir is not None else None
+        self.started, self.enabled, self.every = started, enabled, every
+        self.earlier: list[float] = []
+        if self.path is not None and self.path.is_file():
+            try:
+                self.earlier = [float(x) for x in json.loads(self.path.read_text())["seconds"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                self.earlier = []
+        self._last = 0.0
+
+    def total(self) -> float:
+        return sum(self.earlier) + time.time() - self.started
+
+    def count(self) -> int:
+        return len(self.earlier) + 1
+
+    def tick(self, force: bool = False) -> None:
+        now = time.time()
+        if not self.enabled or self.path is None or (not force and now - self._last < self.every):
+            return
+        self._last = now
+        tmp = self.path.with_name(self.FILE + ".part")
+        tmp.write_text(json.dumps({"seconds": self.earlier + [round(now - self.started, 3)]}))
+        os.replace(tmp, self.path)
 
 
 def resume_point(artifact_dir: str | Path, stage: str) -> str | None:
@@ -277,12 +370,20 @@ def resume_point(artifact_dir: str | Path, stage: str) -> str | None:
     return f"step {max(steps)}" if steps else None
 
 
+def leftovers(artifact_dir: str | Path, stage: str) -> list[Path]:
+    """Directories an interrupted publish left behind (the staging dir, a swapped-out old copy);
+    the stage's next run removes them."""
+    d = Path(artifact_dir)
+    return [p for p in [staging_dir(d, stage), *sorted(d.glob(f".{stage}.old-*"))] if p.exists()]
+
+
 def stage_state(artifact_dir: str | Path, stage: str) -> str:
-    """complete / partial (resumable state or an unfinished publish exists) / missing."""
+    """complete / damaged (complete manifest, files missing or of the wrong size) / partial
+    (resumable state or an unfinished publish exists) / missing."""
     m = read_manifest(stage_dir(artifact_dir, stage))
     if m is not None and m.get("status") == "complete" and m.get("stage") == stage:
-        return "complete"
+        return "damaged" if damaged_files(stage_dir(artifact_dir, stage), m) else "complete"
     ckpt = checkpoint_dir(artifact_dir, stage)
-    if (ckpt.exists() and any(ckpt.iterdir())) or stage_dir(artifact_dir, stage).exists():
+    if (ckpt.exists() and any(ckpt.iterdir())) or stage_dir(artifact_dir, stage).exists() or leftovers(artifact_dir, stage):
         return "partial"
     return "missing"

@@ -62,22 +62,40 @@ def run_pipeline(config: str, overrides: list[str]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """One line per stage; exit 1 when a published artifact is damaged."""
     d = Path(args.artifact_dir)
+    damaged_any = False
     for stage in artifacts.STAGES:
         state = artifacts.stage_state(d, stage)
+        m = artifacts.read_manifest(artifacts.stage_dir(d, stage))
+        damaged = []
+        if state in ("complete", "damaged"):
+            damaged = artifacts.damaged_files(artifacts.stage_dir(d, stage), m, hashes=args.verify)
+            state = "damaged" if damaged else state
         line = f"{stage:7s} {state}"
         if state == "complete":
-            m = artifacts.read_manifest(artifacts.stage_dir(d, stage))
             keys = {"sft": ["eval_loss_initial", "eval_loss"], "reward": ["eval_accuracy", "spearman_gold"],
                     "ppo": ["gold_score_sft", "gold_score_ppo", "kl_ppo_vs_sft", "win_rate_gold"]}[stage]
             figures = ", ".join(f"{k}={m['metrics'][k]:.4g}" for k in keys if isinstance(m["metrics"].get(k), (int, float)))
-            line += f"  ({m.get('duration_s', 0):.0f}s)  {figures}"
+            runs = m.get("invocations", 1)
+            line += f"  ({m.get('duration_s', 0):.0f}s{f' over {runs} runs' if runs > 1 else ''})  {figures}"
+            if "files" not in m:
+                line += "  (no file checksums: published by an older version)"
+            elif args.verify:
+                line += f"  ({len(m['files'])} files verified)"
+        elif state == "damaged":
+            damaged_any = True
+            line += (f"  {'; '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''}: the next stage will refuse it; "
+                     f"rebuild with force=true ({artifacts.REBUILD[stage]})")
         elif state == "partial":
             point = artifacts.resume_point(d, stage)
             line += (f"  (resumable from {point}: re-run the same command to continue)" if point
                      else "  (started, no checkpoint yet: a re-run starts the stage over)")
+            left = artifacts.leftovers(d, stage)
+            if left:
+                line += f"  (an interrupted publish left {', '.join(str(p) for p in left)}; the next run removes it)"
         print(line)
-    return 0
+    return 1 if damaged_any else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -113,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pipeline", help="SFT -> RM -> PPO under the deepspeed launcher")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
-    p = sub.add_parser("status", help="each stage: complete / partial / missing, with key metrics")
+    p = sub.add_parser("status", help="each stage: complete / damaged / partial / missing, with key metrics")
     p.add_argument("--artifact-dir", required=True)
+    p.add_argument("--verify", action="store_true",
+                   help="also hash every published file against its manifest (sizes are always checked)")
     p = sub.add_parser("generate", help="responses of a published stage to a prompts file")
     p.add_argument("--model", required=True, help="a published stage directory, e.g. DIR/ppo")
     p.add_argument("--prompts", required=True, help="prompts file ({'prompt': ...} rows)")

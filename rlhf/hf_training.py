@@ -72,8 +72,25 @@ class TrackerCallback(TrainerCallback):
                 continue
             name = k if k.startswith(("eval_", "train_")) or "/" in k else f"train/{k}"
             out[name.replace("eval_", "eval/", 1) if name.startswith("eval_") else name] = v
+        end = "train_runtime" in logs  # the trainer's end-of-training totals
+        if end and "train_loss" in out:
+            out["train_loss"] = logged_train_loss(state.log_history) or out["train_loss"]
         out["epoch"] = state.epoch
-        self.tracker.log(out, step=state.global_step)
+        self.tracker.log(out, step=state.global_step, summary=end)
+
+
+def logged_train_loss(log_history: list[dict]) -> float | None:
+    """Mean training loss over every logged step of the whole training, resumed runs included.
+    Each logged `loss` is the mean over the steps since the previous log, so it is weighted by
+    them. (The trainer's own train_loss divides the loss summed in its last invocation by all
+    steps: 0.0 after a resume at the final step.) The log history travels in checkpoints."""
+    total, steps, prev = 0.0, 0, 0
+    for e in log_history:
+        if "loss" in e and "step" in e and e["step"] > prev:
+            total += float(e["loss"]) * (e["step"] - prev)
+            steps += e["step"] - prev
+            prev = e["step"]
+    return total / steps if steps else None
 
 
 def untrained_eval_loss(trainer: Any, max_examples: int = 512) -> float:

@@ -2,8 +2,10 @@
 print one summary line, and turn user-fixable errors into a clean exit."""
 from __future__ import annotations
 
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from rlhf import artifacts, distributed
@@ -24,7 +26,56 @@ def skip_if_up_to_date(artifact_dir: str, stage: str, config: dict, parents: lis
     if force or not artifacts.is_up_to_date(artifact_dir, stage, config, parents, data):
         return None
     say(stage, f"{artifacts.stage_dir(artifact_dir, stage)} is complete and up to date: skipping (force=true reruns it)")
-    return artifacts.load(artifacts.stage_dir(artifact_dir, stage), stage)
+    if distributed.is_main():  # a run killed between publish and clean-up left these
+        _remove_leftovers(artifact_dir, stage, checkpoints=True)
+    distributed.barrier()
+    return artifacts.load(artifacts.stage_dir(artifact_dir, stage), stage, verify=False)
+
+
+def _remove_leftovers(artifact_dir: str, stage: str, checkpoints: bool = False) -> None:
+    for d in artifacts.leftovers(artifact_dir, stage) + ([artifacts.checkpoint_dir(artifact_dir, stage)] if checkpoints else []):
+        if d.exists():
+            say(stage, f"removing {d}, left by an interrupted run")
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def open_checkpoints(artifact_dir: str, stage: str, config: dict, data: dict | None,
+                     started: float) -> tuple[Path, bool, artifacts.StageClock]:
+    """Start a stage that is not up to date: rank 0 removes what an interrupted publish left and
+    prepares checkpoints/<stage> (artifacts.prepare_checkpoints); every rank gets its result, or
+    the same error. Returns (checkpoint dir, resuming?, the stage's clock)."""
+    out: tuple = ()
+    if distributed.is_main():
+        try:
+            _remove_leftovers(artifact_dir, stage)
+            out = ("ok", artifacts.prepare_checkpoints(artifact_dir, stage, config, data, distributed.world_size()))
+        except ArtifactError as e:
+            out = ("error", str(e))
+    kind, value = distributed.broadcast_object(out)
+    if kind == "error":
+        raise ArtifactError(value)
+    ckpt_dir, resuming = value
+    distributed.barrier()
+    return ckpt_dir, resuming, artifacts.StageClock(ckpt_dir, started, enabled=distributed.is_main())
+
+
+def finish(artifact_dir: str, stage: str, staged: Path, ckpt_dir: Path, tracker: Any, clock: artifacts.StageClock,
+           metrics: dict, summary_keys: list[str], **manifest: Any) -> artifacts.Artifact:
+    """End of every stage, after the collective save into `staged`: rank 0 writes the manifest
+    and publishes (artifacts.publish), then removes the checkpoints; all ranks wait, then print
+    the summary line. `manifest`: build_manifest's other arguments."""
+    art = None
+    if distributed.is_main():
+        clock.tick(force=True)
+        art = artifacts.publish(artifact_dir, stage, staged,
+                                artifacts.build_manifest(stage, metrics=metrics, clock=clock, **manifest))
+        tracker.summary(metrics)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    tracker.finish()
+    distributed.barrier()
+    art = art or artifacts.load(artifacts.stage_dir(artifact_dir, stage), stage, verify=False)
+    summary_line(stage, art, summary_keys)
+    return art
 
 
 def summary_line(stage: str, art: artifacts.Artifact, keys: list[str]) -> None:

@@ -34,19 +34,21 @@ def wandb_mode(configured: str | None) -> str:
 
 class Tracker:
     def __init__(self, artifact_dir: str | Path, stage: str, run_name: str, config: dict, wandb_cfg: Any,
-                 enabled: bool = True, resume_step: int | None = None):
+                 enabled: bool = True, resume_step: int | None = None, clock: artifacts.StageClock | None = None):
         self.enabled = enabled
         self.stage = stage
         self.path = artifacts.metrics_path(artifact_dir, stage)
+        self.clock = clock
         self._run = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.unlink(missing_ok=True)
-        elif self.path.exists():  # drop rows logged after the checkpoint we resume from
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+        elif self.path.exists():
+            # a resumed run logs again what came after its checkpoint, and its own end-of-run rows
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in _rows(self.path)
+                                         if r.get("step", 0) <= resume_step and not r.get("summary")))
         mode = wandb_mode(wandb_cfg.mode)
         if mode != "disabled":
             import wandb
@@ -58,12 +60,16 @@ class Tracker:
                                    name=f"{run_name}-{stage}", dir=str(Path(artifact_dir).resolve()), config=config,
                                    mode=mode, reinit="finish_previous")
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: dict, step: int, summary: bool = False) -> None:
+        """One row in DIR/metrics/<stage>.jsonl (and W&B). `summary`: an end-of-run row (final
+        evaluation, totals), which a resumed run replaces instead of repeating."""
         if not self.enabled:
             return
         clean = {k: _plain(v) for k, v in metrics.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **clean}) + "\n")
+            f.write(json.dumps({"step": step, **clean, **({"summary": True} if summary else {})}) + "\n")
+        if self.clock is not None:
+            self.clock.tick()
         if self._run is not None:
             self._run.log(clean, step=step)
 
@@ -92,8 +98,17 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def _rows(path: Path) -> list[dict]:
+    """The rows of a metrics file; a line cut short by a kill (the last one) is left out."""
+    out = []
+    for ln in path.read_text().splitlines():
+        try:
+            out.append(json.loads(ln))
+        except ValueError:
+            continue
+    return out
+
+
 def read_metrics(artifact_dir: str | Path, stage: str) -> list[dict]:
     p = artifacts.metrics_path(artifact_dir, stage)
-    if not p.exists():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    return _rows(p) if p.exists() else []

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
 
@@ -15,7 +14,7 @@ from rlhf.data import load_prompts, prompt_text, render_prompt
 from rlhf.generation import decode_responses
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
 from rlhf.scoring import load_gold_scorer
-from rlhf.stage_io import say, skip_if_up_to_date, summary_line
+from rlhf.stage_io import finish, open_checkpoints, say, skip_if_up_to_date
 from rlhf.tracking import Tracker
 
 
@@ -34,16 +33,15 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     done = skip_if_up_to_date(cfg.artifact_dir, PPO, config, [sft, rm_art], cfg.force, data)
     if done:
         return done
-    ckpt_dir, resuming = distributed.broadcast_object(
-        artifacts.prepare_checkpoints(cfg.artifact_dir, PPO, config, data) if distributed.is_main() else None)
-    distributed.barrier()
-    distributed.seed_everything(cfg.seed + distributed.rank())
+    # read before anything is written: a data error leaves no checkpoint dir behind
     use_template = sft.manifest.get("model", {}).get("use_chat_template", mc.use_chat_template)
     train_prompts = load_prompts(train_src)  # rendered when drawn (PromptStream)
     eval_raw = load_prompts(c.eval_prompts)[: cfg.eval.num_prompts] if c.eval_prompts else []
     gold = load_gold_scorer(cfg.eval.gold_scorer) if cfg.eval.gold_scorer else None
     reward_stats = rm_art.manifest["reward_stats"]
     _check_reward_stats(reward_stats, c, rm_art.path)
+    ckpt_dir, resuming, clock = open_checkpoints(cfg.artifact_dir, PPO, config, data, started)
+    distributed.seed_everything(cfg.seed + distributed.rank())
 
     # 2. models: actor from SFT; reference = frozen SFT (or the actor without its adapter);
     #    critic from the RM; the RM itself frozen
@@ -77,7 +75,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     if resuming and trainer.load(ckpt_dir, stream):
         say(PPO, f"resuming from update {trainer.update} (kl_coef={trainer.kl_ctl.value:.4g})")
     tracker = Tracker(cfg.artifact_dir, PPO, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
-                      resume_step=trainer.update if trainer.update else None)
+                      resume_step=trainer.update if trainer.update else None, clock=clock)
     plan = trainer.plan
     zero = f"ZeRO-{cfg.deepspeed.zero_stage}"
     if trainer.ds.zero_stage != cfg.deepspeed.zero_stage:
@@ -114,26 +112,17 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         result_metrics["within_kl_budget"] = evaluation["kl_ppo_vs_sft"] <= c.kl_budget
     staged = artifacts.staging_dir(cfg.artifact_dir, PPO)
     trainer.save_models(staged)
-    art = None
     if distributed.is_main():
         with (staged / artifacts.SAMPLES).open("w") as f:
             for row in samples:
                 f.write(json.dumps(row) + "\n")
-        manifest = artifacts.build_manifest(
-            PPO, config, parents=[sft, rm_art], tokenizer_fp=tok_fp,
-            data=data,
-            metrics=result_metrics, started=started, reward_stats=reward_stats,
-            model={"base": str(sft.path), "lora": "merged" if c.lora else None, "use_chat_template": use_template,
-                   "critic": "critic/", "critic_value_scale": {"mean": trainer.value_scale[0], "std": trainer.value_scale[1],
-                                                               "meaning": "values in PPO units = (head output - mean) / std"}})
-        art = artifacts.publish(cfg.artifact_dir, PPO, staged, manifest)
-        tracker.summary(result_metrics)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    tracker.finish()
-    distributed.barrier()
-    art = art or artifacts.load(artifacts.stage_dir(cfg.artifact_dir, PPO), PPO)
-    summary_line(PPO, art, ["gold_score_sft", "gold_score_ppo", "rm_score_sft", "rm_score_ppo", "kl_ppo_vs_sft", "win_rate_gold"])
-    return art
+    return finish(cfg.artifact_dir, PPO, staged, ckpt_dir, tracker, clock, result_metrics,
+                  ["gold_score_sft", "gold_score_ppo", "rm_score_sft", "rm_score_ppo", "kl_ppo_vs_sft", "win_rate_gold"],
+                  config=config, parents=[sft, rm_art], tokenizer_fp=tok_fp, data=data, reward_stats=reward_stats,
+                  model={"base": str(sft.path), "lora": "merged" if c.lora else None, "use_chat_template": use_template,
+                         "critic": "critic/",
+                         "critic_value_scale": {"mean": trainer.value_scale[0], "std": trainer.value_scale[1],
+                                                "meaning": "values in PPO units = (head output - mean) / std"}})
 
 
 def _check_reward_stats(reward_stats: dict, c, rm_path) -> None:

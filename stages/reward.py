@@ -1,7 +1,6 @@
 """Stage 2: a Bradley-Terry reward model on preference pairs and rankings (TRL's RewardTrainer)."""
 from __future__ import annotations
 
-import shutil
 import time
 
 from datasets import Dataset
@@ -11,11 +10,11 @@ from rlhf.artifacts import REWARD, SFT
 from rlhf.config import ConfigError, PipelineConfig, require
 from rlhf.data import load_preferences, prompt_text, render_prompt, render_response
 from rlhf.generation import Sampling
-from rlhf.hf_training import TrackerCallback, last_checkpoint, trainer_kwargs
+from rlhf.hf_training import TrackerCallback, last_checkpoint, logged_train_loss, trainer_kwargs
 from rlhf.reward_training import WeightedPreferenceCollator, WeightedRewardTrainer, evaluate_pairs
 from rlhf.scoring import load_gold_scorer, policy_reward_stats, spearman
 from rlhf.tokenization import encode_pair
-from rlhf.stage_io import say, skip_if_up_to_date, summary_line
+from rlhf.stage_io import finish, open_checkpoints, say, skip_if_up_to_date
 from rlhf.tracking import Tracker
 
 
@@ -31,19 +30,18 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     done = skip_if_up_to_date(cfg.artifact_dir, REWARD, config, [sft], cfg.force, data)
     if done:
         return done
-    ckpt_dir, resuming = distributed.broadcast_object(
-        artifacts.prepare_checkpoints(cfg.artifact_dir, REWARD, config, data) if distributed.is_main() else None)
-    distributed.barrier()
-    distributed.seed_everything(cfg.seed)
+    # read before anything is written: a data error leaves no checkpoint dir behind
     skip = dict(max_skipped_fraction=c.max_skipped_fraction, skip_key="reward.max_skipped_fraction")
     train = load_preferences(train_src, c.pair_weighting, **skip)
     evals = load_preferences(c.eval_data, "uniform", **skip) if c.eval_data else None
     gold = load_gold_scorer(cfg.eval.gold_scorer) if cfg.eval.gold_scorer else None
+    ckpt_dir, resuming, clock = open_checkpoints(cfg.artifact_dir, REWARD, config, data, started)
+    distributed.seed_everything(cfg.seed)
 
     # 2. tokenizer and model: the SFT tokenizer, a one-output head on the SFT model by default
     tokenizer = models.load_tokenizer(str(sft.path))
     tok_fp = artifacts.tokenizer_fingerprint(tokenizer)
-    artifacts.load(sft.path, SFT, tokenizer_fp=tok_fp)
+    artifacts.load(sft.path, SFT, tokenizer_fp=tok_fp, verify=False)  # its files were checked above
     init_path = c.model or str(sft.path)
     if c.model:
         other = models.load_tokenizer(c.model, mc.trust_remote_code)
@@ -90,15 +88,16 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                         remove_unused_columns=False)
     resume_from = last_checkpoint(ckpt_dir) if resuming else None
     tracker = Tracker(cfg.artifact_dir, REWARD, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
-                      resume_step=int(resume_from.rsplit("-", 1)[1]) if resume_from else None)
+                      resume_step=int(resume_from.rsplit("-", 1)[1]) if resume_from else None, clock=clock)
     trainer = WeightedRewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                                     data_collator=WeightedPreferenceCollator(pad_token_id=tokenizer.pad_token_id),
                                     callbacks=[TrackerCallback(tracker)], groups=[r["group"] for r in train_rows])
     if resume_from:
         say(REWARD, f"resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)
-    metrics: dict = {"train_loss": result.training_loss, "train_steps": result.global_step,
-                     "train_runtime_s": result.metrics.get("train_runtime"), "ties_dropped": train.ties_dropped,
+    # over the whole training, resumed runs included (the trainer's own figures cover its last run)
+    metrics: dict = {"train_loss": logged_train_loss(trainer.state.log_history), "train_steps": result.global_step,
+                     "ties_dropped": train.ties_dropped,
                      **{f"skipped_{k}": v for k, v in train.skipped.items()},
                      **{f"train_{k}": v for k, v in train_counts.items()}, **{f"eval_{k}": v for k, v in eval_counts.items()}}
     rm = trainer.model_wrapped if cfg.deepspeed.zero_stage == 3 else trainer.model
@@ -127,26 +126,15 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         metrics["spearman_gold"] = spearman(scores, golds)
         say(REWARD, f"Spearman(RM score, gold score) on {len(golds)} fresh SFT responses: {metrics['spearman_gold']:.3f}")
     tracker.log({f"eval/{k[5:]}" if k.startswith("eval_") else k: v for k, v in metrics.items()
-                 if isinstance(v, (int, float))}, step=result.global_step)
+                 if isinstance(v, (int, float))}, step=result.global_step, summary=True)
 
     # 5. publish --------------------------------------------------------------------------
     staged = artifacts.staging_dir(cfg.artifact_dir, REWARD)
     models.publish_model(trainer.model_wrapped, cfg.deepspeed.zero_stage, staged, tokenizer)
-    art = None
-    if distributed.is_main():
-        manifest = artifacts.build_manifest(
-            REWARD, config, parents=[sft], tokenizer_fp=tok_fp,
-            data=data,
-            metrics=metrics, started=started, reward_stats=reward_stats,
-            model={"base": init_path, "lora": "merged" if c.lora else None, "use_chat_template": use_template})
-        art = artifacts.publish(cfg.artifact_dir, REWARD, staged, manifest)
-        tracker.summary(metrics)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    tracker.finish()
-    distributed.barrier()
-    art = art or artifacts.load(artifacts.stage_dir(cfg.artifact_dir, REWARD), REWARD)
-    summary_line(REWARD, art, ["eval_accuracy", "spearman_gold", "train_loss"])
-    return art
+    return finish(cfg.artifact_dir, REWARD, staged, ckpt_dir, tracker, clock, metrics,
+                  ["eval_accuracy", "spearman_gold", "train_loss"],
+                  config=config, parents=[sft], tokenizer_fp=tok_fp, data=data, reward_stats=reward_stats,
+                  model={"base": init_path, "lora": "merged" if c.lora else None, "use_chat_template": use_template})
 
 
 def _stat_prompts(c, evals, train) -> list:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 from datasets import Dataset
@@ -12,9 +11,9 @@ from rlhf import artifacts, distributed, models
 from rlhf.artifacts import SFT
 from rlhf.config import ConfigError, PipelineConfig, require
 from rlhf.data import load_sft, prompt_text, render_prompt, render_response
-from rlhf.hf_training import TrackerCallback, last_checkpoint, trainer_kwargs, untrained_eval_loss
+from rlhf.hf_training import TrackerCallback, last_checkpoint, logged_train_loss, trainer_kwargs, untrained_eval_loss
 from rlhf.tokenization import encode_conversation, encode_pair
-from rlhf.stage_io import say, skip_if_up_to_date, summary_line
+from rlhf.stage_io import finish, open_checkpoints, say, skip_if_up_to_date
 from rlhf.tracking import Tracker
 
 
@@ -33,13 +32,12 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     done = skip_if_up_to_date(cfg.artifact_dir, SFT, config, [], cfg.force, data)
     if done:
         return done
-    ckpt_dir, resuming = distributed.broadcast_object(
-        artifacts.prepare_checkpoints(cfg.artifact_dir, SFT, config, data) if distributed.is_main() else None)
-    distributed.barrier()
-    distributed.seed_everything(cfg.seed)
+    # read before anything is written: a data error leaves no checkpoint dir behind
     train_data = load_sft(train_src, max_skipped_fraction=c.max_skipped_fraction, skip_key="sft.max_skipped_fraction")
     eval_data = load_sft(c.eval_data, max_skipped_fraction=c.max_skipped_fraction,
                          skip_key="sft.max_skipped_fraction") if c.eval_data else None
+    ckpt_dir, resuming, clock = open_checkpoints(cfg.artifact_dir, SFT, config, data, started)
+    distributed.seed_everything(cfg.seed)
     train_rows = train_data.examples
     eval_rows = eval_data.examples if eval_data else None
 
@@ -66,7 +64,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     # 3. data: token ids made here, by the same functions the RM and PPO stages use, so PPO
     #    samples after exactly the prompt ids SFT trained on (TRL gets them pre-tokenized)
     def to_dataset(rows, name):
-        examples, truncated = [], 0
+        examples, truncated, dropped = [], 0, 0
         for i, r in enumerate(rows, 1):
             if c.loss_on == "all" and r.messages:
                 try:
@@ -78,16 +76,19 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                 completion = render_response(tokenizer, r.prompt, r.completion, mc.use_chat_template)
                 ids, n_prompt, cut = encode_pair(tokenizer, prompt, completion, c.max_length)
                 mask = [0] * n_prompt + [1] * (len(ids) - n_prompt)
-            truncated += cut
             if any(mask):
+                truncated += cut
                 examples.append({"input_ids": ids, "completion_mask": mask})
-        say(SFT, f"{name}: {len(examples)} examples ({truncated} truncated to sft.max_length={c.max_length})")
+            else:  # no response token left within max_length: nothing to learn from
+                dropped += 1
+        say(SFT, f"{name}: {len(examples)} examples ({truncated} truncated to sft.max_length={c.max_length}, "
+                 f"{dropped} dropped with no response token left)")
         if not examples:
             raise ConfigError(f"{name}: no example keeps a response token within sft.max_length={c.max_length}; raise it")
-        return Dataset.from_list(examples), truncated
+        return Dataset.from_list(examples), truncated, dropped
 
-    train_ds, train_truncated = to_dataset(train_rows, "train")
-    eval_ds, _ = to_dataset(eval_rows, "eval") if eval_rows else (None, 0)
+    train_ds, train_truncated, train_dropped = to_dataset(train_rows, "train")
+    eval_ds = to_dataset(eval_rows, "eval")[0] if eval_rows else None
 
     # 4. train ----------------------------------------------------------------------------
     ds_config = distributed.deepspeed_config(cfg.deepspeed, mc.dtype)
@@ -96,10 +97,11 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     resume_from = last_checkpoint(ckpt_dir) if resuming else None
     resume_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else None
     tracker = Tracker(cfg.artifact_dir, SFT, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
-                      resume_step=resume_step)
+                      resume_step=resume_step, clock=clock)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[TrackerCallback(tracker)])
     metrics: dict = {"train_rows": train_data.rows, "train_examples": len(train_ds), "train_truncated": train_truncated,
+                     "train_dropped_no_response_left": train_dropped,
                      **{f"skipped_{k}": v for k, v in train_data.skipped.items()}}
     initial_file = ckpt_dir / "initial_eval.json"
     if eval_ds is not None:
@@ -112,27 +114,16 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     if resume_from:
         say(SFT, f"resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)
-    metrics.update(train_loss=result.training_loss, train_steps=result.global_step,
-                   train_runtime_s=result.metrics.get("train_runtime"))
+    # over the whole training, resumed runs included (the trainer's own figures cover its last run)
+    metrics.update(train_loss=logged_train_loss(trainer.state.log_history), train_steps=result.global_step)
     if eval_ds is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
 
     # 5. publish --------------------------------------------------------------------------
     staged = artifacts.staging_dir(cfg.artifact_dir, SFT)
     models.publish_model(trainer.model_wrapped, cfg.deepspeed.zero_stage, staged, tokenizer)
-    art = None
-    if distributed.is_main():
-        manifest = artifacts.build_manifest(
-            SFT, config, parents=[], tokenizer_fp=artifacts.tokenizer_fingerprint(tokenizer),
-            data=data,
-            metrics=metrics, started=started,
-            model={"base": mc.name_or_path or "scratch", "lora": "merged" if c.lora else None,
-                   "use_chat_template": mc.use_chat_template, "loss_on": c.loss_on})
-        art = artifacts.publish(cfg.artifact_dir, SFT, staged, manifest)
-        tracker.summary(metrics)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    tracker.finish()
-    distributed.barrier()
-    art = art or artifacts.load(artifacts.stage_dir(cfg.artifact_dir, SFT), SFT)
-    summary_line(SFT, art, ["eval_loss_initial", "eval_loss", "train_loss"])
-    return art
+    return finish(cfg.artifact_dir, SFT, staged, ckpt_dir, tracker, clock, metrics,
+                  ["eval_loss_initial", "eval_loss", "train_loss"],
+                  config=config, parents=[], tokenizer_fp=artifacts.tokenizer_fingerprint(tokenizer), data=data,
+                  model={"base": mc.name_or_path or "scratch", "lora": "merged" if c.lora else None,
+                         "use_chat_template": mc.use_chat_template, "loss_on": c.loss_on})

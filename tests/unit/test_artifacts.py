@@ -30,7 +30,7 @@ def stage_files(root: Path, stage: str, text: str = "weights") -> Path:
 def publish(root: Path, stage: str, cfg: dict | None = None, parents: list | None = None,
             text: str = "weights", tok: dict | None = None, metrics: dict | None = None, **extra) -> A.Artifact:
     manifest = A.build_manifest(stage, cfg if cfg is not None else config(), parents or [], tok or TOK_FP,
-                                data={}, metrics=metrics or {"loss": 0.5}, started=time.time(), **extra)
+                                data={}, metrics=metrics or {"loss": 0.5}, clock=A.StageClock(None, time.time()), **extra)
     return A.publish(root, stage, stage_files(root, stage, text), manifest)
 
 
@@ -240,7 +240,7 @@ def test_not_up_to_date_when_an_input_file_changes(tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text('{"prompt": "a", "completion": "b"}\n')
     data = A.data_fingerprint({"train_data": str(train)})
-    manifest = A.build_manifest(SFT, cfg, [], TOK_FP, data=data, metrics={}, started=time.time())
+    manifest = A.build_manifest(SFT, cfg, [], TOK_FP, data=data, metrics={}, clock=A.StageClock(None, time.time()))
     A.publish(tmp_path, SFT, stage_files(tmp_path, SFT, "weights"), manifest)
     assert A.is_up_to_date(tmp_path, SFT, cfg, [], A.data_fingerprint({"train_data": str(train)}))
     train.write_text('{"prompt": "a", "completion": "c"}\n')  # same path, new contents
