@@ -62,6 +62,10 @@ class TrackerCallback(TrainerCallback):
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
+        self.ended = False
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001 - HF signature
+        self.ended = True  # what is logged from now on (final evaluation) is an end-of-run row
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - HF signature
         if not logs:
@@ -72,7 +76,7 @@ class TrackerCallback(TrainerCallback):
                 continue
             name = k if k.startswith(("eval_", "train_")) or "/" in k else f"train/{k}"
             out[name.replace("eval_", "eval/", 1) if name.startswith("eval_") else name] = v
-        end = "train_runtime" in logs  # the trainer's end-of-training totals
+        end = self.ended or "train_runtime" in logs  # the trainer's end-of-training totals, final evaluation
         if end and "train_loss" in out:
             out["train_loss"] = logged_train_loss(state.log_history) or out["train_loss"]
         out["epoch"] = state.epoch
