@@ -28,6 +28,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rlhf import faults
+
 SFT, REWARD, PPO = "sft", "reward", "ppo"
 STAGES = (SFT, REWARD, PPO)
 MANIFEST = "rlhf_artifact.json"
@@ -246,11 +248,13 @@ def publish(artifact_dir: str | Path, stage: str, staged: Path, manifest: dict) 
     manifest_tmp = staged / (MANIFEST + ".part")
     manifest_tmp.write_text(json.dumps(manifest, indent=2, default=str))
     os.replace(manifest_tmp, staged / MANIFEST)
+    faults.point("publish:manifest")
     old = None
     if final.exists():
         old = final.parent / f".{stage}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+        faults.point("publish:swapped")
     os.replace(staged, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from rlhf import distributed
+from rlhf import distributed, faults
 from rlhf.tracking import Tracker
 
 
@@ -63,6 +63,12 @@ class TrackerCallback(TrainerCallback):
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
         self.ended = False
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001 - HF signature
+        faults.point("checkpoint:saved")
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - HF signature
+        faults.point("train:step")
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001 - HF signature
         self.ended = True  # what is logged from now on (final evaluation) is an end-of-run row

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhf import artifacts, distributed
+from rlhf import artifacts, distributed, faults
 from rlhf.artifacts import ArtifactError
 from rlhf.config import ConfigError
 from rlhf.data import DataError
@@ -67,8 +67,10 @@ def finish(artifact_dir: str, stage: str, staged: Path, ckpt_dir: Path, tracker:
     art = None
     if distributed.is_main():
         clock.tick(force=True)
+        faults.point("publish:staged")
         art = artifacts.publish(artifact_dir, stage, staged,
                                 artifacts.build_manifest(stage, metrics=metrics, clock=clock, **manifest))
+        faults.point("publish:done")
         tracker.summary(metrics)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     tracker.finish()

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from rlhf import artifacts, distributed, models
+from rlhf import artifacts, distributed, faults, models
 from rlhf.artifacts import PPO, REWARD, SFT
 from rlhf.config import PipelineConfig, require
 from rlhf.data import load_prompts, prompt_text, render_prompt
@@ -89,6 +89,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     while trainer.update < plan.num_updates:
         metrics = trainer.step(stream.next(plan.rollout_batch))
         tracker.log(metrics, step=trainer.update)
+        faults.point("train:step")
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if trainer.update % c.sample_every == 0 and eval_raw:
@@ -99,6 +100,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
 
     # 5. evaluate and publish -----------------------------------------------------------------
     t_eval = time.time()
+    faults.point("evaluation:start")
     eval_tokens = cfg.eval.max_new_tokens or c.max_new_tokens
     evaluation, samples = evaluate(trainer, eval_raw, use_template, gold, eval_tokens) if eval_raw else ({}, [])
     # where this invocation's time went (a resumed run's loop covers only its own updates)

@@ -5,7 +5,7 @@ import time
 
 from datasets import Dataset
 
-from rlhf import artifacts, distributed, models
+from rlhf import artifacts, distributed, faults, models
 from rlhf.artifacts import REWARD, SFT
 from rlhf.config import ConfigError, PipelineConfig, require
 from rlhf.data import load_preferences, prompt_text, render_prompt, render_response
@@ -107,6 +107,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
 
     # reward_stats: raw scores of SFT-policy responses sampled and scored exactly as PPO will
     # (ppo.* sampling settings, generated ids), so PPO's normalised reference score is ~0
+    faults.point("evaluation:start")
     stat_prompts = _stat_prompts(c, evals, train)[: c.stats_samples]
     texts = [render_prompt(tokenizer, p, use_template) for p in stat_prompts]
     policy = models.load_causal_lm(str(sft.path), mc.dtype).to(distributed.device())

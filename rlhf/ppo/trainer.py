@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
-from rlhf import distributed
+from rlhf import distributed, faults
 from rlhf.generation import Sampling, generate
 from rlhf.models import disable_dropout
 from rlhf.ppo import core
@@ -399,6 +399,7 @@ class PPOTrainer:
         tag = f"update-{self.update}"
         self.actor.save_checkpoint(str(ckpt_dir / "actor"), tag=tag)
         self.critic.save_checkpoint(str(ckpt_dir / "critic"), tag=tag)
+        faults.point("checkpoint:engines")
         rng = {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
                "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None}
         all_rng = gather_objects(rng)
@@ -410,6 +411,7 @@ class PPOTrainer:
             tmp = ckpt_dir / "state.json.part"
             tmp.write_text(json.dumps(state))
             os.replace(tmp, ckpt_dir / "state.json")  # a checkpoint counts only once this exists
+            faults.point("checkpoint:saved")
             for old in list((ckpt_dir / "actor").glob("update-*")) + list((ckpt_dir / "critic").glob("update-*")):
                 if old.name != tag:
                     import shutil
