@@ -194,7 +194,7 @@ def run(a: argparse.Namespace) -> dict:
         for m in (actor, critic):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer = PPOTrainer(cfg=c, ds=cfg.deepspeed, dtype=cfg.model.dtype, actor_model=actor, critic_model=critic,
-                         reward_model=reward, ref_model=ref, tokenizer=tok, reward_stats=stats, tracker=None)
+                         reward_model=reward, ref_model=ref, tokenizer=tok, reward_stats=stats)
     trainer.timer = PhaseTimer(sync=True)
     prompts = load_prompts(c.train_prompts)
     stream = PromptStream(prompts, cfg.seed, distributed.rank(), world, render=lambda p: render_prompt(tok, p, use_template))

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import json
-import statistics
 import time
 
-import torch
 
 from rlhf import artifacts, distributed, faults, models
 from rlhf.artifacts import PPO, REWARD, SFT
 from rlhf.config import PipelineConfig, require
-from rlhf.data import load_prompts, prompt_text, render_prompt
-from rlhf.generation import decode_responses
+from rlhf.data import load_prompts, render_prompt
+from rlhf.ppo.evaluation import evaluate, sample_rows
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
 from rlhf.scoring import load_gold_scorer
 from rlhf.stage_io import finish, open_checkpoints, say, skip_if_up_to_date
@@ -70,18 +68,13 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
 
     # 4. train ----------------------------------------------------------------------------
     trainer = PPOTrainer(cfg=c, ds=cfg.deepspeed, dtype=mc.dtype, actor_model=actor, critic_model=critic,
-                         reward_model=reward_model, ref_model=ref, tokenizer=tokenizer, reward_stats=reward_stats,
-                         tracker=None)
+                         reward_model=reward_model, ref_model=ref, tokenizer=tokenizer, reward_stats=reward_stats)
     if resuming and trainer.load(ckpt_dir, stream):
         say(PPO, f"resuming from update {trainer.update} (kl_coef={trainer.kl_ctl.value:.4g})")
     tracker = Tracker(cfg.artifact_dir, PPO, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
                       resume_step=trainer.update if trainer.update else None, clock=clock)
     plan = trainer.plan
-    zero = f"ZeRO-{cfg.deepspeed.zero_stage}"
-    if trainer.ds.zero_stage != cfg.deepspeed.zero_stage:
-        zero += " configured (one process, no offload: engines unpartitioned, stage 0)"
-    say(PPO, f"{plan.num_updates} updates x {plan.episodes_per_update} episodes, {plan.world} process(es), "
-             f"{zero}, {_model_layout(trainer)}")
+    say(PPO, f"{plan.num_updates} updates x {plan.episodes_per_update} episodes, {trainer.describe()}")
     from tqdm.auto import tqdm
 
     bar = tqdm(total=plan.num_updates, initial=trainer.update, desc="ppo", disable=not distributed.is_main())
@@ -93,7 +86,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if trainer.update % c.sample_every == 0 and eval_raw:
-            _sample_table(trainer, eval_raw[:8], use_template, tracker)
+            tracker.table("samples", ["update", "prompt", "response", "rm_score"],
+                          sample_rows(trainer, eval_raw[:8], use_template))
         if trainer.update % c.save_every == 0 and trainer.update < plan.num_updates:
             trainer.save(ckpt_dir, stream)
     bar.close()
@@ -137,56 +131,3 @@ def _check_reward_stats(reward_stats: dict, c, rm_path) -> None:
         raise artifacts.ArtifactError(
             f"{rm_path}: its reward_stats were measured on responses sampled differently from this PPO run ({diff}); "
             f"re-run the reward stage with the same ppo settings ({artifacts.REBUILD[REWARD]}) or use its settings")
-
-
-def _model_layout(trainer: PPOTrainer) -> str:
-    actor = "LoRA actor, reference = its base" if trainer.lora else "full actor, frozen reference copy"
-    critic = ("LoRA critic, reward model = its base" if trainer.critic_lora
-              else ("LoRA critic" if hasattr(trainer.critic.module, "disable_adapter") else "full critic")
-              + ", frozen reward model")
-    return f"{actor}; {critic}"
-
-
-@torch.no_grad()
-def evaluate(trainer: PPOTrainer, prompts: list, use_template: bool, gold, max_new_tokens: int) -> tuple[dict, list[dict]]:
-    """SFT vs PPO on held-out prompts: RM score, gold score, KL(PPO||SFT), win rates, length, EOS rate."""
-    tokenizer = trainer.tok
-    texts = [render_prompt(tokenizer, p, use_template) for p in prompts]
-    torch.manual_seed(12345)
-    ppo_g, ppo_rm = trainer.sample(texts, max_new_tokens=max_new_tokens)
-    torch.manual_seed(12345)
-    sft_g, sft_rm = trainer.sample(texts, reference=True, max_new_tokens=max_new_tokens, sampling=trainer.ref_sampling)
-    kl = torch.cat([trainer.kl_to_reference(g) for g in ppo_g])
-    ppo_txt = [t for g in ppo_g for t in decode_responses(tokenizer, g)]
-    sft_txt = [t for g in sft_g for t in decode_responses(tokenizer, g)]
-
-    def length(gs):
-        return float(torch.cat([g.response_mask.sum(1) for g in gs]).float().mean())
-
-    def eos_rate(gs):
-        return float(torch.cat([g.ended for g in gs]).float().mean())
-
-    out = {"eval_prompts": len(prompts), "rm_score_sft": float(sft_rm.mean()), "rm_score_ppo": float(ppo_rm.mean()),
-           "win_rate_rm": float((ppo_rm > sft_rm).float().mean() + 0.5 * (ppo_rm == sft_rm).float().mean()),
-           "kl_ppo_vs_sft": float(kl.mean()), "response_length_sft": length(sft_g), "response_length_ppo": length(ppo_g),
-           "eos_rate_sft": eos_rate(sft_g), "eos_rate_ppo": eos_rate(ppo_g)}
-    samples = [{"prompt": prompt_text(p), "response": r, "sft_response": s, "rm_score": float(a), "rm_score_sft": float(b)}
-               for p, r, s, a, b in zip(prompts, ppo_txt, sft_txt, ppo_rm, sft_rm)]
-    if gold is not None:
-        g_ppo = [gold(prompt_text(p), r) for p, r in zip(prompts, ppo_txt)]
-        g_sft = [gold(prompt_text(p), r) for p, r in zip(prompts, sft_txt)]
-        sd = statistics.pstdev(g_sft) or 1.0
-        out.update(gold_score_sft=statistics.fmean(g_sft), gold_score_ppo=statistics.fmean(g_ppo), gold_score_sft_std=sd,
-                   gold_gain_in_sft_std=(statistics.fmean(g_ppo) - statistics.fmean(g_sft)) / sd,
-                   win_rate_gold=sum((a > b) + 0.5 * (a == b) for a, b in zip(g_ppo, g_sft)) / len(g_ppo))
-        for row, a, b in zip(samples, g_ppo, g_sft):
-            row.update(gold_score=a, gold_score_sft=b)
-    return out, samples
-
-
-def _sample_table(trainer: PPOTrainer, prompts: list, use_template: bool, tracker: Tracker) -> None:
-    texts = [render_prompt(trainer.tok, p, use_template) for p in prompts]
-    gs, scores = trainer.sample(texts)
-    responses = [t for g in gs for t in decode_responses(trainer.tok, g)]
-    tracker.table("samples", ["update", "prompt", "response", "rm_score"],
-                  [[trainer.update, prompt_text(p), r, float(s)] for p, r, s in zip(prompts, responses, scores)])

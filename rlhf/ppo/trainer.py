@@ -175,14 +175,14 @@ class PPOTrainer:
     """Owns the engines and runs updates; `stages/ppo.py` decides what to load and publish."""
 
     def __init__(self, *, cfg: Any, ds: Any, dtype: str, actor_model: Any, critic_model: Any, reward_model: Any | None,
-                 ref_model: Any | None, tokenizer: Any, reward_stats: dict, tracker: Any):
+                 ref_model: Any | None, tokenizer: Any, reward_stats: dict):
         """`ref_model=None`: the actor is a LoRA model and the reference is its base (adapter
         disabled). `reward_model=None`: the critic is a LoRA model on the reward model, and the
         reward model is its base (adapter disabled). Neither keeps a second copy of the weights."""
         self.plan = Plan.make(cfg, distributed.world_size())
         self.configured_zero_stage = ds.zero_stage
         ds = engine_deepspeed(ds, dtype, self.plan.world)
-        self.c, self.ds, self.tok, self.tracker = cfg, ds, tokenizer, tracker
+        self.c, self.ds, self.tok = cfg, ds, tokenizer
         # the policy samples from, and is scored under, exactly this distribution; the reference
         # is the SFT policy at the same temperature, untruncated (so KL(pi || pi_ref) stays finite)
         self.sampling = Sampling(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
@@ -206,6 +206,27 @@ class PPOTrainer:
         self.device = distributed.device()
         self.gather = getattr(ds, "zero3_gather_for_generation", True)
         self.timer = PhaseTimer()
+
+    # --------------------------------------------------------------- what the stage reads
+    @property
+    def tokenizer(self) -> Any:
+        return self.tok
+
+    @property
+    def reference_sampling(self) -> Sampling:
+        """The frozen SFT policy's distribution: the policy's temperature, no top-k/top-p."""
+        return self.ref_sampling
+
+    def describe(self) -> str:
+        """Processes, ZeRO stage and which weights are shared, for the stage's log."""
+        zero = f"ZeRO-{self.configured_zero_stage}"
+        if self.ds.zero_stage != self.configured_zero_stage:
+            zero += " configured (one process, no offload: engines unpartitioned, stage 0)"
+        actor = "LoRA actor, reference = its base" if self.lora else "full actor, frozen reference copy"
+        critic = ("LoRA critic, reward model = its base" if self.critic_lora
+                  else ("LoRA critic" if hasattr(self.critic.module, "disable_adapter") else "full critic")
+                  + ", frozen reward model")
+        return f"{self.plan.world} process(es), {zero}, {actor}; {critic}"
 
     # --------------------------------------------------------------- reference
     def reference_logprobs(self, full_ids: torch.Tensor, full_mask: torch.Tensor, q_len: int) -> torch.Tensor:
