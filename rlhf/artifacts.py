@@ -135,6 +135,12 @@ class Artifact:
     def metrics(self) -> dict:
         return self.manifest.get("metrics", {})
 
+    @property
+    def use_chat_template(self) -> bool:
+        """Whether prompts were rendered with the chat template: what every later stage and
+        `rlhf generate` must do too (True, the config's default, for manifests without it)."""
+        return bool(self.manifest.get("model", {}).get("use_chat_template", True))
+
     def parent_ref(self) -> dict:
         return {"stage": self.stage, "path": str(self.path.resolve()),
                 "manifest_sha256": sha256_file(self.path / MANIFEST)}
@@ -359,6 +365,17 @@ class StageClock:
         os.replace(tmp, self.path)
 
 
+def hf_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of each `checkpoint-N` the HF trainer wrote completely (its trainer_state.json
+    exists), oldest first."""
+    found = []
+    for p in Path(ckpt_dir).glob("checkpoint-*"):
+        step = p.name[len("checkpoint-"):]
+        if step.isdigit() and (p / "trainer_state.json").is_file():
+            found.append((int(step), p))
+    return sorted(found)
+
+
 def resume_point(artifact_dir: str | Path, stage: str) -> str | None:
     """Where a re-run of an unfinished stage continues ("update 5", "step 40"), or None when it
     has no complete checkpoint (a re-run starts over)."""
@@ -369,9 +386,8 @@ def resume_point(artifact_dir: str | Path, stage: str) -> str | None:
             return f"update {json.loads(state.read_text())['update']}"
         except (ValueError, KeyError):
             return None
-    steps = [int(p.name.split("-")[1]) for p in ckpt.glob("checkpoint-*")
-             if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
-    return f"step {max(steps)}" if steps else None
+    found = hf_checkpoints(ckpt)
+    return f"step {found[-1][0]}" if found else None
 
 
 def leftovers(artifact_dir: str | Path, stage: str) -> list[Path]:

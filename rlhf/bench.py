@@ -96,7 +96,7 @@ def _models(a: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any, Any, dict, 
         actor = models.load_causal_lm(str(sft.path), dtype)
         critic = models.load_reward_model(str(rm.path), dtype, tok.pad_token_id)
         reward = models.load_reward_model(str(rm.path), dtype, tok.pad_token_id)
-        use_template = sft.manifest.get("model", {}).get("use_chat_template", True)
+        use_template = sft.use_chat_template
         return tok, actor, critic, reward, rm.manifest["reward_stats"], use_template, f"artifacts in {a.artifact_dir}"
     if a.model:
         tok = models.load_tokenizer(a.model, cfg.model.trust_remote_code)

@@ -3,14 +3,13 @@ training arguments from the stage config, metric forwarding, resume, and the
 collective save that precedes a publish."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from rlhf import distributed, faults
+from rlhf import artifacts, distributed, faults
 from rlhf.tracking import Tracker
 
 
@@ -47,14 +46,10 @@ def trainer_kwargs(stage_cfg: Any, *, output_dir: Path, ds_config: dict, seed: i
     )
 
 
-def last_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest `checkpoint-N` that was written completely (its trainer_state.json exists)."""
-    found = []
-    for p in ckpt_dir.glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return str(max(found)[1]) if found else None
+def last_checkpoint(ckpt_dir: Path) -> tuple[str, int] | tuple[None, None]:
+    """(path, step) of the newest `checkpoint-N` written completely, or (None, None)."""
+    found = artifacts.hf_checkpoints(ckpt_dir)
+    return (str(found[-1][1]), found[-1][0]) if found else (None, None)
 
 
 class TrackerCallback(TrainerCallback):

@@ -30,10 +30,11 @@ def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     """(B,) scalar reward read at each row's last attended token (rows may be left- and
     right-padded, as PPO's query|response rows are). Training, evaluation and PPO all score
     through this one function."""
-    from rlhf.models import last_token_index, token_values
+    from rlhf.models import token_values
+    from rlhf.ppo.core import last_index
 
     values = token_values(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))  # (B, T)
-    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+    return values.gather(1, last_index(attention_mask)[:, None]).squeeze(1)
 
 
 def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     if done:
         return done
     # read before anything is written: a data error leaves no checkpoint dir behind
-    use_template = sft.manifest.get("model", {}).get("use_chat_template", mc.use_chat_template)
+    use_template = sft.use_chat_template
     train_prompts = load_prompts(train_src)  # rendered when drawn (PromptStream)
     eval_raw = load_prompts(c.eval_prompts)[: cfg.eval.num_prompts] if c.eval_prompts else []
     gold = load_gold_scorer(cfg.eval.gold_scorer) if cfg.eval.gold_scorer else None

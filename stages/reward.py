@@ -53,7 +53,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     models.resize_for_tokenizer(model, tokenizer)
     if c.lora:
         model = models.add_lora(model, mc.lora, "SEQ_CLS")
-    use_template = sft.manifest.get("model", {}).get("use_chat_template", mc.use_chat_template)
+    use_template = sft.use_chat_template
 
     # 3. data: pairs -> token ids, truncation counted, pairs identical after truncation dropped
     def encode(pairs, name):
@@ -86,9 +86,9 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     args = RewardConfig(**trainer_kwargs(c, output_dir=ckpt_dir, ds_config=ds_config, seed=cfg.seed, dtype=mc.dtype),
                         center_rewards_coefficient=c.center_rewards_coefficient, disable_dropout=True,
                         remove_unused_columns=False)
-    resume_from = last_checkpoint(ckpt_dir) if resuming else None
+    resume_from, resume_step = last_checkpoint(ckpt_dir) if resuming else (None, None)
     tracker = Tracker(cfg.artifact_dir, REWARD, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
-                      resume_step=int(resume_from.rsplit("-", 1)[1]) if resume_from else None, clock=clock)
+                      resume_step=resume_step, clock=clock)
     trainer = WeightedRewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                                     data_collator=WeightedPreferenceCollator(pad_token_id=tokenizer.pad_token_id),
                                     callbacks=[TrackerCallback(tracker)], groups=[r["group"] for r in train_rows])

@@ -94,8 +94,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     ds_config = distributed.deepspeed_config(cfg.deepspeed, mc.dtype)
     args = SFTConfig(**trainer_kwargs(c, output_dir=ckpt_dir, ds_config=ds_config, seed=cfg.seed, dtype=mc.dtype),
                      completion_only_loss=True, packing=c.packing, dataset_num_proc=None)
-    resume_from = last_checkpoint(ckpt_dir) if resuming else None
-    resume_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else None
+    resume_from, resume_step = last_checkpoint(ckpt_dir) if resuming else (None, None)
     tracker = Tracker(cfg.artifact_dir, SFT, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
                       resume_step=resume_step, clock=clock)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

@@ -79,8 +79,10 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last real token of each right-padded row (0 for an empty row)."""
-    return (mask.sum(dim=1) - 1).clamp_min(0).long()
+    """(B,) index of the last real (mask 1) position of each row, however it is padded: left,
+    right or both (a left-padded prompt followed by a right-padded response); 0 for an empty row."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.long() * positions).argmax(dim=1)
 
 
 def kl_penalty_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,10 +76,10 @@ def value_forward(critic: Any, full_ids: torch.Tensor, full_mask: torch.Tensor, 
 def packed_scores(model: Any, full_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
     """(B,) reward-model scores at each row's last real token (rlhf.scoring.reward_scores), with the
     rows packed and the head applied to those B positions only."""
-    from rlhf.models import last_token_index
+    from rlhf.ppo.core import last_index
 
     rows = torch.arange(full_ids.shape[0], device=full_ids.device)
-    return head_at(model, full_ids, full_mask, rows, last_token_index(full_mask)).squeeze(-1).float()
+    return head_at(model, full_ids, full_mask, rows, last_index(full_mask)).squeeze(-1).float()
 
 
 def in_chunks(fn: Callable[[slice], Any], n: int, chunk: int) -> list:
