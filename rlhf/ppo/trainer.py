@@ -91,15 +91,20 @@ def make_engine(model: Any, lr: float, ds_cfg: dict, num_updates: int, steps_per
 
 
 def make_inference(model: Any, ds: Any, dtype: str) -> Any:
-    """A frozen model: sharded by a ZeRO-3 inference engine under ZeRO-3, else moved to the device."""
+    """A frozen model: sharded by a ZeRO-3 inference engine under ZeRO-3, else moved to the device.
+    The engine's DeepSpeed JSON is the pipeline's (deepspeed.config_file, parameter offload),
+    without what only training uses (an optimizer to offload)."""
     model.eval()
     model.requires_grad_(False)
     if ds.zero_stage != 3:
         return model.to(distributed.device())
     import deepspeed
 
-    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": dtype == "bfloat16"},
-           "fp16": {"enabled": dtype == "float16"}, "steps_per_print": 10**9}
+    cfg = distributed.deepspeed_config(ds, dtype, micro_batch=1, grad_accum=1, grad_clip=0.0,
+                                       train_batch=distributed.world_size())
+    cfg["zero_optimization"].pop("offload_optimizer", None)
+    cfg.pop("optimizer", None)
+    cfg.pop("scheduler", None)
     engine, *_ = deepspeed.initialize(model=model, config=cfg)
     engine.eval()
     return engine
