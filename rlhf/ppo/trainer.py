@@ -240,7 +240,7 @@ class PPOTrainer:
                 return policy_forward(self.actor, full_ids, full_mask, q_len, self.ref_sampling)[0]
         return policy_forward(self.ref, full_ids, full_mask, q_len, self.ref_sampling)[0]
 
-    def scores(self, full_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
+    def raw_scores(self, full_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
         """(B,) raw reward-model scores of query+response sequences."""
         if self.critic_lora:  # the reward model is the critic's frozen base
             with self.critic.module.disable_adapter():
@@ -266,7 +266,7 @@ class PPOTrainer:
                                      max_new_tokens=max_new_tokens or c.max_new_tokens, sampling=sampling,
                                      max_prompt_length=c.max_prompt_length, device=self.device, synced_gpus=synced,
                                      with_logprobs=not reference and sampling == self.sampling))
-        scores = [self.scores(torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1))
+        scores = [self.raw_scores(torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1))
                   for g in gens]
         return gens, torch.cat(scores)
 
@@ -299,95 +299,114 @@ class PPOTrainer:
                          synced_gpus=synced, with_logprobs=c.logprobs_from_generation)
         q_len = g.query_ids.shape[1]
         with self.timer("scoring"):
-            return score_rollout(actor=self.actor, critic=self.critic, reward=self.scores,
+            return score_rollout(actor=self.actor, critic=self.critic, reward=self.raw_scores,
                                  reference=lambda ids, mask: self.reference_logprobs(ids, mask, q_len),
                                  query_ids=g.query_ids, query_mask=g.query_mask, response_ids=g.response_ids,
                                  response_mask=g.response_mask, ended=g.ended, sampling=self.sampling,
                                  chunk=c.forward_batch_size, value_scale=self.value_scale, logprobs=g.logprobs)
 
     def step(self, prompt_texts: list[str]) -> dict:
-        c, plan = self.c, self.plan
+        """One PPO update on `prompt_texts` (this process's share): the numbered maths below."""
+        c = self.c
         t0 = time.time()
-        # 1-2. rollout and scores -------------------------------------------------------
-        ro = self.rollout(prompt_texts)
+        # 1. rollout: sample responses, score them with the reference, critic and reward model
+        rollout = self.rollout(prompt_texts)
         t_rollout = time.time() - t0
-        mask = ro.response_mask.float()                                       # (B, R)
-        scores = (ro.raw_scores - self.score_mean) / self.score_std           # (B,) normalised by reward_stats
+        mask = rollout.response_mask.float()                                   # (B, R) 1 on response tokens
+        # 2. sequence scores in normalised units (reward_stats), EOS penalty, clip        (B,)
+        scores = (rollout.raw_scores - self.score_mean) / self.score_std
         if c.missing_eos_penalty is not None:
-            scores = scores - c.missing_eos_penalty * (~ro.ended).float()
+            scores = scores - c.missing_eos_penalty * (~rollout.ended).float()
         if c.score_clip is not None:
             scores = scores.clamp(-c.score_clip, c.score_clip)
         check_finite("the reward model's scores", scores)
-        # 3. KL-shaped per-token rewards ----------------------------------------------------
-        kl = core.kl_estimate(ro.logprobs, ro.ref_logprobs, c.kl_estimator) * mask   # (B, R)
+        # 3. per-token rewards: -beta * KL_t at every token, plus the score at the last one (B, R)
+        kl = core.kl_estimate(rollout.logprobs, rollout.ref_logprobs, c.kl_estimator) * mask
         rewards, non_score = core.kl_penalty_rewards(scores, kl, self.kl_ctl.value, mask)
         if c.whiten_rewards:
             rewards = core.masked_whiten(rewards, mask, shift_mean=False)
-        # 4. GAE -------------------------------------------------------------------------
-        advantages, returns = core.gae(rewards, ro.values, mask, c.gamma, c.lam)
+        # 4. advantages and returns by GAE over the critic's values, advantages whitened   (B, R)
+        advantages, returns = core.gae(rewards, rollout.values, mask, c.gamma, c.lam)
         advantages = core.masked_whiten(advantages, mask)
         check_finite("the advantages", advantages)
-        # 5. PPO epochs over shuffled mini-batches --------------------------------------------
+        # 5. PPO epochs: clipped policy and value losses over shuffled mini-batches
         t1 = time.time()
+        stats = self._ppo_epochs(rollout, mask, advantages, returns)          # name -> (micro-batches,)
+        t_update = time.time() - t1
+        # 6. the KL controller sees this rollout's KL; metrics
+        mean_kl = float(distributed_mean(kl.sum(1).mean()))
+        self.kl_ctl.update(mean_kl, self.plan.episodes_per_update)
+        self.update += 1
+        metrics = self._metrics(rollout, mask, scores, non_score, mean_kl, stats,
+                                {"rollout": t_rollout, "update": t_update, "step": time.time() - t0})
+        self._check_metrics(metrics, mean_kl)
+        return metrics
+
+    def _ppo_epochs(self, rollout: Rollout, mask: torch.Tensor, advantages: torch.Tensor,
+                    returns: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ppo_epochs passes over the rollout in shuffled mini-batches (micro-batches accumulated):
+        the actor steps on the clipped policy loss, the critic on the clipped value loss. Per
+        micro-batch statistics stay on the device: (micro-batches,) each, read once per update."""
+        c, plan, timer = self.c, self.plan, self.timer
         self.actor.train()
         self.critic.train()
-        # per micro-batch statistics stay on the device until the update ends (one host sync, not 7 each)
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac",
-                                                                "approxkl", "entropy", "ratio")}
-        q = ro.query_ids.shape[1]
-        full_ids, full_mask = ro.full_ids, ro.full_mask
+                                                                "approxkl", "entropy", "ratio", "first_ratio_dev")}
+        q_len = rollout.query_ids.shape[1]
+        full_ids, full_mask = rollout.full_ids, rollout.full_mask               # (B, Q+R)
         n = full_ids.shape[0]
-        first_ratio_dev: torch.Tensor | None = None
-        timer = self.timer
         for _ in range(c.ppo_epochs):
             order = torch.randperm(n)
-            for ms in range(0, n, plan.mini_batch):
-                mini = order[ms:ms + plan.mini_batch]
-                for us in range(0, len(mini), plan.micro_batch):
-                    idx = mini[us:us + plan.micro_batch]
-                    m = mask[idx]
+            for mini_start in range(0, n, plan.mini_batch):
+                mini = order[mini_start:mini_start + plan.mini_batch]
+                for micro_start in range(0, len(mini), plan.micro_batch):
+                    idx = mini[micro_start:micro_start + plan.micro_batch]
+                    micro_mask = mask[idx]                                       # (b, R)
+                    old_logp = rollout.logprobs[idx]                             # (b, R)
                     with timer("forward_backward"):
-                        logp, ent = policy_forward(self.actor, full_ids[idx], full_mask[idx], q, self.sampling,
-                                                   with_entropy=True)
-                        if first_ratio_dev is None:  # before any step pi == pi_old: a deviation means dropout or a
-                            # sampling/scoring mismatch (always-on diagnostic, N+ "ratio is 1 at the start")
-                            first_ratio_dev = (((logp.detach() - ro.logprobs[idx]).exp() - 1).abs() * m).max()
-                        pg_loss, pg = core.policy_loss(logp, ro.logprobs[idx], advantages[idx], m, c.cliprange)
+                        logp, entropy = policy_forward(self.actor, full_ids[idx], full_mask[idx], q_len,
+                                                       self.sampling, with_entropy=True)   # (b, R) each
+                        if not stats["first_ratio_dev"]:  # before any step pi == pi_old: a deviation means
+                            # dropout or a sampling/scoring mismatch (N+: "the ratio is 1 at the start")
+                            stats["first_ratio_dev"].append(
+                                (((logp.detach() - old_logp).exp() - 1).abs() * micro_mask).max())
+                        pg_loss, pg_stats = core.policy_loss(logp, old_logp, advantages[idx], micro_mask, c.cliprange)
                         check_finite("the policy loss", pg_loss)
                         self.actor.backward(pg_loss)
                     with timer("optimizer"):
                         self.actor.step()
                     with timer("forward_backward"):
-                        values = value_forward(self.critic, full_ids[idx], full_mask[idx], q, self.value_scale)
-                        vf_loss, vf = core.value_loss(values, ro.values[idx], returns[idx], m, c.cliprange_value)
+                        values = value_forward(self.critic, full_ids[idx], full_mask[idx], q_len, self.value_scale)
+                        vf_loss, vf_stats = core.value_loss(values, rollout.values[idx], returns[idx], micro_mask,
+                                                            c.cliprange_value)
                         check_finite("the value loss", vf_loss)
+                        # vf_coef scales the critic's loss before its gradient clipping (max_grad_norm);
+                        # the critic has its own Adam, which is invariant to a constant loss scale
                         self.critic.backward(c.vf_coef * vf_loss)
                     with timer("optimizer"):
                         self.critic.step()
-                    for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg["clipfrac"]),
-                                 ("vf_clipfrac", vf["clipfrac"]), ("approxkl", pg["approxkl"]),
-                                 ("entropy", core.masked_mean(ent, m)), ("ratio", pg["ratio"])):
+                    for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_stats["clipfrac"]),
+                                 ("vf_clipfrac", vf_stats["clipfrac"]), ("approxkl", pg_stats["approxkl"]),
+                                 ("entropy", core.masked_mean(entropy, micro_mask)), ("ratio", pg_stats["ratio"])):
                         stats[k].append(v.detach())
-        t_update = time.time() - t1
-        # 6. controller, metrics ------------------------------------------------------------
-        mean_kl = float(distributed_mean(kl.sum(1).mean()))
-        self.kl_ctl.update(mean_kl, plan.episodes_per_update)
-        self.update += 1
-        stacked = {k: torch.stack(v).float() for k, v in stats.items()}  # (micro-batches,) each
-        means = distributed_mean(torch.stack([stacked[k].mean() for k in stacked])).tolist()
-        mean = dict(zip(stacked, means))
-        ratio_t = stacked["ratio"]
+        return {k: torch.stack(v).float() for k, v in stats.items()}
+
+    def _metrics(self, rollout: Rollout, mask: torch.Tensor, scores: torch.Tensor, non_score: torch.Tensor,
+                 mean_kl: float, stats: dict[str, torch.Tensor], seconds: dict[str, float]) -> dict:
+        """The update's metrics, averaged over processes (names follow TRL's PPO trainer)."""
+        plan = self.plan
+        names = [k for k in stats if k != "first_ratio_dev"]
+        mean = dict(zip(names, distributed_mean(torch.stack([stats[k].mean() for k in names])).tolist()))
         tokens = float(distributed_mean(mask.sum())) * plan.world
-        elapsed = time.time() - t0
-        phases = self.timer.take()
-        metrics = {
+        elapsed = seconds["step"]
+        return {
             "objective/kl": mean_kl,
             "objective/kl_coef": self.kl_ctl.value,
-            "objective/entropy": float(distributed_mean((-ro.logprobs * mask).sum(1).mean())),
+            "objective/entropy": float(distributed_mean((-rollout.logprobs * mask).sum(1).mean())),
             "objective/non_score_reward": float(distributed_mean(non_score.sum(1).mean())),
             "objective/rlhf_reward": float(distributed_mean((scores + non_score.sum(1)).mean())),
             "objective/scores": float(distributed_mean(scores.mean())),
-            "objective/raw_scores": float(distributed_mean(ro.raw_scores.mean())),
+            "objective/raw_scores": float(distributed_mean(rollout.raw_scores.mean())),
             "policy/approxkl_avg": mean["approxkl"],
             "policy/clipfrac_avg": mean["pg_clipfrac"],
             "policy/entropy_avg": mean["entropy"],
@@ -395,20 +414,21 @@ class PPOTrainer:
             "loss/value_avg": mean["vf_loss"],
             "val/clipfrac_avg": mean["vf_clipfrac"],
             "val/ratio": mean["ratio"],
-            "val/ratio_var": float(distributed_mean(ratio_t.var(unbiased=False))),
-            "policy/first_ratio_dev": float(distributed_mean(first_ratio_dev if first_ratio_dev is not None
-                                                             else torch.tensor(0.0))),
-            "val/num_eos_tokens": float(distributed_mean(ro.ended.float().sum())) * plan.world,
+            "val/ratio_var": float(distributed_mean(stats["ratio"].var(unbiased=False))),
+            "policy/first_ratio_dev": float(distributed_mean(stats["first_ratio_dev"].max())),
+            "val/num_eos_tokens": float(distributed_mean(rollout.ended.float().sum())) * plan.world,
             "val/response_length": float(distributed_mean(mask.sum(1).mean())),
             "lr": self.actor.get_lr()[0],
             "episode": self.update * plan.episodes_per_update,
-            "time/rollout": t_rollout,
-            "time/update": t_update,
-            "time/step": elapsed,
-            **{f"time/{k}": v for k, v in phases.items()},
+            **{f"time/{k}": v for k, v in seconds.items()},
+            **{f"time/{k}": v for k, v in self.timer.take().items()},
             "throughput/episodes_per_s": plan.episodes_per_update / elapsed,
             "throughput/tokens_per_s": tokens / elapsed,
         }
+
+    def _check_metrics(self, metrics: dict, mean_kl: float) -> None:
+        """Stop on a non-finite metric; warn when the update runs away or KL leaves the budget."""
+        c = self.c
         for k, v in metrics.items():
             if not math.isfinite(v):
                 raise NonFiniteError(f"metric {k} is {v}; training stopped before any checkpoint of this state")
@@ -417,7 +437,6 @@ class PPOTrainer:
                           f"({metrics['policy/approxkl_avg']:.3f}) is running away; lower ppo.learning_rate or ppo.ppo_epochs")
         if c.target_kl is None and mean_kl > 10 * max(c.kl_budget, 1e-6):
             warnings.warn(f"PPO update {self.update}: KL to the reference is {mean_kl:.2f}, far above ppo.kl_budget={c.kl_budget}")
-        return metrics
 
     # --------------------------------------------------------------- checkpoints
     def save(self, ckpt_dir: Path, stream: PromptStream) -> None:
