@@ -151,12 +151,18 @@ class PPOStageConfig:
     target_kl: float | None = _f(None, "set to use the adaptive KL controller (Ziegler et al. 2019) with this target")
     kl_horizon: int = _f(10000, "adaptive controller horizon, in episodes")
     kl_estimator: str = _f("k1", "per-token KL estimator in the reward: k1, k2 or k3")
-    kl_budget: float = _f(10.0, "final KL(PPO || SFT) per response the run is expected to stay within (checked and reported)")
+    kl_budget: float = _f(10.0, "KL(PPO || SFT) per response on the held-out prompts the published policy must stay "
+                                "within (the guard selects only such updates; with early_stop, exceeding it stops)")
+    keep_best: str = _f("auto", "the evaluation metric the published policy is chosen by: gold_score, rm_score, "
+                                "auto (gold_score with eval.gold_scorer, else rm_score) or last (the last update)")
+    early_stop: int | None = _f(None, "stop after this many held-out evaluations without improvement of keep_best's "
+                                      "metric, or when one exceeds kl_budget (None = run every update)")
     gamma: float = _f(1.0, "discount")
     lam: float = _f(0.95, "GAE lambda")
     cliprange: float = _f(0.2, "policy ratio clip")
     cliprange_value: float = _f(0.2, "value clip")
-    vf_coef: float = _f(0.1, "value loss weight")
+    vf_coef: float = _f(0.1, "scale of the value loss before the critic's gradient clipping (the critic has its own "
+                              "Adam, which a constant loss scale does not change otherwise)")
     whiten_rewards: bool = _f(False, "whiten the shaped rewards before GAE")
     score_clip: float | None = _f(None, "clip normalised scores to [-score_clip, score_clip]")
     missing_eos_penalty: float | None = _f(1.0, "subtracted from the score of a response without EOS (None = off)")
@@ -179,6 +185,11 @@ class EvalConfig:
     gold_scorer: str | None = _f(None, "path/to/file.py:function mapping (prompt, response) -> float; evaluation only", path=True)
     max_new_tokens: int | None = _f(None, "longest response in the final evaluation; default: ppo.max_new_tokens")
     num_prompts: int = _f(128, "held-out prompts used for samples and evaluation")
+    every: int | None = _f(None, "PPO updates between held-out evaluations (also at update 0 and the last); "
+                                 "default: an eighth of the run")
+    best_of_n: list = _f([1, 2, 4, 8, 16], "n of the best-of-n baseline (SFT samples, the reward model's favourite "
+                                           "kept); [] = off")
+    best_of_n_prompts: int = _f(32, "held-out prompts the best-of-n baseline samples on")
 
 
 @dataclass(frozen=True)
@@ -403,6 +414,15 @@ def _validate(cfg: Any, where: str) -> None:
             raise bad("top_p", f"must be in (0, 1], got {cfg.top_p}")
         if cfg.kl_coef < 0:
             raise bad("kl_coef", f"must be >= 0, got {cfg.kl_coef}")
+        if cfg.keep_best not in ("auto", "gold_score", "rm_score", "last"):
+            raise bad("keep_best", f"must be auto, gold_score, rm_score or last, got {cfg.keep_best!r}")
+        if cfg.early_stop is not None and cfg.early_stop < 1:
+            raise bad("early_stop", f"must be >= 1 evaluations (or unset), got {cfg.early_stop}")
+    if isinstance(cfg, EvalConfig):
+        if cfg.every is not None and cfg.every < 1:
+            raise bad("every", f"must be >= 1 updates (or unset), got {cfg.every}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in cfg.best_of_n):
+            raise bad("best_of_n", f"must be a list of integers >= 1, got {cfg.best_of_n!r}")
     if isinstance(cfg, ScratchModelConfig) and cfg.hidden_size % cfg.num_heads:
         raise bad("num_heads", f"{cfg.num_heads} must divide hidden_size={cfg.hidden_size}")
 
@@ -410,7 +430,8 @@ def _validate(cfg: Any, where: str) -> None:
 _POSITIVE = {"epochs", "learning_rate", "critic_learning_rate", "batch_size", "grad_accum", "max_length",
              "total_episodes", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
              "vocab_size", "hidden_size", "num_layers", "num_heads", "save_steps", "save_every",
-             "logging_steps", "forward_batch_size", "num_prompts", "max_prompt_length", "stats_samples"}
+             "logging_steps", "forward_batch_size", "num_prompts", "max_prompt_length", "stats_samples",
+             "best_of_n_prompts"}
 
 
 def require(value: Any, key: str, what: str) -> Any:

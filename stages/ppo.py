@@ -7,9 +7,9 @@ import time
 
 from rlhf import artifacts, distributed, faults, models
 from rlhf.artifacts import PPO, REWARD, SFT
-from rlhf.config import PipelineConfig, require
+from rlhf.config import ConfigError, PipelineConfig, require
 from rlhf.data import load_prompts, render_prompt
-from rlhf.ppo.evaluation import evaluate, sample_rows
+from rlhf.ppo.evaluation import Selector, best_of_n, evaluate, held_out_point, sample_rows
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
 from rlhf.scoring import load_gold_scorer
 from rlhf.stage_io import finish, open_checkpoints, say, skip_if_up_to_date
@@ -69,38 +69,82 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     # 4. train ----------------------------------------------------------------------------
     trainer = PPOTrainer(cfg=c, ds=cfg.deepspeed, dtype=mc.dtype, actor_model=actor, critic_model=critic,
                          reward_model=reward_model, ref_model=ref, tokenizer=tokenizer, reward_stats=reward_stats)
-    if resuming and trainer.load(ckpt_dir, stream):
+    resumed = resuming and trainer.load(ckpt_dir, stream)
+    if resumed:
         say(PPO, f"resuming from update {trainer.update} (kl_coef={trainer.kl_ctl.value:.4g})")
     tracker = Tracker(cfg.artifact_dir, PPO, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
-                      resume_step=trainer.update if trainer.update else None, clock=clock)
+                      resume_step=trainer.update if resumed else None, clock=clock)
     plan = trainer.plan
     say(PPO, f"{plan.num_updates} updates x {plan.episodes_per_update} episodes, {trainer.describe()}")
+    # held-out evaluation every eval.every updates, the over-optimisation guard and the best-of-n baseline
+    eval_texts = [render_prompt(tokenizer, p, use_template) for p in eval_raw]
+    eval_tokens = cfg.eval.max_new_tokens or c.max_new_tokens
+    every = cfg.eval.every or max(1, plan.num_updates // 8)
+    selector = Selector(_guard_metric(c.keep_best, gold), c.kl_budget, c.early_stop)
+    if "selector" in trainer.extra_state:
+        selector.load_state_dict(trainer.extra_state["selector"])
+    bon = trainer.extra_state.get("best_of_n")
+    if bon is None and eval_raw and cfg.eval.best_of_n:
+        n_p = cfg.eval.best_of_n_prompts
+        bon = best_of_n(trainer, eval_raw[:n_p], eval_texts[:n_p], gold, cfg.eval.best_of_n, eval_tokens)
+        say(PPO, "best-of-n baseline: " + ", ".join(
+            f"n={r['n']} rm={r['rm_score']:.3f}" + (f" gold={r['gold_score']:.3f}" if r["gold_score"] is not None else "")
+            for r in bon))
+    best_file = ckpt_dir / "best" / "policy.safetensors"
+
+    def evaluate_now() -> tuple[dict, str | None]:
+        point = held_out_point(trainer, eval_raw, eval_texts, gold, eval_tokens)
+        new_best, stop = selector.observe(trainer.update, point)
+        if new_best and selector.metric is not None:  # kept on disk, so that a kill does not lose it
+            trainer.save_policy_weights(best_file.with_name(f"update-{trainer.update}.safetensors"))
+        return point, stop
+
+    stop_reason, metrics = None, {}
+    if eval_raw and not selector.curve:  # update 0: the SFT policy itself
+        point, stop_reason = evaluate_now()
+        tracker.log({**point, "episode": 0}, step=0)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=plan.num_updates, initial=trainer.update, desc="ppo", disable=not distributed.is_main())
     t_loop = time.time()
-    while trainer.update < plan.num_updates:
+    while trainer.update < plan.num_updates and stop_reason is None:
         metrics = trainer.step(stream.next(plan.rollout_batch))
-        tracker.log(metrics, step=trainer.update)
+        point = {}
+        if eval_raw and (trainer.update % every == 0 or trainer.update == plan.num_updates):
+            point, stop_reason = evaluate_now()
+        tracker.log({**metrics, **point}, step=trainer.update)
         faults.point("train:step")
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if trainer.update % c.sample_every == 0 and eval_raw:
-            tracker.table("samples", ["update", "prompt", "response", "rm_score"],
+            tracker.table(f"samples/update_{trainer.update}", ["update", "prompt", "response", "rm_score"],
                           sample_rows(trainer, eval_raw[:8], use_template))
-        if trainer.update % c.save_every == 0 and trainer.update < plan.num_updates:
-            trainer.save(ckpt_dir, stream)
+        if trainer.update % c.save_every == 0 and trainer.update < plan.num_updates and stop_reason is None:
+            trainer.save(ckpt_dir, stream, extra={"selector": selector.state_dict(), "best_of_n": bon})
+            if distributed.is_main():  # best-policy files of updates the checkpoint no longer refers to
+                for f in best_file.parent.glob("update-*.safetensors"):
+                    if f.name != f"update-{selector.best_update}.safetensors":
+                        f.unlink(missing_ok=True)
     bar.close()
+    stop_reason = stop_reason or "completed"
+    selected = trainer.update
+    if selector.metric is not None and selector.best_update is not None and selector.best_update != trainer.update:
+        trainer.load_policy_weights(best_file.with_name(f"update-{selector.best_update}.safetensors"))
+        selected = selector.best_update
+    if stop_reason != "completed" or selected != trainer.update:
+        say(PPO, f"stopped: {stop_reason} after update {trainer.update}; publishing the policy of update {selected} "
+                 f"({selector.metric} {selector.best_value if selector.best_value is None else round(selector.best_value, 4)})")
 
     # 5. evaluate and publish -----------------------------------------------------------------
     t_eval = time.time()
     faults.point("evaluation:start")
-    eval_tokens = cfg.eval.max_new_tokens or c.max_new_tokens
     evaluation, samples = evaluate(trainer, eval_raw, use_template, gold, eval_tokens) if eval_raw else ({}, [])
     # where this invocation's time went (a resumed run's loop covers only its own updates)
     seconds = {"setup_s": t_loop - started, "loop_s": t_eval - t_loop, "evaluation_s": time.time() - t_eval}
-    final = {k: v for k, v in metrics.items()} if plan.num_updates else {}
+    final = metrics
     result_metrics = {"updates": trainer.update, "episodes": trainer.update * plan.episodes_per_update,
+                      "selected_update": selected, "stop_reason": stop_reason, "guard_metric": selector.metric,
+                      "eval_curve": [_curve_row(p) for p in selector.curve], "best_of_n": bon or [],
                       "final_objective_scores": final.get("objective/scores"), "final_objective_kl": final.get("objective/kl"),
                       "final_kl_coef": trainer.kl_ctl.value, "kl_budget": c.kl_budget, **evaluation,
                       **{f"time_{k}": v for k, v in seconds.items()}}
@@ -119,6 +163,23 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                          "critic": "critic/",
                          "critic_value_scale": {"mean": trainer.value_scale[0], "std": trainer.value_scale[1],
                                                 "meaning": "values in PPO units = (head output - mean) / std"}})
+
+
+def _guard_metric(keep_best: str, gold) -> str | None:
+    """The eval/* metric the published policy is chosen by (ppo.keep_best); None: the last update."""
+    if keep_best == "auto":
+        return "eval/gold_score" if gold is not None else "eval/rm_score"
+    if keep_best == "last":
+        return None
+    if keep_best == "gold_score" and gold is None:
+        raise ConfigError("ppo.keep_best=gold_score needs eval.gold_scorer; use rm_score, auto or last")
+    return f"eval/{keep_best}"
+
+
+def _curve_row(point: dict) -> dict:
+    return {"update": point["update"], "kl": point["eval/kl_to_sft"], "rm_score": point["eval/rm_score"],
+            "gold_score": point.get("eval/gold_score"), "response_length": point["eval/response_length"],
+            "eos_rate": point["eval/eos_rate"]}
 
 
 def _check_reward_stats(reward_stats: dict, c, rm_path) -> None:

@@ -3,6 +3,7 @@ prompts (reward-model score, gold score, KL, win rates, length, EOS rate), and t
 rows logged while training. Built on PPOTrainer's public surface (sample, kl_to_reference)."""
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -57,3 +58,113 @@ def sample_rows(trainer: Any, prompts: list, use_template: bool) -> list[list]:
     gs, scores = trainer.sample(texts)
     responses = [t for g in gs for t in decode_responses(trainer.tokenizer, g)]
     return [[trainer.update, prompt_text(p), r, float(s)] for p, r, s in zip(prompts, responses, scores)]
+
+
+# ----------------------------------------------------------------- during training
+
+EVAL_KEYS = ("eval/rm_score", "eval/gold_score", "eval/kl_to_sft", "eval/response_length", "eval/eos_rate")
+
+
+def _seeded(seed: int):
+    """Sampling with a fixed seed that leaves the training's random streams where they were."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    ctx = torch.random.fork_rng(devices=devices)
+    ctx.__enter__()
+    torch.manual_seed(seed)
+    return ctx
+
+
+@torch.no_grad()
+def held_out_point(trainer: Any, prompts: list, texts: list[str], gold: Any, max_new_tokens: int) -> dict:
+    """The current policy on the fixed held-out prompts with a fixed sampling seed: mean RM score,
+    gold score (with a gold scorer), KL(policy || SFT) per response, response length, EOS rate.
+    Every rank calls it (sampling is collective under ZeRO-3); every rank gets the same figures."""
+    ctx = _seeded(EVAL_SEED)
+    try:
+        gens, rm = trainer.sample(texts, max_new_tokens=max_new_tokens)
+    finally:
+        ctx.__exit__(None, None, None)
+    kl = torch.cat([trainer.kl_to_reference(g) for g in gens])
+    out = {"eval/rm_score": float(rm.float().mean()), "eval/kl_to_sft": float(kl.mean()),
+           "eval/response_length": float(torch.cat([g.response_mask.sum(1) for g in gens]).float().mean()),
+           "eval/eos_rate": float(torch.cat([g.ended for g in gens]).float().mean())}
+    if gold is not None:
+        responses = [t for g in gens for t in decode_responses(trainer.tokenizer, g)]
+        out["eval/gold_score"] = statistics.fmean(gold(prompt_text(p), r) for p, r in zip(prompts, responses))
+    return out
+
+
+@torch.no_grad()
+def best_of_n(trainer: Any, prompts: list, texts: list[str], gold: Any, ns: list[int], max_new_tokens: int) -> list[dict]:
+    """The best-of-n baseline: n SFT responses per held-out prompt, the reward model's favourite
+    kept. [{n, kl, rm_score, gold_score}], kl the analytic KL of best-of-n sampling to the SFT
+    policy, log n - (n-1)/n (Stiennon et al. 2020, appendix G.3; an upper bound, Beirami et al.
+    2024). One pass draws max(n) samples; each n uses the first n of them."""
+    if not ns:
+        return []
+    top = max(ns)
+    ctx = _seeded(EVAL_SEED + 1)
+    rm, golds = [], []
+    try:
+        for _ in range(top):
+            gens, scores = trainer.sample(texts, reference=True, max_new_tokens=max_new_tokens,
+                                          sampling=trainer.reference_sampling)
+            rm.append(scores.float().cpu())
+            if gold is not None:
+                responses = [t for g in gens for t in decode_responses(trainer.tokenizer, g)]
+                golds.append(torch.tensor([gold(prompt_text(p), r) for p, r in zip(prompts, responses)]))
+    finally:
+        ctx.__exit__(None, None, None)
+    rm_t = torch.stack(rm)                                    # (max n, P)
+    gold_t = torch.stack(golds).float() if golds else None    # (max n, P)
+    out = []
+    for n in sorted(set(ns)):
+        pick = rm_t[:n].argmax(0, keepdim=True)               # (1, P) the RM's favourite of the first n
+        row = {"n": n, "kl": math.log(n) - (n - 1) / n, "rm_score": float(rm_t[:n].gather(0, pick).mean()),
+               "gold_score": float(gold_t[:n].gather(0, pick).mean()) if gold_t is not None else None}
+        out.append(row)
+    return out
+
+
+class Selector:
+    """The over-optimisation guard: which evaluated update to publish, and when to stop.
+
+    `metric` (an eval/* key; None: keep the last update) is maximised over the evaluations whose
+    KL to the SFT policy is within `kl_budget`. With `patience`, training stops once the metric
+    has not improved for that many evaluations, or as soon as an evaluation exceeds the KL
+    budget. Its state is plain data, saved with the PPO checkpoint."""
+
+    def __init__(self, metric: str | None, kl_budget: float, patience: int | None):
+        self.metric, self.kl_budget, self.patience = metric, kl_budget, patience
+        self.best_update: int | None = None
+        self.best_value: float | None = None
+        self.since_best = 0
+        self.curve: list[dict] = []
+
+    def observe(self, update: int, point: dict) -> tuple[bool, str | None]:
+        """Record an evaluation; (is it the new best?, stop reason or None)."""
+        self.curve.append({"update": update, **point})
+        within = point["eval/kl_to_sft"] <= self.kl_budget
+        value = point.get(self.metric) if self.metric else None
+        if self.metric is None:
+            better = within
+        else:
+            better = within and value is not None and (self.best_value is None or value > self.best_value)
+        if better:
+            self.best_update, self.best_value, self.since_best = update, value, 0
+        else:
+            self.since_best += 1
+        if self.patience:
+            if not within:
+                return better, "kl_budget"
+            if self.metric is not None and self.since_best >= self.patience:
+                return better, "no_improvement"
+        return better, None
+
+    def state_dict(self) -> dict:
+        return {"best_update": self.best_update, "best_value": self.best_value, "since_best": self.since_best,
+                "curve": self.curve}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_update, self.best_value = state["best_update"], state["best_value"]
+        self.since_best, self.curve = state["since_best"], list(state["curve"])

@@ -208,6 +208,7 @@ class PPOTrainer:
         self.score_mean, self.score_std = reward_stats["mean"], reward_stats["std"]
         self.value_scale = (self.score_mean, self.score_std)  # the critic's head read in normalised-score units
         self.update = 0
+        self.extra_state: dict = {}  # the stage's state from the checkpoint resumed (save's `extra`)
         self.device = distributed.device()
         self.gather = getattr(ds, "zero3_gather_for_generation", True)
         self.timer = PhaseTimer()
@@ -278,6 +279,42 @@ class PPOTrainer:
         q = g.query_ids.shape[1]
         logp = g.logprobs if g.logprobs is not None else policy_forward(self.actor, ids, mask, q, self.sampling)[0]
         return ((logp - self.reference_logprobs(ids, mask, q)) * g.response_mask).sum(1)
+
+    def save_policy_weights(self, path: Path) -> None:
+        """Collective: the actor's weights (LoRA adapters included, not merged) into the
+        safetensors file `path`, written by rank 0 (atomically): the over-optimisation guard's
+        best policy, restored by load_policy_weights."""
+        from safetensors.torch import save_file
+
+        sd = distributed.full_state_dict(self.actor, self.ds.zero_stage)
+        if distributed.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".part")
+            save_file({k: v.detach().clone().contiguous() for k, v in sd.items()}, str(tmp))
+            os.replace(tmp, path)
+        distributed.barrier()
+
+    def load_policy_weights(self, path: Path) -> None:
+        """Collective: the actor's parameters set from a save_policy_weights file (every rank
+        reads it from the shared artifact directory)."""
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+        params = dict(self.actor.module.named_parameters())
+        missing = [n for n in params if n not in sd]
+        if missing:
+            from rlhf.artifacts import ArtifactError
+
+            raise ArtifactError(f"{path}: saved policy weights lack {missing[:3]}; delete it and re-run")
+        gathered = nullcontext()
+        if self.ds.zero_stage == 3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0)
+        with gathered, torch.no_grad():
+            if self.ds.zero_stage != 3 or distributed.is_main():
+                for name, p in params.items():
+                    p.data.copy_(sd[name].to(p.dtype))
 
     def save_models(self, out_dir: Path) -> None:
         """Collective: the policy (merged when LoRA) into out_dir, the critic into out_dir/critic."""
@@ -439,8 +476,9 @@ class PPOTrainer:
             warnings.warn(f"PPO update {self.update}: KL to the reference is {mean_kl:.2f}, far above ppo.kl_budget={c.kl_budget}")
 
     # --------------------------------------------------------------- checkpoints
-    def save(self, ckpt_dir: Path, stream: PromptStream) -> None:
-        """Collective: DeepSpeed state of both engines under one tag, then (rank 0) state.json last."""
+    def save(self, ckpt_dir: Path, stream: PromptStream, extra: dict | None = None) -> None:
+        """Collective: DeepSpeed state of both engines under one tag, then (rank 0) state.json last.
+        `extra`: the stage's own state for this checkpoint (returned by load as self.extra_state)."""
         tag = f"update-{self.update}"
         self.actor.save_checkpoint(str(ckpt_dir / "actor"), tag=tag)
         self.critic.save_checkpoint(str(ckpt_dir / "critic"), tag=tag)
@@ -452,7 +490,7 @@ class PPOTrainer:
         if distributed.is_main():
             state = {"tag": tag, "update": self.update, "kl_ctl": self.kl_ctl.state_dict(),
                      "processes": self.plan.world, "engine_zero_stage": self.ds.zero_stage,
-                     "prompt_position": stream.position, "rng": all_rng}
+                     "prompt_position": stream.position, "rng": all_rng, "extra": extra or {}}
             tmp = ckpt_dir / "state.json.part"
             tmp.write_text(json.dumps(state))
             os.replace(tmp, ckpt_dir / "state.json")  # a checkpoint counts only once this exists
@@ -479,6 +517,7 @@ class PPOTrainer:
         self.actor.load_checkpoint(str(ckpt_dir / "actor"), tag=state["tag"])
         self.critic.load_checkpoint(str(ckpt_dir / "critic"), tag=state["tag"])
         self.update = state["update"]
+        self.extra_state = state.get("extra", {})
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         stream.position = state["prompt_position"]
         rngs = state.get("rng") or []

@@ -93,7 +93,7 @@ def test_ppo_killed_after_checkpoint_resumes(demo_run, tmp_path):
     assert f"resuming from update {saved['update']}" in proc.stdout
     assert f"kl_coef={saved['kl_ctl']['value']:.4g}" in proc.stdout
     rows = [json.loads(ln) for ln in (d / "metrics" / "ppo.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 21))  # rows after the checkpoint were replaced, not doubled
+    assert [r["step"] for r in rows] == list(range(0, 21))  # rows after the checkpoint were replaced, not doubled
     assert manifest(d, "ppo")["metrics"]["updates"] == 20
 
 

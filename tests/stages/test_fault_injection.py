@@ -167,7 +167,7 @@ def test_kills_in_every_stage_resume_truthfully(tmp_path):
         _nothing_half_published(d, "ppo")
     proc = _finish(cmd)
     m = _check_truthful(d, "ppo", steps=4, seconds=seconds, loss_key=None)
-    assert [r["step"] for r in _rows(d, "ppo")] == [1, 2, 3, 4]
+    assert [r["step"] for r in _rows(d, "ppo")] == [0, 1, 2, 3, 4]  # 0: the held-out evaluation of the SFT policy
     assert m["metrics"]["updates"] == 4 and math.isfinite(m["metrics"]["kl_ppo_vs_sft"])
 
     print(f"\nfault injection: {len(KILLS)} kills in {time.time() - t_all:.0f}s (seed {SEED}): {KILLS}")
