@@ -54,10 +54,19 @@ def test_ppo_raises_reward_within_kl_budget(demo_run):
     assert m["gold_score_ppo"] >= m["gold_score_sft"] + 0.5 * m["gold_score_sft_std"], m
     assert m["win_rate_gold"] > 0.6, m
     assert m["within_kl_budget"] and m["kl_ppo_vs_sft"] <= m["kl_budget"]
-    rows = [json.loads(ln) for ln in (demo_run / "metrics" / "ppo.jsonl").read_text().splitlines()]
+    every = [json.loads(ln) for ln in (demo_run / "metrics" / "ppo.jsonl").read_text().splitlines()]
+    rows = [r for r in every if "objective/kl" in r]  # one per update; row 0 is the SFT policy's evaluation
     assert len(rows) == m["updates"]
     for name in PPO_METRICS:
         assert all(isinstance(r[name], (int, float)) and math.isfinite(r[name]) for r in rows), name
+    # held-out evaluation during training: at update 0 and every eval.every updates, all five metrics
+    evals = [r for r in every if "eval/rm_score" in r]
+    assert len(evals) >= 6 and evals[0]["step"] == 0 and evals[-1]["step"] == m["updates"]
+    for name in ("eval/rm_score", "eval/gold_score", "eval/kl_to_sft", "eval/response_length", "eval/eos_rate"):
+        assert all(math.isfinite(r[name]) for r in evals), name
+    assert [p["update"] for p in m["eval_curve"]] == [r["step"] for r in evals]
+    assert m["stop_reason"] == "completed" and m["selected_update"] in [r["step"] for r in evals]
+    assert [b["n"] for b in m["best_of_n"]] == [1, 2, 4, 8, 16]
     samples = (demo_run / "ppo" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 128
     assert {p["stage"] for p in manifest(demo_run, "ppo")["parents"]} == {"sft", "reward"}
