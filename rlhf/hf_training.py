@@ -10,10 +10,12 @@ import torch
 from transformers import TrainerCallback
 
 from rlhf import artifacts, distributed, faults
+from rlhf.config import RewardStageConfig, SFTStageConfig
 from rlhf.tracking import Tracker
 
 
-def trainer_kwargs(stage_cfg: Any, *, output_dir: Path, ds_config: dict, seed: int, dtype: str) -> dict:
+def trainer_kwargs(stage_cfg: SFTStageConfig | RewardStageConfig, *, output_dir: Path, ds_config: dict, seed: int,
+                   dtype: str) -> dict:
     """TrainingArguments fields common to SFTConfig and RewardConfig, from a stage section."""
     return dict(
         output_dir=str(output_dir),

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from rlhf import distributed, faults
+from rlhf.config import DeepSpeedConfig, PPOStageConfig
 from rlhf.generation import Sampling, generate
 from rlhf.models import disable_dropout
 from rlhf.ppo import core
@@ -47,19 +48,19 @@ class Plan:
     episodes_per_update: int  # across processes
 
     @staticmethod
-    def make(c: Any, world: int) -> "Plan":
+    def make(c: PPOStageConfig, world: int) -> "Plan":
         per_update = c.rollout_batch_size * world
         return Plan(world=world, rollout_batch=c.rollout_batch_size, mini_batch=c.mini_batch_size,
                     micro_batch=c.mini_batch_size // c.grad_accum, grad_accum=c.grad_accum,
                     num_updates=max(1, math.ceil(c.total_episodes / per_update)), episodes_per_update=per_update)
 
 
-def engine_config(ds: Any, dtype: str, plan: Plan, grad_clip: float) -> dict:
+def engine_config(ds: DeepSpeedConfig, dtype: str, plan: Plan, grad_clip: float) -> dict:
     return distributed.deepspeed_config(ds, dtype, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
                                         grad_clip=grad_clip, train_batch=plan.micro_batch * plan.grad_accum * plan.world)
 
 
-def engine_deepspeed(ds: Any, dtype: str, world: int) -> Any:
+def engine_deepspeed(ds: DeepSpeedConfig, dtype: str, world: int) -> DeepSpeedConfig:
     """The DeepSpeed settings the PPO engines run with: as configured, except that a single process
     without offload has nothing to partition, so the engines run unpartitioned (stage 0: the same
     maths without ZeRO's per-gradient bucket copies, ~20 % of a CPU update on `rlhf bench`)."""
@@ -90,7 +91,7 @@ def make_engine(model: Any, lr: float, ds_cfg: dict, num_updates: int, steps_per
     return engine
 
 
-def make_inference(model: Any, ds: Any, dtype: str) -> Any:
+def make_inference(model: Any, ds: DeepSpeedConfig, dtype: str) -> Any:
     """A frozen model: sharded by a ZeRO-3 inference engine under ZeRO-3, else moved to the device.
     The engine's DeepSpeed JSON is the pipeline's (deepspeed.config_file, parameter offload),
     without what only training uses (an optimizer to offload)."""
@@ -179,8 +180,8 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 class PPOTrainer:
     """Owns the engines and runs updates; `stages/ppo.py` decides what to load and publish."""
 
-    def __init__(self, *, cfg: Any, ds: Any, dtype: str, actor_model: Any, critic_model: Any, reward_model: Any | None,
-                 ref_model: Any | None, tokenizer: Any, reward_stats: dict):
+    def __init__(self, *, cfg: PPOStageConfig, ds: DeepSpeedConfig, dtype: str, actor_model: Any, critic_model: Any,
+                 reward_model: Any | None, ref_model: Any | None, tokenizer: Any, reward_stats: dict):
         """`ref_model=None`: the actor is a LoRA model and the reference is its base (adapter
         disabled). `reward_model=None`: the critic is a LoRA model on the reward model, and the
         reward model is its base (adapter disabled). Neither keeps a second copy of the weights."""
