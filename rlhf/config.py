@@ -218,23 +218,61 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Pi
     base_dir = Path.cwd()
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        raw = _read_yaml(p)
         base_dir = p.resolve().parent
     raw = _resolve_paths(PipelineConfig, raw, base_dir, "")
     for ov in overrides:
         key, sep, value = ov.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {ov!r} is not of the form key=value (e.g. ppo.kl_coef=0.1)")
-        parsed = yaml.safe_load(value) if value != "" else None
-        _set_dotted(raw, key.strip(), parsed, Path.cwd())
+        _set_dotted(raw, key.strip(), _override_value(ov, value), Path.cwd())
     return _build(PipelineConfig, raw, "")
+
+
+def _read_yaml(p: Path) -> dict:
+    """The mapping in the YAML file `p`, or ConfigError naming the file (and line) and the fix."""
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; give the pipeline YAML file (e.g. launch/configs/demo.yaml)")
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read ({e.strerror or e})") from None
+    text = decode_utf8(data, f"config file {p}", ConfigError)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (artifact_dir: ..., model: ..., sft: ...), "
+                          f"got a {type(raw).__name__}")
+    return raw
+
+
+def _override_value(override: str, value: str) -> Any:
+    if value == "":
+        return None
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({problem}); "
+                          "fix its brackets, or quote it to pass it as text") from None
+
+
+def decode_utf8(data: bytes, where: str, error: type[Exception] = ValueError) -> str:
+    """`data` decoded as UTF-8 (a leading byte-order mark dropped), or `error` naming `where`,
+    the line and the column of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise error(f"{where}, line {line}, column {column}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
+                    "save the file with UTF-8 encoding") from None
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -395,6 +433,18 @@ def _validate(cfg: Any, where: str) -> None:
         raise bad("mode", f"must be online, offline or disabled, got {cfg.mode!r}")
     if isinstance(cfg, SFTStageConfig) and cfg.loss_on not in ("last", "all"):
         raise bad("loss_on", f"must be last or all, got {cfg.loss_on!r}")
+    if isinstance(cfg, SFTStageConfig) and cfg.max_length < 2:
+        raise bad("max_length", f"must be >= 2 (a prompt token and a response token to learn), got {cfg.max_length}")
+    if isinstance(cfg, (SFTStageConfig, RewardStageConfig)) and cfg.lr_scheduler not in LR_SCHEDULERS:
+        raise bad("lr_scheduler", f"must be one of {', '.join(LR_SCHEDULERS)} (the transformers schedules that need no "
+                                  f"further arguments), got {cfg.lr_scheduler!r}")
+    if isinstance(cfg, (SFTStageConfig, RewardStageConfig)) and not 0 <= cfg.warmup_ratio <= 1:
+        raise bad("warmup_ratio", f"must be in [0, 1] (a fraction of the training steps), got {cfg.warmup_ratio}")
+    if isinstance(cfg, LoraConfig):
+        if cfg.r <= 0 or cfg.alpha <= 0:
+            raise bad("r" if cfg.r <= 0 else "alpha", f"must be > 0, got {cfg.r if cfg.r <= 0 else cfg.alpha}")
+        if not 0 <= cfg.dropout < 1:
+            raise bad("dropout", f"must be in [0, 1), got {cfg.dropout}")
     if isinstance(cfg, (SFTStageConfig, RewardStageConfig)) and not 0 <= cfg.max_skipped_fraction <= 1:
         raise bad("max_skipped_fraction", f"must be in [0, 1], got {cfg.max_skipped_fraction}")
     if isinstance(cfg, RewardStageConfig) and cfg.pair_weighting not in ("per_prompt", "uniform"):
@@ -412,6 +462,14 @@ def _validate(cfg: Any, where: str) -> None:
             raise bad("target_kl", "must be > 0 (or unset for a fixed coefficient)")
         if not 0 < cfg.top_p <= 1:
             raise bad("top_p", f"must be in (0, 1], got {cfg.top_p}")
+        if cfg.top_k < 0:
+            raise bad("top_k", f"must be >= 0 (0 = off), got {cfg.top_k}")
+        for key in ("gamma", "lam"):
+            if not 0 <= getattr(cfg, key) <= 1:
+                raise bad(key, f"must be in [0, 1], got {getattr(cfg, key)}")
+        for key in ("cliprange", "cliprange_value"):
+            if getattr(cfg, key) <= 0:
+                raise bad(key, f"must be > 0, got {getattr(cfg, key)}")
         if cfg.kl_coef < 0:
             raise bad("kl_coef", f"must be >= 0, got {cfg.kl_coef}")
         if cfg.keep_best not in ("auto", "gold_score", "rm_score", "last"):
@@ -427,6 +485,8 @@ def _validate(cfg: Any, where: str) -> None:
         raise bad("num_heads", f"{cfg.num_heads} must divide hidden_size={cfg.hidden_size}")
 
 
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
 _POSITIVE = {"epochs", "learning_rate", "critic_learning_rate", "batch_size", "grad_accum", "max_length",
              "total_episodes", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
              "vocab_size", "hidden_size", "num_layers", "num_heads", "save_steps", "save_every",
@@ -439,6 +499,62 @@ def require(value: Any, key: str, what: str) -> Any:
     if value is None:
         raise ConfigError(f"config key {key!r} is not set: {what} (set it in the YAML or as {key}=...)")
     return value
+
+
+def load_function(spec: str, key: str) -> Any:
+    """The function named by a config value `path/to/file.py:function` (the file is run as a
+    module), or ConfigError naming `key`, the file and what is wrong."""
+    import importlib.util
+    import inspect
+
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py") or not name:
+        raise ConfigError(f"{key} must be path/to/file.py:function, got {spec!r}")
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: file {path} does not exist (from {key}={spec})")
+    module_spec = importlib.util.spec_from_file_location(f"_rlhf_user_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - user code can fail any way; report it against the key
+        raise ConfigError(f"{key}: importing {path} failed: {type(e).__name__}: {e}; "
+                          f"fix the file or point {key} elsewhere") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        found = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))
+        raise ConfigError(f"{key}: {path} has no function {name!r}" + (f" (it defines {', '.join(found)})" if found else ""))
+    try:
+        inspect.signature(fn).bind("prompt", "response")
+    except TypeError:
+        raise ConfigError(f"{key}: {path}:{name} must take two arguments (prompt, response)") from None
+    except ValueError:  # no signature to inspect (a builtin): trust it
+        pass
+    return fn
+
+
+def read_deepspeed_json(path: str, key: str = "deepspeed.config_file") -> dict:
+    """The DeepSpeed JSON object in the file named by `key`, or ConfigError naming both."""
+    import json
+
+    p = Path(path)
+    if p.is_dir() or not p.exists():
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise ConfigError(f"{key}={path} {what}; give a DeepSpeed JSON file (presets: launch/ds/zero2.json, "
+                          "zero3.json, zero3_offload.json) or unset it")
+    try:
+        text = decode_utf8(p.read_bytes(), f"{key}={path}", ConfigError)
+    except OSError as e:
+        raise ConfigError(f"{key}={path} cannot be read ({e.strerror or e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key}={path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}={path}: must hold a JSON object ({{\"zero_optimization\": {{...}}}}), "
+                          f"got a {type(data).__name__}")
+    if not isinstance(data.get("zero_optimization", {}), dict):
+        raise ConfigError(f"{key}={path}: \"zero_optimization\" must be a JSON object")
+    return data
 
 
 def describe(cls: type = PipelineConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -29,52 +29,50 @@ Prompt = Union[str, list]  # str or [{"role", "content"}, ...]
 
 
 class DataError(ValueError):
-    """A data problem, located: file, row, field."""
+    """A data problem, located: file, row, field (and the config key that names the file, when known)."""
 
-    def __init__(self, source: str, row: int | None, field: str | None, msg: str):
-        where = f"{source}" + (f", row {row}" if row is not None else "") + (f", field {field!r}" if field else "")
+    def __init__(self, source: str, row: int | None, field: str | None, msg: str, key: str | None = None):
+        where = (f"{key}: " if key else "") + f"{source}" + (f", row {row}" if row is not None else "") \
+            + (f", field {field!r}" if field else "")
         super().__init__(f"{where}: {msg}")
-        self.source, self.row, self.field = source, row, field
+        self.source, self.row, self.field, self.msg, self.key = source, row, field, msg, key
+
+    def under_key(self, key: str) -> "DataError":
+        """The same error, its message led by the config key that named the file."""
+        return DataError(self.source, self.row, self.field, self.msg, key=key)
 
 
 # ---------------------------------------------------------------- reading rows
 
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def is_local(source: str) -> bool:
+    """True when `source` names a local file (or something on disk), False for a datasets hub id."""
+    p = Path(source)
+    return p.exists() or p.suffix.lower() in SUFFIXES or source.startswith((".", "/"))
+
+
 def iter_rows(source: str) -> Iterator[tuple[int, Any]]:
     """(1-based row number, row) for every row of a local file or hub dataset."""
     p = Path(source)
+    if p.is_dir():
+        raise DataError(source, None, None, f"is a directory; give a data file ({', '.join(SUFFIXES)})")
     if p.is_file():
         suffix = p.suffix.lower()
-        if suffix == ".jsonl":
-            with p.open() as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield i, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(source, i, None, f"not valid JSON ({e.msg}); each line must be one JSON object") from None
-        elif suffix == ".json":
-            try:
-                data = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
-                raise DataError(source, None, None, f"not valid JSON ({e})") from None
-            if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} style
-                lists = [v for v in data.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise DataError(source, None, None, "expected a JSON list of rows (or an object holding one list)")
-                data = lists[0]
-            if not isinstance(data, list):
-                raise DataError(source, None, None, "expected a JSON list of rows")
-            yield from enumerate(data, 1)
-        elif suffix in (".parquet", ".csv"):
-            import datasets
-
-            ds = datasets.load_dataset(suffix[1:], data_files=str(p), split="train")
-            yield from enumerate(_dataset_rows(ds), 1)
-        else:
-            raise DataError(source, None, None, "unsupported file type; use .jsonl, .json, .parquet or .csv")
+        try:
+            if suffix == ".jsonl":
+                yield from _jsonl_rows(source, p)
+            elif suffix == ".json":
+                yield from _json_rows(source, p)
+            elif suffix in (".parquet", ".csv"):
+                yield from _table_rows(source, p, suffix[1:])
+            else:
+                raise DataError(source, None, None, f"unsupported file type; use {', '.join(SUFFIXES)}")
+        except OSError as e:
+            raise DataError(source, None, None, f"cannot be read ({e.strerror or e})") from None
         return
-    if p.suffix.lower() in (".jsonl", ".json", ".parquet", ".csv") or source.startswith((".", "/")):
+    if is_local(source):
         raise DataError(source, None, None, "file not found")
     import datasets  # a hub id; needs a network
 
@@ -83,6 +81,76 @@ def iter_rows(source: str) -> Iterator[tuple[int, Any]]:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # noqa: BLE001 - report any hub failure the same way
         raise DataError(source, None, None, f"not a local file, and loading it as a datasets hub id failed: {e}") from None
+    yield from enumerate(_dataset_rows(ds), 1)
+
+
+def _not_utf8(raw: bytes, e: UnicodeDecodeError, column: int) -> str:
+    return f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); save the file with UTF-8 encoding"
+
+
+def _utf8_line(source: str, row: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig" if row == 1 else "utf-8")  # a byte-order mark may open the file
+    except UnicodeDecodeError as e:
+        raise DataError(source, row, None, _not_utf8(raw, e, e.start + 1)) from None
+
+
+def _check_utf8_lines(source: str, data: bytes) -> None:
+    """DataError naming the line and column of the first byte of `data` that is not UTF-8."""
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(source, None, None, f"line {line}: " + _not_utf8(data, e, e.start - line_start + 1)) from None
+
+
+def _jsonl_rows(source: str, p: Path) -> Iterator[tuple[int, Any]]:
+    """One JSON value per line; rows are numbered by line (blank lines count, and are skipped)."""
+    with p.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            line = _utf8_line(source, i, raw)
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(source, i, None, f"not valid JSON ({e.msg}); each line must be one JSON object") from None
+
+
+def _json_rows(source: str, p: Path) -> Iterator[tuple[int, Any]]:
+    data = p.read_bytes()
+    _check_utf8_lines(source, data)
+    try:
+        rows = json.loads(data.decode("utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise DataError(source, None, None, f"not valid JSON ({e})") from None
+    if isinstance(rows, dict):  # {"data": [...]} or {"train": [...]} style
+        lists = [v for v in rows.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(source, None, None, "expected a JSON list of rows (or an object holding one list)")
+        rows = lists[0]
+    if not isinstance(rows, list):
+        raise DataError(source, None, None, "expected a JSON list of rows")
+    yield from enumerate(rows, 1)
+
+
+def _table_rows(source: str, p: Path, kind: str) -> Iterator[tuple[int, Any]]:
+    """Rows of a .parquet or .csv file, read by `datasets` (a CSV is checked for UTF-8 line by line first)."""
+    import datasets
+
+    if kind == "csv":
+        with p.open("rb") as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(source, None, None, f"line {i}: " + _not_utf8(raw, e, e.start + 1)) from None
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+    except Exception as e:  # noqa: BLE001 - any reader failure is a file the user must fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(source, None, None, f"could not be read as {kind.upper()}: {first}") from None
     yield from enumerate(_dataset_rows(ds), 1)
 
 
@@ -140,6 +208,7 @@ def _gc_paused():
 
 # ---------------------------------------------------------------- skipped rows
 
+NO_ROWS = "no rows (the file is empty, holds only blank lines, or an empty list); see reward_data/README.md for the formats"
 SKIP_REASONS = ("empty_response", "identical", "tie", "prompt_mismatch", "empty_prompt")
 
 
@@ -218,7 +287,7 @@ def load_sft(source: str, *, max_skipped_fraction: float = 0.01,
             except _Skip as s:
                 skipped[s.reason] = skipped.get(s.reason, 0) + 1
         if rows == 0:
-            raise DataError(source, None, None, "no rows")
+            raise DataError(source, None, None, NO_ROWS)
         _check_skipped(source, rows, len(out), skipped, max_skipped_fraction, skip_key, "SFT examples")
         return SFTData(examples=out, rows=rows, skipped=skipped)
 
@@ -375,7 +444,7 @@ def load_preferences(source: str, weighting: str = "per_prompt", *, max_skipped_
             groups.append((g, prompt, items))
             n_pairs += len(items)
         if rows == 0:
-            raise DataError(source, None, None, "no rows")
+            raise DataError(source, None, None, NO_ROWS)
         _check_skipped(source, rows, n_pairs, skipped, max_skipped_fraction, skip_key,
                        "preference pairs (all rows empty, tied or otherwise unusable)")
         mean_pairs = n_pairs / len(groups)
@@ -528,7 +597,8 @@ def load_prompts_counted(source: str) -> tuple[list[Prompt], dict[str, int]]:
                 continue
             out.append(prompt)
         if not out:
-            raise DataError(source, None, None, "no prompts" + (f" ({skipped['empty_prompt']} empty prompts skipped)" if skipped else ""))
+            raise DataError(source, None, None, f"no prompts ({skipped['empty_prompt']} empty prompts skipped)" if skipped
+                            else NO_ROWS)
         return out, skipped
 
 

@@ -1,10 +1,8 @@
 """Rank helpers and the one function that derives DeepSpeed JSON from the pipeline config."""
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -107,7 +105,9 @@ def deepspeed_config(ds: Any, dtype: str, micro_batch: int | str = "auto", grad_
                      grad_clip: float | str = "auto", train_batch: int | str = "auto") -> dict:
     """DeepSpeed JSON for `ds` (config.DeepSpeedConfig). With the "auto" defaults it suits the
     HF Trainer (which fills those values in); the PPO engines pass explicit numbers."""
-    base: dict = json.loads(Path(ds.config_file).read_text()) if ds.config_file else {}
+    from rlhf.config import read_deepspeed_json
+
+    base: dict = read_deepspeed_json(ds.config_file) if ds.config_file else {}
     zero: dict = dict(base.get("zero_optimization", {}))
     zero["stage"] = ds.zero_stage
     if ds.zero_stage == 3:

@@ -82,24 +82,11 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def load_gold_scorer(spec: str) -> Any:
-    """`path/to/file.py:function` -> the function (prompt, response) -> float."""
-    import importlib.util
-    from pathlib import Path
+    """`path/to/file.py:function` -> the function (prompt, response) -> float; a spec that does not
+    name an importable two-argument function is a ConfigError naming eval.gold_scorer."""
+    from rlhf.config import load_function
 
-    from rlhf.config import ConfigError
-
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path.endswith(".py"):
-        raise ConfigError(f"eval.gold_scorer must be path/to/file.py:function, got {spec!r}")
-    if not Path(path).is_file():
-        raise ConfigError(f"eval.gold_scorer: file {path} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"_gold_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ConfigError(f"eval.gold_scorer: {path} has no function {name!r}")
-    return fn
+    return load_function(spec, "eval.gold_scorer")
 
 
 @torch.no_grad()

@@ -91,6 +91,7 @@ def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -
     launcher's --local_rank), errors the user can fix printed without a traceback."""
     import argparse
 
+    from rlhf import preflight
     from rlhf.config import load_config
 
     ap = argparse.ArgumentParser(prog=f"launch/{stage}.py", description=f"Run the {stage} stage.")
@@ -101,6 +102,7 @@ def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -
     started = time.time()
     try:
         cfg = load_config(args.config, args.overrides)
+        preflight.check(cfg, [stage])  # inputs, parents, DeepSpeed JSON, dtype, artifact_dir: before any work
         distributed.init_distributed()
         run(cfg)
     except USER_ERRORS as e:
