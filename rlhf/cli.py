@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rlhf import artifacts
 
@@ -16,49 +19,187 @@ DEMO_CONFIG = ROOT / "launch" / "configs" / "demo.yaml"
 STAGE_SCRIPTS = {"sft": "sft.py", "reward": "rm.py", "ppo": "ppo.py"}
 
 
-def _artifact_dir(config: str, overrides: list[str]) -> Path:
-    from rlhf.config import load_config
+TAIL_LINES = 15         # lines shown of a failed stage's output that holds no traceback
+TRACEBACK_LINES = 40    # most lines shown of a failed stage's traceback
+KEPT_LINES = 400        # lines of a stage's output kept in memory for that
+_TRACEBACK = "Traceback (most recent call last)"
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:")
 
-    return Path(load_config(config, overrides).artifact_dir)
+
+def _checked_config(config: str, overrides: list[str]) -> Any:
+    """The pipeline config once everything checkable is checked for all three stages
+    (rlhf.preflight), or None after printing what is wrong."""
+    from rlhf import preflight
+    from rlhf.artifacts import ArtifactError
+    from rlhf.config import ConfigError, load_config
+    from rlhf.data import DataError
+
+    try:
+        cfg = load_config(config, overrides)
+        preflight.check(cfg, artifacts.STAGES)
+    except (ConfigError, DataError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    return cfg
 
 
 def run_pipeline(config: str, overrides: list[str]) -> int:
-    """Each stage under the deepspeed launcher; the stage itself skips when up to date."""
-    from rlhf.config import ConfigError
+    """Each stage under the deepspeed launcher; the stage itself skips when up to date. Bad input
+    stops the pipeline before the first stage starts (rlhf.preflight). The driver holds the
+    artifact directory's lock throughout; its stages inherit it (rlhf.locking)."""
+    from rlhf.artifacts import ArtifactError
+    from rlhf.locking import DirLock
 
+    cfg = _checked_config(config, overrides)
+    if cfg is None:
+        return 2
+    art_dir = Path(cfg.artifact_dir)
+    lock = DirLock(art_dir, "rlhf pipeline")
     try:
-        art_dir = _artifact_dir(config, overrides)  # validates the config before anything starts
-    except ConfigError as e:
+        lock.acquire()
+    except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logs = art_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    n = os.environ.get("NUM_GPUS", "1")
-    for stage, script in STAGE_SCRIPTS.items():
-        cmd = ["deepspeed", "--master_port", os.environ.get("MASTER_PORT", "29500")]
-        cmd += ["--hostfile", os.environ["HOSTFILE"]] if os.environ.get("HOSTFILE") else ["--num_gpus", n]
-        cmd += [str(ROOT / "launch" / script), "--config", str(config), *overrides]
-        log = logs / f"{stage}.log"
-        print(f"== {stage}: {' '.join(cmd)}\n   log: {log}", flush=True)
-        started = time.time()
-        with log.open("a") as f:  # appended: an interrupted and a resumed run stay in one log
-            f.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')}  {' '.join(cmd)}\n")
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            for line in proc.stdout:
-                f.write(line)
-                if line.startswith(f"[{stage}]") or "error" in line.lower() and line.startswith("["):
-                    print("   " + line.rstrip(), flush=True)
-            rc = proc.wait()
-        if rc != 0:
-            print(f"pipeline stopped: stage {stage} failed (exit {rc}) after {time.time() - started:.0f}s; "
-                  f"see {log}", file=sys.stderr)
-            return rc
-    from rlhf import report
+    try:
+        for stage, script in STAGE_SCRIPTS.items():
+            cmd = _stage_command(script, config, overrides, lock.token)
+            log = art_dir / "logs" / f"{stage}.log"
+            print(f"== {stage}: {' '.join(cmd)}\n   log: {log}", flush=True)
+            started = time.time()
+            output = StageOutput(stage, log)
+            rc = _run_stage(cmd, output)
+            if rc != 0:
+                _report_failure(output, rc, time.time() - started)
+                return rc
+        from rlhf import report
 
-    out = report.build(art_dir)
+        try:
+            out = report.build(art_dir)
+        except OSError as e:
+            print(f"error: the stages are complete, but writing the report into {art_dir / 'report'} failed "
+                  f"({e.strerror or e}); free space and run `rlhf report --artifact-dir {art_dir}`", file=sys.stderr)
+            return 1
+    finally:
+        lock.release()
     print(f"report: {out / 'index.html'}  (summary: {out / 'summary.json'})")
     return 0
+
+
+def _stage_command(script: str, config: str, overrides: list[str], lock_token: str) -> list[str]:
+    """The deepspeed launch of one stage (NUM_GPUS, HOSTFILE, MASTER_PORT as launch/_stage.sh
+    reads them); --lock-token lets the stage's rank 0 use the driver's lock, on any node."""
+    cmd = ["deepspeed", "--master_port", os.environ.get("MASTER_PORT", "29500")]
+    if os.environ.get("HOSTFILE"):
+        cmd += ["--hostfile", os.environ["HOSTFILE"]]
+        if os.environ.get("NUM_GPUS"):
+            cmd += ["--num_gpus", os.environ["NUM_GPUS"]]
+    else:
+        cmd += ["--num_gpus", os.environ.get("NUM_GPUS", "1")]
+    return cmd + [str(ROOT / "launch" / script), "--config", str(config), "--lock-token", lock_token, *overrides]
+
+
+def _run_stage(cmd: list[str], output: "StageOutput") -> int:
+    """Run one stage's command, passing every line of its output to `output`; its exit code."""
+    output.write_log(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')}  {' '.join(cmd)}\n")
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except OSError as e:
+        output.close()
+        print(f"error: cannot start {cmd[0]} ({e.strerror or e}); install DeepSpeed (pip install -e .) and put its "
+              "launcher on PATH", file=sys.stderr)
+        return 2
+    with proc.stdout:
+        for line in proc.stdout:
+            output.add(line)
+    rc = proc.wait()
+    output.close()
+    return rc
+
+
+class StageOutput:
+    """A stage's output as the pipeline driver handles it: appended to DIR/logs/<stage>.log (an
+    interrupted and a resumed run stay in one log); the stage's own `[<stage>] ...` lines and error
+    lines echoed to the console; the last KEPT_LINES kept for a failure report. When the log cannot
+    be written (disk full, a read-only directory, ...) that is said once, and from then on every
+    line goes to the console instead, so nothing the stage says is lost."""
+
+    def __init__(self, stage: str, log_path: Path):
+        self.stage, self.log_path = stage, log_path
+        self.lines: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
+        self.said_error = False   # the stage printed its own "[<stage>] error: ..." line
+        self.log_failed = False
+        self._file = None
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = log_path.open("a", encoding="utf-8", buffering=1)  # line-buffered: failures show at once
+        except OSError as e:
+            self._lose_log(e)
+
+    def write_log(self, text: str) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.write(text)
+        except OSError as e:
+            self._lose_log(e)
+
+    def add(self, line: str) -> None:
+        line = line.rstrip("\n")
+        self.lines.append(line)
+        self.write_log(line + "\n")
+        own = line.startswith(f"[{self.stage}]")
+        self.said_error |= own and " error: " in line
+        if self.log_failed or own or (line.startswith("[") and "error" in line.lower() and not _RANK_PREFIX.match(line)):
+            print("   " + line.rstrip(), flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as e:
+                self._lose_log(e)
+            self._file = None
+
+    def _lose_log(self, error: OSError) -> None:
+        if not self.log_failed:
+            print(f"warning: cannot write the {self.stage} log {self.log_path} ({error.strerror or error}); "
+                  f"the rest of the {self.stage} output is shown here instead", file=sys.stderr, flush=True)
+        self.log_failed = True
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass  # the data it still held is lost with the log; the console has it
+            self._file = None
+
+
+def failure_excerpt(lines: list[str]) -> tuple[list[str], bool]:
+    """(the useful end of a failed stage's output, whether it is a traceback): rank 0's last
+    traceback (or the last traceback of the whole output when rank 0 printed none), at most
+    TRACEBACK_LINES lines with its head and end kept; without a traceback, the last TAIL_LINES lines."""
+    rank0 = [ln for ln in lines if ln.startswith("[rank0]:")]
+    stream = rank0 if any(_TRACEBACK in ln for ln in rank0) else lines
+    starts = [i for i, ln in enumerate(stream) if _TRACEBACK in ln]
+    if not starts:
+        return lines[-TAIL_LINES:], False
+    tb = stream[starts[-1]:]
+    if len(tb) > TRACEBACK_LINES:
+        tb = tb[:1] + [f"... ({len(tb) - TRACEBACK_LINES + 1} lines left out)"] + tb[-(TRACEBACK_LINES - 2):]
+    return tb, True
+
+
+def _report_failure(output: StageOutput, rc: int, seconds: float) -> None:
+    print(f"pipeline stopped: stage {output.stage} failed (exit {rc}) after {seconds:.0f}s", file=sys.stderr)
+    excerpt, is_traceback = failure_excerpt(list(output.lines))
+    if output.log_failed:  # every line since the log failed is on the console already
+        print(f"its output is above ({output.log_path} could not be written)", file=sys.stderr)
+        return
+    if excerpt and (is_traceback or not output.said_error):
+        print(f"--- {'its traceback' if is_traceback else 'the end of its output'}:", file=sys.stderr)
+        for line in excerpt:
+            print("   " + line, file=sys.stderr)
+    print(f"full output: {output.log_path}", file=sys.stderr, flush=True)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -96,6 +237,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                 line += f"  (an interrupted publish left {', '.join(str(p) for p in left)}; the next run removes it)"
         print(line)
     return 1 if damaged_any else 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from rlhf import dashboard
+
+    mode = "online" if args.push else "offline" if args.offline else None
+    return dashboard.run(Path(args.artifact_dir), project=args.project, entity=args.entity, mode=mode)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -157,7 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p)
     p = sub.add_parser("report", help="(re)build DIR/report/ from DIR/metrics and the manifests")
     p.add_argument("--artifact-dir", required=True)
+    p = sub.add_parser("dashboard", help="the pipeline's W&B workspace: written to DIR/report/wandb_workspace.json, "
+                                         "created or updated in W&B when online")
+    p.add_argument("--artifact-dir", required=True)
+    p.add_argument("--project", default=None, help="W&B project (default: the config's wandb.project)")
+    p.add_argument("--entity", default=None, help="W&B entity (default: the config's wandb.entity, else your default)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--push", action="store_true", help="create or update the workspace in W&B (needs a login)")
+    mode.add_argument("--offline", action="store_true", help="only write the definition, even when logged in")
     args = ap.parse_args(argv)
+    if args.cmd == "dashboard":
+        return cmd_dashboard(args)
     if args.cmd == "demo":
         overrides = list(args.overrides) + ([f"artifact_dir={Path(args.artifact_dir).resolve()}"] if args.artifact_dir else [])
         return run_pipeline(str(DEMO_CONFIG), overrides)

@@ -2,6 +2,8 @@
 print one summary line, and turn user-fixable errors into a clean exit."""
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import sys
 import time
@@ -88,25 +90,63 @@ def summary_line(stage: str, art: artifacts.Artifact, keys: list[str]) -> None:
 
 def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -> int:
     """Entry point of launch/<stage>.py: `--config CONFIG [key=value ...]` (plus the
-    launcher's --local_rank), errors the user can fix printed without a traceback."""
+    launcher's --local_rank), errors the user can fix printed without a traceback. Rank 0 holds
+    the artifact directory's lock for the run (or uses the one of the `rlhf pipeline` that
+    started it, whose token comes as --lock-token)."""
     import argparse
 
     from rlhf import preflight
     from rlhf.config import load_config
+    from rlhf.locking import TOKEN_ENV
 
     ap = argparse.ArgumentParser(prog=f"launch/{stage}.py", description=f"Run the {stage} stage.")
     ap.add_argument("--config", required=True, help="pipeline YAML")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--lock-token", default=os.environ.get(TOKEN_ENV), help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. ppo.kl_coef=0.1")
     args = ap.parse_args(argv)
     started = time.time()
+    lock, cfg = None, None
     try:
         cfg = load_config(args.config, args.overrides)
         preflight.check(cfg, [stage])  # inputs, parents, DeepSpeed JSON, dtype, artifact_dir: before any work
         distributed.init_distributed()
+        lock = _take_lock(cfg.artifact_dir, stage, args.lock_token)
         run(cfg)
     except USER_ERRORS as e:
         print(f"[{stage}] error: {e}", file=sys.stderr, flush=True)
         return 2
+    except OSError as e:  # a full disk, a directory made read-only, a quota: the user's to fix
+        if e.errno not in _STORAGE_ERRNOS:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"[{stage}] error: {e.strerror or e}{where}. Free space (or fix the permissions) in "
+              f"{cfg.artifact_dir if cfg else 'the artifact directory'} and re-run the same "
+              f"command: the stage resumes from its last checkpoint and nothing half-written was published.",
+              file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if lock is not None:
+            lock.release()
     say(stage, f"finished in {time.time() - started:.0f}s")
     return 0
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _take_lock(artifact_dir: str, stage: str, token: str | None) -> Any:
+    """Rank 0 takes the artifact directory's lock; every rank gets the same error if it cannot."""
+    from rlhf.locking import DirLock
+
+    lock, error = None, None
+    if distributed.is_main():
+        lock = DirLock(artifact_dir, f"the {stage} stage", token=token)
+        try:
+            lock.acquire()
+        except ArtifactError as e:
+            lock, error = None, str(e)
+    error = distributed.broadcast_object(error)
+    if error:
+        raise ArtifactError(error)
+    return lock
