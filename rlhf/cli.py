@@ -255,15 +255,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if manifest is None or manifest.get("status") != "complete":
         print(f"error: {args.model} is not a complete artifact (no complete {artifacts.MANIFEST})", file=sys.stderr)
         return 2
+    from rlhf.data import DataError
+
     try:
         art = artifacts.load(args.model, manifest.get("stage"))
-    except artifacts.ArtifactError as e:
+        prompts = load_prompts(args.prompts)  # read before the model: a bad file fails at once
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    except (artifacts.ArtifactError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write --out {args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     tok = models.load_tokenizer(args.model)
     model = models.load_causal_lm(args.model, manifest["config"]["model"]["dtype"])
     use_template = art.use_chat_template
-    prompts = load_prompts(args.prompts)
     texts = [render_prompt(tok, p, use_template) for p in prompts]
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) if args.sample else GREEDY
     out = generate_texts(model, tok, texts, max_new_tokens=args.max_new_tokens, sampling=sampling,

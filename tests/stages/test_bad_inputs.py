@@ -74,3 +74,13 @@ def test_pipeline_refuses_bad_input_before_the_first_stage(tmp_path):
     if not torch.cuda.is_available():  # float16 trains only on a GPU
         proc = run_cli("demo", "--artifact-dir", str(art), "model.dtype=float16")
         refused(proc, "model.dtype=float16", "model.dtype=float32", prefix="error: ")
+
+
+def test_generate_with_a_bad_prompts_file_names_the_row(demo_run, tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "list some fruits"}\n{"question": "x"}\n')
+    proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "generate", "--model", str(demo_run / "ppo"),
+                           "--prompts", str(bad), "--out", str(tmp_path / "out.jsonl")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(bad) in proc.stderr and "row 2" in proc.stderr and not (tmp_path / "out.jsonl").exists()
