@@ -18,56 +18,56 @@ from rlhf.tracking import Tracker
 
 def run(cfg: PipelineConfig) -> artifacts.Artifact:
     started = time.time()
-    c, mc = cfg.ppo, cfg.model
+    ppo_cfg, model_cfg = cfg.ppo, cfg.model
     config = cfg.to_dict()
 
     # 1. inputs ---------------------------------------------------------------------------
-    train_src = require(c.train_prompts, "ppo.train_prompts", "the prompts PPO rolls out on")
+    train_src = require(ppo_cfg.train_prompts, "ppo.train_prompts", "the prompts PPO rolls out on")
     sft = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, SFT), SFT)
     tokenizer = models.load_tokenizer(str(sft.path))
     tok_fp = artifacts.tokenizer_fingerprint(tokenizer)
     rm_art = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, REWARD), REWARD, tokenizer_fp=tok_fp)
-    data = artifacts.data_fingerprint({"train_prompts": train_src, "eval_prompts": c.eval_prompts})
+    data = artifacts.data_fingerprint({"train_prompts": train_src, "eval_prompts": ppo_cfg.eval_prompts})
     done = skip_if_up_to_date(cfg.artifact_dir, PPO, config, [sft, rm_art], cfg.force, data)
     if done:
         return done
     # read before anything is written: a data error leaves no checkpoint dir behind
     use_template = sft.use_chat_template
     train_prompts = load_prompts(train_src)  # rendered when drawn (PromptStream)
-    eval_raw = load_prompts(c.eval_prompts)[: cfg.eval.num_prompts] if c.eval_prompts else []
+    eval_raw = load_prompts(ppo_cfg.eval_prompts)[: cfg.eval.num_prompts] if ppo_cfg.eval_prompts else []
     gold = load_gold_scorer(cfg.eval.gold_scorer) if cfg.eval.gold_scorer else None
     reward_stats = rm_art.manifest["reward_stats"]
-    _check_reward_stats(reward_stats, c, rm_art.path)
+    _check_reward_stats(reward_stats, ppo_cfg, rm_art.path)
     ckpt_dir, resuming, clock = open_checkpoints(cfg.artifact_dir, PPO, config, data, started)
     distributed.seed_everything(cfg.seed + distributed.rank())
 
     # 2. models: actor from SFT; reference = frozen SFT (or the actor without its adapter);
     #    critic from the RM; the RM itself frozen
-    actor = models.load_causal_lm(str(sft.path), mc.dtype)
-    if mc.dtype == "float32":
+    actor = models.load_causal_lm(str(sft.path), model_cfg.dtype)
+    if model_cfg.dtype == "float32":
         actor.config.use_cache = True
     ref = None
-    if c.lora:
-        actor = models.add_lora(actor, mc.lora, "CAUSAL_LM")
+    if ppo_cfg.lora:
+        actor = models.add_lora(actor, model_cfg.lora, "CAUSAL_LM")
     else:
-        ref = models.load_causal_lm(str(sft.path), mc.dtype)
-    critic_src = str(rm_art.path) if c.critic_from_reward else str(sft.path)
-    critic = models.load_reward_model(critic_src, mc.dtype, tokenizer.pad_token_id)
-    if c.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and without a loss on every layer
+        ref = models.load_causal_lm(str(sft.path), model_cfg.dtype)
+    critic_src = str(rm_art.path) if ppo_cfg.critic_from_reward else str(sft.path)
+    critic = models.load_reward_model(critic_src, model_cfg.dtype, tokenizer.pad_token_id)
+    if ppo_cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and without a loss on every layer
         for m in (actor, critic):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reward_model = None  # LoRA critic on the RM: the reward model is the critic with its adapter disabled
-    if c.lora and c.critic_lora:
-        critic = models.add_lora(critic, mc.lora, "SEQ_CLS")
-    if not (c.lora and c.critic_lora and c.critic_from_reward):
-        reward_model = models.load_reward_model(str(rm_art.path), mc.dtype, tokenizer.pad_token_id)
+    if ppo_cfg.lora and ppo_cfg.critic_lora:
+        critic = models.add_lora(critic, model_cfg.lora, "SEQ_CLS")
+    if not (ppo_cfg.lora and ppo_cfg.critic_lora and ppo_cfg.critic_from_reward):
+        reward_model = models.load_reward_model(str(rm_art.path), model_cfg.dtype, tokenizer.pad_token_id)
 
     # 3. data -----------------------------------------------------------------------------
     stream = PromptStream(train_prompts, cfg.seed, distributed.rank(), distributed.world_size(),
                           render=lambda p: render_prompt(tokenizer, p, use_template))
 
     # 4. train ----------------------------------------------------------------------------
-    trainer = PPOTrainer(cfg=c, ds=cfg.deepspeed, dtype=mc.dtype, actor_model=actor, critic_model=critic,
+    trainer = PPOTrainer(cfg=ppo_cfg, ds=cfg.deepspeed, dtype=model_cfg.dtype, actor_model=actor, critic_model=critic,
                          reward_model=reward_model, ref_model=ref, tokenizer=tokenizer, reward_stats=reward_stats)
     resumed = resuming and trainer.load(ckpt_dir, stream)
     if resumed:
@@ -78,9 +78,9 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     say(PPO, f"{plan.num_updates} updates x {plan.episodes_per_update} episodes, {trainer.describe()}")
     # held-out evaluation every eval.every updates, the over-optimisation guard and the best-of-n baseline
     eval_texts = [render_prompt(tokenizer, p, use_template) for p in eval_raw]
-    eval_tokens = cfg.eval.max_new_tokens or c.max_new_tokens
+    eval_tokens = cfg.eval.max_new_tokens or ppo_cfg.max_new_tokens
     every = cfg.eval.every or max(1, plan.num_updates // 8)
-    selector = Selector(_guard_metric(c.keep_best, gold), c.kl_budget, c.early_stop)
+    selector = Selector(_guard_metric(ppo_cfg.keep_best, gold), ppo_cfg.kl_budget, ppo_cfg.early_stop)
     if "selector" in trainer.extra_state:
         selector.load_state_dict(trainer.extra_state["selector"])
     bon = trainer.extra_state.get("best_of_n")
@@ -116,10 +116,10 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         faults.point("train:step")
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-        if trainer.update % c.sample_every == 0 and eval_raw:
+        if trainer.update % ppo_cfg.sample_every == 0 and eval_raw:
             tracker.table(f"samples/update_{trainer.update}", ["update", "prompt", "response", "rm_score"],
                           sample_rows(trainer, eval_raw[:8], use_template))
-        if trainer.update % c.save_every == 0 and trainer.update < plan.num_updates and stop_reason is None:
+        if trainer.update % ppo_cfg.save_every == 0 and trainer.update < plan.num_updates and stop_reason is None:
             trainer.save(ckpt_dir, stream, extra={"selector": selector.state_dict(), "best_of_n": bon})
             if distributed.is_main():  # best-policy files of updates the checkpoint no longer refers to
                 for f in best_file.parent.glob("update-*.safetensors"):
@@ -146,10 +146,10 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                       "selected_update": selected, "stop_reason": stop_reason, "guard_metric": selector.metric,
                       "eval_curve": [_curve_row(p) for p in selector.curve], "best_of_n": bon or [],
                       "final_objective_scores": final.get("objective/scores"), "final_objective_kl": final.get("objective/kl"),
-                      "final_kl_coef": trainer.kl_ctl.value, "kl_budget": c.kl_budget, **evaluation,
+                      "final_kl_coef": trainer.kl_ctl.value, "kl_budget": ppo_cfg.kl_budget, **evaluation,
                       **{f"time_{k}": v for k, v in seconds.items()}}
     if "kl_ppo_vs_sft" in evaluation:
-        result_metrics["within_kl_budget"] = evaluation["kl_ppo_vs_sft"] <= c.kl_budget
+        result_metrics["within_kl_budget"] = evaluation["kl_ppo_vs_sft"] <= ppo_cfg.kl_budget
     staged = artifacts.staging_dir(cfg.artifact_dir, PPO)
     trainer.save_models(staged)
     if distributed.is_main():
@@ -159,7 +159,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     return finish(cfg.artifact_dir, PPO, staged, ckpt_dir, tracker, clock, result_metrics,
                   ["gold_score_sft", "gold_score_ppo", "rm_score_sft", "rm_score_ppo", "kl_ppo_vs_sft", "win_rate_gold"],
                   config=config, parents=[sft, rm_art], tokenizer_fp=tok_fp, data=data, reward_stats=reward_stats,
-                  model={"base": str(sft.path), "lora": "merged" if c.lora else None, "use_chat_template": use_template,
+                  model={"base": str(sft.path), "lora": "merged" if ppo_cfg.lora else None, "use_chat_template": use_template,
                          "critic": "critic/",
                          "critic_value_scale": {"mean": trainer.value_scale[0], "std": trainer.value_scale[1],
                                                 "meaning": "values in PPO units = (head output - mean) / std"}})
@@ -182,10 +182,11 @@ def _curve_row(point: dict) -> dict:
             "eos_rate": point["eval/eos_rate"]}
 
 
-def _check_reward_stats(reward_stats: dict, c, rm_path) -> None:
+def _check_reward_stats(reward_stats: dict, ppo_cfg, rm_path) -> None:
     """reward_stats must come from responses sampled as this PPO run samples them."""
-    want = {"temperature": c.temperature, "top_k": c.top_k, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
-            "max_prompt_length": c.max_prompt_length}
+    want = {"temperature": ppo_cfg.temperature, "top_k": ppo_cfg.top_k, "top_p": ppo_cfg.top_p,
+            "max_new_tokens": ppo_cfg.max_new_tokens,
+            "max_prompt_length": ppo_cfg.max_prompt_length}
     have = reward_stats.get("sampling")
     if have is not None and have != want:
         diff = ", ".join(f"ppo.{k}={want[k]} (reward_stats: {have.get(k)})" for k in want if have.get(k) != want[k])

@@ -19,23 +19,23 @@ from rlhf.tracking import Tracker
 
 def run(cfg: PipelineConfig) -> artifacts.Artifact:
     started = time.time()
-    c, mc = cfg.sft, cfg.model
+    sft_cfg, model_cfg = cfg.sft, cfg.model
     config = cfg.to_dict()
 
     # 1. inputs ---------------------------------------------------------------------------
-    train_src = require(c.train_data, "sft.train_data", "the SFT training file")
-    if mc.name_or_path is None and mc.scratch is None:
+    train_src = require(sft_cfg.train_data, "sft.train_data", "the SFT training file")
+    if model_cfg.name_or_path is None and model_cfg.scratch is None:
         raise ConfigError("set model.name_or_path (hub id or local dir) or model.scratch (a from-scratch spec)")
-    if c.lora and mc.name_or_path is None:
+    if sft_cfg.lora and model_cfg.name_or_path is None:
         raise ConfigError("sft.lora=true needs a pretrained base (model.name_or_path); a scratch model trains all weights")
-    data = artifacts.data_fingerprint({"train_data": train_src, "eval_data": c.eval_data})
+    data = artifacts.data_fingerprint({"train_data": train_src, "eval_data": sft_cfg.eval_data})
     done = skip_if_up_to_date(cfg.artifact_dir, SFT, config, [], cfg.force, data)
     if done:
         return done
     # read before anything is written: a data error leaves no checkpoint dir behind
-    train_data = load_sft(train_src, max_skipped_fraction=c.max_skipped_fraction, skip_key="sft.max_skipped_fraction")
-    eval_data = load_sft(c.eval_data, max_skipped_fraction=c.max_skipped_fraction,
-                         skip_key="sft.max_skipped_fraction") if c.eval_data else None
+    train_data = load_sft(train_src, max_skipped_fraction=sft_cfg.max_skipped_fraction, skip_key="sft.max_skipped_fraction")
+    eval_data = load_sft(sft_cfg.eval_data, max_skipped_fraction=sft_cfg.max_skipped_fraction,
+                         skip_key="sft.max_skipped_fraction") if sft_cfg.eval_data else None
     ckpt_dir, resuming, clock = open_checkpoints(cfg.artifact_dir, SFT, config, data, started)
     distributed.seed_everything(cfg.seed)
     train_rows = train_data.examples
@@ -43,21 +43,21 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
 
     # 2. tokenizer and model --------------------------------------------------------------
     tok_dir = ckpt_dir / "tokenizer"
-    if mc.scratch is not None:
+    if model_cfg.scratch is not None:
         if distributed.is_main() and not (tok_dir / "tokenizer.json").is_file():
             # trained once, on rank 0, and kept with the checkpoints so a resumed run reuses it
             texts = [prompt_text(r.prompt) + r.completion for r in train_rows]
-            models.train_scratch_tokenizer(texts, mc.scratch.vocab_size).save_pretrained(str(tok_dir))
+            models.train_scratch_tokenizer(texts, model_cfg.scratch.vocab_size).save_pretrained(str(tok_dir))
         distributed.barrier()
         tokenizer = models.load_tokenizer(str(tok_dir))
-        model = models.build_scratch_causal_lm(mc.scratch, tokenizer, mc.dtype)
+        model = models.build_scratch_causal_lm(model_cfg.scratch, tokenizer, model_cfg.dtype)
     else:
-        tokenizer = models.load_tokenizer(mc.name_or_path, mc.trust_remote_code)
+        tokenizer = models.load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
         models.ensure_pad_token(tokenizer)
-        model = models.load_causal_lm(mc.name_or_path, mc.dtype, mc.trust_remote_code)
+        model = models.load_causal_lm(model_cfg.name_or_path, model_cfg.dtype, model_cfg.trust_remote_code)
     models.resize_for_tokenizer(model, tokenizer)
-    if c.lora:
-        model = models.add_lora(model, mc.lora, "CAUSAL_LM")
+    if sft_cfg.lora:
+        model = models.add_lora(model, model_cfg.lora, "CAUSAL_LM")
     say(SFT, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
              f"vocabulary {len(tokenizer)}, {distributed.world_size()} process(es), ZeRO-{cfg.deepspeed.zero_stage}")
 
@@ -66,34 +66,37 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     def to_dataset(rows, name):
         examples, truncated, dropped = [], 0, 0
         for i, r in enumerate(rows, 1):
-            if c.loss_on == "all" and r.messages:
+            if sft_cfg.loss_on == "all" and r.messages:
                 try:
-                    ids, mask, cut = encode_conversation(tokenizer, r.messages, mc.use_chat_template, c.max_length)
+                    ids, mask, cut = encode_conversation(tokenizer, r.messages, model_cfg.use_chat_template,
+                                                         sft_cfg.max_length)
                 except ValueError as e:
                     raise ConfigError(f"sft.loss_on=all, {name} example {i}: {e}") from None
             else:
-                prompt = render_prompt(tokenizer, r.prompt, mc.use_chat_template)
-                completion = render_response(tokenizer, r.prompt, r.completion, mc.use_chat_template)
-                ids, n_prompt, cut = encode_pair(tokenizer, prompt, completion, c.max_length)
+                prompt = render_prompt(tokenizer, r.prompt, model_cfg.use_chat_template)
+                completion = render_response(tokenizer, r.prompt, r.completion, model_cfg.use_chat_template)
+                ids, n_prompt, cut = encode_pair(tokenizer, prompt, completion, sft_cfg.max_length)
                 mask = [0] * n_prompt + [1] * (len(ids) - n_prompt)
             if any(mask):
                 truncated += cut
                 examples.append({"input_ids": ids, "completion_mask": mask})
             else:  # no response token left within max_length: nothing to learn from
                 dropped += 1
-        say(SFT, f"{name}: {len(examples)} examples ({truncated} truncated to sft.max_length={c.max_length}, "
+        say(SFT, f"{name}: {len(examples)} examples ({truncated} truncated to sft.max_length={sft_cfg.max_length}, "
                  f"{dropped} dropped with no response token left)")
         if not examples:
-            raise ConfigError(f"{name}: no example keeps a response token within sft.max_length={c.max_length}; raise it")
+            raise ConfigError(f"{name}: no example keeps a response token within "
+                              f"sft.max_length={sft_cfg.max_length}; raise it")
         return Dataset.from_list(examples), truncated, dropped
 
     train_ds, train_truncated, train_dropped = to_dataset(train_rows, "train")
     eval_ds = to_dataset(eval_rows, "eval")[0] if eval_rows else None
 
     # 4. train ----------------------------------------------------------------------------
-    ds_config = distributed.deepspeed_config(cfg.deepspeed, mc.dtype)
-    args = SFTConfig(**trainer_kwargs(c, output_dir=ckpt_dir, ds_config=ds_config, seed=cfg.seed, dtype=mc.dtype),
-                     completion_only_loss=True, packing=c.packing, dataset_num_proc=None)
+    ds_config = distributed.deepspeed_config(cfg.deepspeed, model_cfg.dtype)
+    args = SFTConfig(**trainer_kwargs(sft_cfg, output_dir=ckpt_dir, ds_config=ds_config, seed=cfg.seed,
+                                      dtype=model_cfg.dtype),
+                     completion_only_loss=True, packing=sft_cfg.packing, dataset_num_proc=None)
     resume_from, resume_step = last_checkpoint(ckpt_dir) if resuming else (None, None)
     tracker = Tracker(cfg.artifact_dir, SFT, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
                       resume_step=resume_step, clock=clock)
@@ -124,5 +127,5 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     return finish(cfg.artifact_dir, SFT, staged, ckpt_dir, tracker, clock, metrics,
                   ["eval_loss_initial", "eval_loss", "train_loss"],
                   config=config, parents=[], tokenizer_fp=artifacts.tokenizer_fingerprint(tokenizer), data=data,
-                  model={"base": mc.name_or_path or "scratch", "lora": "merged" if c.lora else None,
-                         "use_chat_template": mc.use_chat_template, "loss_on": c.loss_on})
+                  model={"base": model_cfg.name_or_path or "scratch", "lora": "merged" if sft_cfg.lora else None,
+                         "use_chat_template": model_cfg.use_chat_template, "loss_on": sft_cfg.loss_on})
