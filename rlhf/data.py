@@ -389,17 +389,13 @@ def expand_ranking(responses: list[str], scores: list[float] | None) -> tuple[li
     scores, higher is better and equal scores tie. K responses give K(K-1)/2 pairs minus ties.
     """
     k = len(responses)
-    if scores is None:
-        order = list(range(k))
-        key = lambda i: i  # noqa: E731 - rank position
-    else:
-        order = sorted(range(k), key=lambda i: -scores[i])
-        key = lambda i: -scores[i]  # noqa: E731
+    rank = list(range(k)) if scores is None else [-s for s in scores]  # lower is better; equal ties
+    order = sorted(range(k), key=rank.__getitem__)
     pairs, ties = [], 0
     for a in range(k):
         for b in range(a + 1, k):
             i, j = order[a], order[b]
-            if key(i) == key(j) or responses[i] == responses[j]:
+            if rank[i] == rank[j] or responses[i] == responses[j]:
                 ties += 1
                 continue
             pairs.append((i, j, b - a))

@@ -137,12 +137,6 @@ def token_values(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     return head(hidden).squeeze(-1).float()
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last attended position of right-padded rows."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.long() * positions).argmax(dim=1)
-
-
 def disable_dropout(model: Any) -> None:
     """Switch off every dropout of `model`: nn.Dropout modules (LoRA's too) and the float rates
     that some families (OPT, GPT-NeoX attention) hand to functional dropout."""
