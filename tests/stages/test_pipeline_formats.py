@@ -39,6 +39,10 @@ def test_pipeline_with_hh_transcripts_and_scratch_model_overrides(tmp_path, monk
     assert rm["data"]["train_data"]["path"] == str(tmp_path / "hh_train.jsonl")
     assert ppo["status"] == "complete" and {p["stage"] for p in ppo["parents"]} == {"sft", "reward"}
     assert sft["tokenizer"]["vocab_size"] == 320
+    # PPO trained on the HH prompts: 4 updates that moved the policy away from SFT on held-out prompts
+    curve = ppo["metrics"]["eval_curve"]
+    assert ppo["metrics"]["updates"] == 4 and [c["update"] for c in curve][::len(curve) - 1] == [0, 4]
+    assert curve[0]["kl"] == pytest.approx(0, abs=1e-5) and curve[-1]["kl"] > 0.01, curve
 
 
 def test_reward_stage_on_ultrafeedback_layout(demo_run, tmp_path):
