@@ -1,8 +1,15 @@
-"""DIR/report/: summary.json, PNG plots made from DIR/metrics/*.jsonl, and index.html."""
+"""DIR/report/: summary.json, PNG plots made from the manifests and DIR/metrics/*.jsonl, and index.html.
+
+Plots: the over-optimisation chart (score_vs_kl.png: proxy and gold score against sqrt(KL) for
+PPO's held-out evaluations and the best-of-n baseline, the published update marked), the reward
+model's diagnostics (rm_calibration.png, rm_reward_hist.png, rm_length.png) and the training
+curves (ppo_scores.png, ppo_kl.png, rm_accuracy.png, losses.png)."""
 from __future__ import annotations
 
 import html
 import json
+import math
+import random
 from pathlib import Path
 
 from rlhf import artifacts
@@ -11,6 +18,10 @@ from rlhf.tracking import read_metrics
 SUMMARY_KEYS = {  # summary key -> (stage, manifest metric)
     "rm_eval_accuracy": ("reward", "eval_accuracy"),
     "rm_spearman_gold": ("reward", "spearman_gold"),
+    "calibration_ece": ("reward", "calibration_ece"),
+    "length_reward_corr": ("reward", "length_reward_corr"),
+    "length_reward_corr_sft": ("reward", "length_reward_corr_sft"),
+    "rm_warnings": ("reward", "warnings"),
     "sft_eval_loss": ("sft", "eval_loss"),
     "sft_eval_loss_initial": ("sft", "eval_loss_initial"),
     "gold_score_sft": ("ppo", "gold_score_sft"),
@@ -19,13 +30,48 @@ SUMMARY_KEYS = {  # summary key -> (stage, manifest metric)
     "rm_score_sft": ("ppo", "rm_score_sft"),
     "rm_score_ppo": ("ppo", "rm_score_ppo"),
     "kl_ppo_vs_sft": ("ppo", "kl_ppo_vs_sft"),
+    "kl_budget": ("ppo", "kl_budget"),
     "win_rate_rm": ("ppo", "win_rate_rm"),
     "win_rate_gold": ("ppo", "win_rate_gold"),
     "response_length_sft": ("ppo", "response_length_sft"),
     "response_length_ppo": ("ppo", "response_length_ppo"),
     "eos_rate_sft": ("ppo", "eos_rate_sft"),
     "eos_rate_ppo": ("ppo", "eos_rate_ppo"),
+    "updates": ("ppo", "updates"),
+    "selected_update": ("ppo", "selected_update"),
+    "stop_reason": ("ppo", "stop_reason"),
+    "guard_metric": ("ppo", "guard_metric"),
+    "eval_curve": ("ppo", "eval_curve"),    # [{update, kl, rm_score, gold_score, response_length, eos_rate}]
+    "best_of_n": ("ppo", "best_of_n"),      # [{n, kl, rm_score, gold_score}], kl analytic
 }
+
+LABELS = {  # what the figures table calls a summary key
+    "sft_eval_loss_initial": "SFT held-out loss, untrained",
+    "sft_eval_loss": "SFT held-out loss, trained",
+    "rm_eval_accuracy": "RM held-out pairwise accuracy",
+    "rm_spearman_gold": "Spearman(RM score, gold) on fresh SFT samples",
+    "calibration_ece": "RM calibration error (ECE, held-out pairs)",
+    "length_reward_corr": "Pearson(RM reward, length), held-out responses",
+    "length_reward_corr_sft": "Pearson(RM reward, length), SFT samples",
+    "gold_score_sft": "gold score, SFT",
+    "gold_score_ppo": "gold score, PPO (published policy)",
+    "gold_score_sft_std": "gold score std over SFT samples",
+    "gold_gain_in_sft_std": "gold gain, in SFT standard deviations",
+    "rm_score_sft": "RM score, SFT",
+    "rm_score_ppo": "RM score, PPO",
+    "kl_ppo_vs_sft": "KL(PPO || SFT) per response",
+    "kl_budget": "KL budget (ppo.kl_budget)",
+    "win_rate_rm": "win rate of PPO over SFT, under the RM",
+    "win_rate_gold": "win rate of PPO over SFT, under gold",
+    "response_length_sft": "response length (tokens), SFT",
+    "response_length_ppo": "response length (tokens), PPO",
+    "eos_rate_sft": "EOS rate, SFT",
+    "eos_rate_ppo": "EOS rate, PPO",
+    "updates": "PPO updates run",
+    "selected_update": "PPO update published",
+}
+
+SMALL = (6.4, 4.0)  # inches at 100 dpi: 640 x 400 pixels
 
 
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
@@ -33,16 +79,27 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _plot(path: Path, title: str, xlabel: str, lines: list[tuple[str, list, list]], ylabel: str = "") -> bool:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return True
+
+
+def _plot(path: Path, title: str, xlabel: str, lines: list[tuple[str, list, list]], ylabel: str = "") -> bool:
     lines = [ln for ln in lines if ln[1]]
     if not lines:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig, ax = _pyplot().subplots(figsize=SMALL, dpi=100)
     for label, x, y in lines:
         ax.plot(x, y, marker="." if len(x) < 40 else None, label=label)
     ax.set_title(title)
@@ -50,11 +107,156 @@ def _plot(path: Path, title: str, xlabel: str, lines: list[tuple[str, list, list
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _sqrt_kl(kl: float) -> float:
+    """sqrt of a KL estimate; a sampled (k1) estimate a little below 0 counts as 0."""
+    return math.sqrt(max(float(kl), 0.0))
+
+
+# ----------------------------------------------------------------- the over-optimisation chart
+
+def overoptimisation_plot(path: Path, ppo_metrics: dict, ppo_rows: list[dict]) -> bool:
+    """Proxy (RM) score and gold score against sqrt(KL to the SFT policy), as Gao, Schulman &
+    Hilton (2022) plot them: PPO's held-out evaluations (one point per evaluation, update 0 = the
+    SFT policy), the best-of-n baseline at its analytic KL, the published update marked and the
+    KL budget drawn. Proxy and gold have different units: one panel each, sharing the x axis.
+    Without held-out evaluations: the training rollouts' raw RM scores against their KL."""
+    curve = [p for p in ppo_metrics.get("eval_curve") or [] if _num(p.get("kl"))]
+    bon = [b for b in ppo_metrics.get("best_of_n") or [] if _num(b.get("kl"))]
+    selected = ppo_metrics.get("selected_update")
+    budget = ppo_metrics.get("kl_budget")
+    if not curve:
+        rows = [r for r in ppo_rows if _num(r.get("objective/kl")) and _num(r.get("objective/raw_scores"))]
+        if not rows:
+            return False
+        curve = [{"update": r["step"], "kl": r["objective/kl"], "rm_score": r["objective/raw_scores"]} for r in rows]
+        ppo_label = "PPO training rollouts (one point per update)"
+    else:
+        ppo_label = "PPO, held-out evaluation (one point per evaluation)"
+    has_gold = any(_num(p.get("gold_score")) for p in curve + bon)
+    panels = [("rm_score", "proxy: reward-model score (raw)")] + ([("gold_score", "gold score")] if has_gold else [])
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7.2, 6.4) if has_gold else (7.2, 4.0), dpi=100,
+                             squeeze=False)
+    for ax, (key, ylabel) in zip(axes[:, 0], panels):
+        pts = [(_sqrt_kl(p["kl"]), p[key], p["update"]) for p in curve if _num(p.get(key))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color="C0", ms=4, label=ppo_label)
+        for (x, y, u), dy in ((pts[0], -11), (pts[-1], -14))[: min(2, len(pts))]:  # where the curve starts and ends
+            ax.annotate("SFT" if u == 0 else f"update {u}", (x, y), textcoords="offset points", xytext=(6, dy),
+                        fontsize=7, color="C0")
+        bpts = [(_sqrt_kl(b["kl"]), b[key], b["n"]) for b in bon if _num(b.get(key))]
+        if bpts:
+            ax.plot([p[0] for p in bpts], [p[1] for p in bpts], "--s", color="C1", ms=4,
+                    label="best-of-n of SFT samples (analytic KL)")
+            for x, y, n in bpts:
+                ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7, color="C1")
+        sel = [p for p in pts if p[2] == selected]
+        if sel:
+            ax.plot([sel[0][0]], [sel[0][1]], "*", color="C3", ms=16, mec="black", mew=0.6, zorder=5,
+                    label=f"published policy (update {selected})")
+        if _num(budget) and budget > 0:
+            ax.axvline(_sqrt_kl(budget), color="grey", ls=":", lw=1.2, label=f"KL budget ({budget:g})")
+        ax.set_ylabel(ylabel)
+        ax.margins(y=0.12)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title("Over-optimisation: score against sqrt(KL to the SFT policy)")
+    axes[-1, 0].set_xlabel("sqrt(KL(policy || SFT)) per response  [sqrt(nats)]")
+    axes[0, 0].legend(fontsize=7.5, loc="best")
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------- reward-model diagnostics
+
+def calibration_plot(path: Path, bins: list[dict], ece: float | None) -> bool:
+    """Reliability diagram of P(chosen > rejected) on the held-out pairs (folded: confidence in
+    [0.5, 1], see rlhf.reward_training.calibration): accuracy per bin against its mean
+    confidence, the diagonal of perfect calibration, and the pairs per bin below."""
+    if not bins or not any(b.get("count") for b in bins):
+        return False
+    plt = _pyplot()
+    fig, (ax, axc) = plt.subplots(2, 1, sharex=True, figsize=(6.4, 4.8), dpi=100, gridspec_kw={"height_ratios": [3, 1]})
+    full = [b for b in bins if b["count"]]
+    width = bins[0]["hi"] - bins[0]["lo"]
+    ax.bar([b["lo"] for b in full], [b["accuracy"] for b in full], width=width, align="edge", color="C0", alpha=0.35,
+           edgecolor="C0", label="empirical accuracy per bin")
+    ax.plot([b["confidence"] for b in full], [b["accuracy"] for b in full], "o", color="C0", ms=4,
+            label="bin's mean predicted vs empirical")
+    ax.plot([0.5, 1.0], [0.5, 1.0], "--", color="grey", label="perfect calibration")
+    ax.set_xlim(0.5, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_ylabel("accuracy: chosen ranked higher")
+    ax.set_title("RM reliability on held-out pairs" + (f" (ECE {ece:.3f})" if _num(ece) else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    bars = axc.bar([b["lo"] for b in bins], [b["count"] for b in bins], width=width, align="edge", color="grey", alpha=0.6)
+    axc.bar_label(bars, fontsize=7)
+    axc.set_ylim(0, max(b["count"] for b in bins) * 1.35)
+    axc.set_ylabel("pairs")
+    axc.set_xlabel("predicted P(model's favourite is the chosen one) = sigmoid(|r_chosen - r_rejected|)")
+    axc.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def reward_hist_plot(path: Path, hist: dict) -> bool:
+    """Histograms of the RM's rewards of the chosen and of the rejected held-out responses."""
+    edges = hist.get("edges") or []
+    if len(edges) < 2:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=SMALL, dpi=100)
+    for key, color in (("chosen", "C2"), ("rejected", "C3")):
+        counts = hist[key]
+        ax.stairs(counts, edges, fill=True, alpha=0.3, color=color)
+        ax.stairs(counts, edges, color=color, label=f"{key} ({sum(counts)})")
+        total = sum(counts)
+        if total:
+            mids = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+            mean = sum(m * c for m, c in zip(mids, counts)) / total
+            ax.axvline(mean, color=color, ls="--", lw=1)
+    ax.set_title("RM rewards on held-out pairs: chosen vs rejected (dashed: means)")
+    ax.set_xlabel("reward (raw RM output)")
+    ax.set_ylabel("responses")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def length_plot(path: Path, points: dict, corr: float | None, corr_sft: float | None) -> bool:
+    """Reward against response length (tokens) for held-out responses and fresh SFT samples,
+    each with its least-squares line and Pearson r (lengths jittered by up to +-0.2 to show overlaps)."""
+    sources = [(k, lab, c, color) for k, lab, c, color in
+               (("held_out", "held-out pair responses", corr, "C0"), ("sft", "fresh SFT samples", corr_sft, "C2"))
+               if points.get(k) and points[k].get("length")]
+    if not sources:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=SMALL, dpi=100)
+    jitter = random.Random(0)
+    for key, label, c, color in sources:
+        xs, ys = points[key]["length"], points[key]["reward"]
+        ax.scatter([x + jitter.uniform(-0.2, 0.2) for x in xs], ys, s=6, alpha=0.35, color=color,
+                   label=f"{label} (Pearson r = {c:.2f})" if _num(c) else label)
+        n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if n > 1 and sxx > 0:
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+            lo, hi = min(xs), max(xs)
+            ax.plot([lo, hi], [my + slope * (lo - mx), my + slope * (hi - mx)], color=color, lw=1.5)
+    ax.set_title("RM reward against response length")
+    ax.set_xlabel("response length (tokens, EOS not counted)")
+    ax.set_ylabel("reward (raw RM output)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------- the report
 
 def build(artifact_dir: Path) -> Path:
     artifact_dir = Path(artifact_dir)
@@ -71,48 +273,121 @@ def build(artifact_dir: Path) -> Path:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     ppo, rm, sft = (read_metrics(artifact_dir, s) for s in ("ppo", "reward", "sft"))
-    plots = []
+    pm = (manifests.get("ppo") or {}).get("metrics", {})
+    rmm = (manifests.get("reward") or {}).get("metrics", {})
+    plots: dict[str, list[tuple[str, str]]] = {"overopt": [], "ppo": [], "rm": [], "training": []}
+    if overoptimisation_plot(out / "score_vs_kl.png", pm, ppo):
+        ev = ((manifests.get("ppo") or {}).get("config") or {}).get("eval") or {}
+        plots["overopt"].append(("score_vs_kl.png", "Over-optimisation chart. Top: the proxy reward PPO maximises; bottom: "
+                             "the score it stands for (gold). A gold curve that bends down while the proxy still rises "
+                             "is reward over-optimisation; best-of-n is the baseline at the same KL. "
+                             + (f"Best-of-n samples the first {ev.get('best_of_n_prompts')} held-out prompts and PPO's "
+                                f"evaluation {ev.get('num_prompts')}: their KL-0 points (both the SFT policy) differ by "
+                                "that and by sampling noise." if pm.get("best_of_n") and ev else "")))
     if _plot(out / "ppo_scores.png", "RM score and RLHF reward per update", "PPO update",
              [("objective/scores", *_series(ppo, "objective/scores")),
               ("objective/rlhf_reward", *_series(ppo, "objective/rlhf_reward"))]):
-        plots.append("ppo_scores.png")
+        plots["ppo"].append(("ppo_scores.png", "Training rollouts: normalised RM score and the KL-penalised reward."))
     if _plot(out / "ppo_kl.png", "KL to the SFT policy and KL coefficient per update", "PPO update",
              [("objective/kl", *_series(ppo, "objective/kl")), ("objective/kl_coef", *_series(ppo, "objective/kl_coef"))]):
-        plots.append("ppo_kl.png")
-    kl_x = [r["objective/kl"] for r in ppo if "objective/kl" in r]
-    sc_y = [r["objective/scores"] for r in ppo if "objective/scores" in r]
-    lines = [("RM score (proxy), per update", kl_x, sc_y)]
-    pm = manifests.get("ppo") or {}
-    if "gold_score_ppo" in pm.get("metrics", {}):
-        m = pm["metrics"]
-        lines.append(("gold score, SFT -> PPO (held-out)", [0.0, m["kl_ppo_vs_sft"]], [m["gold_score_sft"], m["gold_score_ppo"]]))
-    if _plot(out / "score_vs_kl.png", "Score vs KL (over-optimisation curve)", "KL(policy || SFT) per response", lines):
-        plots.append("score_vs_kl.png")
+        plots["ppo"].append(("ppo_kl.png", "Training rollouts: KL per response and the KL coefficient."))
+    if calibration_plot(out / "rm_calibration.png", rmm.get("calibration_bins") or [], rmm.get("calibration_ece")):
+        plots["rm"].append(("rm_calibration.png", "Reliability diagram: bars on the diagonal mean P(chosen > rejected) "
+                            "is calibrated; below it, over-confident."))
+    if reward_hist_plot(out / "rm_reward_hist.png", rmm.get("reward_histogram") or {}):
+        plots["rm"].append(("rm_reward_hist.png", "The further apart, the better the RM separates the pairs."))
+    if length_plot(out / "rm_length.png", rmm.get("length_reward_points") or {}, rmm.get("length_reward_corr"),
+                   rmm.get("length_reward_corr_sft")):
+        plots["rm"].append(("rm_length.png", "Up to 512 points per source; lines: least-squares fits. A steep line means the RM pays for length, "
+                            "and PPO will learn to change length."))
     rm_lines = [("train accuracy", *_series(rm, "train/accuracy"))]
     ex, ey = _series(rm, "eval/accuracy")
     rm_lines.append(("held-out accuracy", ex, ey))
     if _plot(out / "rm_accuracy.png", "Reward model pairwise accuracy", "RM optimizer step", rm_lines):
-        plots.append("rm_accuracy.png")
+        plots["rm"].append(("rm_accuracy.png", "Pairwise accuracy while training."))
     if _plot(out / "losses.png", "Training losses", "step",
              [("SFT loss", *_series(sft, "train/loss")), ("RM loss", *_series(rm, "train/loss")),
               ("PPO policy loss", *_series(ppo, "loss/policy_avg")), ("PPO value loss", *_series(ppo, "loss/value_avg"))]):
-        plots.append("losses.png")
+        plots["training"].append(("losses.png", "Losses of the three stages (each against its own steps)."))
 
     samples_path = artifacts.stage_dir(artifact_dir, "ppo") / artifacts.SAMPLES
     samples = [json.loads(ln) for ln in samples_path.read_text().splitlines()[:20]] if samples_path.is_file() else []
-    rows = "".join(
-        f"<tr><td>{html.escape(s['prompt'])}</td><td>{html.escape(s.get('sft_response', ''))}</td>"
-        f"<td>{html.escape(s['response'])}</td><td>{s.get('gold_score_sft', '')}</td><td>{s.get('gold_score', '')}</td></tr>"
-        for s in samples)
-    figures = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in summary.items() if isinstance(v, (int, float)))
-    imgs = "".join(f'<figure><img src="{p}" alt="{p}"></figure>' for p in plots)
-    (out / "index.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>RLHF report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}figure{{display:inline-block;margin:0.5em}}</style></head>
-<body><h1>RLHF report: {html.escape(str(artifact_dir))}</h1>
-<p>Stages: {html.escape(json.dumps(summary['stages']))}</p>
-<h2>Figures</h2><table>{figures}</table><h2>Plots</h2>{imgs}
-<h2>SFT vs PPO on held-out prompts</h2>
-<table><tr><th>prompt</th><th>SFT</th><th>PPO</th><th>gold SFT</th><th>gold PPO</th></tr>{rows}</table>
-</body></html>""")
+    (out / "index.html").write_text(_html(artifact_dir, summary, plots, samples))
     return out
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool) or isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return html.escape(str(v))
+
+
+def _figures(plots: list[tuple[str, str]]) -> str:
+    return "".join(f'<figure><img src="{p}" alt="{p}"><figcaption>{html.escape(c)}</figcaption></figure>'
+                   for p, c in plots)
+
+
+def _html(artifact_dir: Path, summary: dict, plots: dict, samples: list[dict]) -> str:
+    e = html.escape
+    stages = " · ".join(f"{e(s)}: <b>{e(str(v))}</b>" for s, v in summary["stages"].items())
+    figures = "".join(f"<tr><td>{e(LABELS.get(k, k))}</td><td><code>{e(k)}</code></td><td>{_fmt(v)}</td></tr>"
+                      for k, v in summary.items() if _num(v))
+    warn = list(summary.get("rm_warnings") or [])
+    selected = summary.get("selected_update")
+    if summary.get("stop_reason") not in (None, "completed"):
+        warn.append(f"PPO stopped early ({summary['stop_reason']}) after update {summary.get('updates')}.")
+    warnings = "".join(f'<p class="warn">{e(w)}</p>' for w in warn)
+    selection = ""
+    if selected is not None:
+        guard = summary.get("guard_metric")
+        selection = (f"<p>Published policy: update <b>{selected}</b> of {summary.get('updates', '?')}, "
+                     + (f"the best <code>{e(guard)}</code> among the evaluations within the KL budget"
+                        if guard else "the last update")
+                     + f"; stop reason: <code>{e(str(summary.get('stop_reason')))}</code>.</p>")
+    curve = summary.get("eval_curve") or []
+    curve_rows = "".join(
+        f"<tr{' class=sel' if p.get('update') == selected else ''}><td>{p.get('update')}</td><td>{_fmt(p.get('kl'))}</td>"
+        f"<td>{_fmt(_sqrt_kl(p['kl']) if _num(p.get('kl')) else None)}</td><td>{_fmt(p.get('rm_score'))}</td>"
+        f"<td>{_fmt(p.get('gold_score'))}</td><td>{_fmt(p.get('response_length'))}</td><td>{_fmt(p.get('eos_rate'))}</td></tr>"
+        for p in curve)
+    curve_table = ("<h3>Held-out evaluations during PPO</h3><table><tr><th>update</th><th>KL</th><th>sqrt KL</th>"
+                   "<th>RM score</th><th>gold score</th><th>length</th><th>EOS rate</th></tr>" + curve_rows + "</table>"
+                   if curve else "")
+    bon = summary.get("best_of_n") or []
+    bon_table = ("<h3>Best-of-n baseline (SFT samples, the RM's favourite of n)</h3><table><tr><th>n</th>"
+                 "<th>KL (analytic)</th><th>RM score</th><th>gold score</th></tr>"
+                 + "".join(f"<tr><td>{b.get('n')}</td><td>{_fmt(b.get('kl'))}</td><td>{_fmt(b.get('rm_score'))}</td>"
+                           f"<td>{_fmt(b.get('gold_score'))}</td></tr>" for b in bon) + "</table>" if bon else "")
+    ppo_html = (f"""{selection}<div class="row">{_figures(plots['overopt'])}<div>{curve_table}{bon_table}</div></div>
+<h3>Training rollouts</h3>{_figures(plots['ppo'])}""" if selection or plots["overopt"] or plots["ppo"]
+                else "<p>No PPO results yet.</p>")
+    has_gold = any("gold_score" in s for s in samples)
+    sample_rows = "".join(
+        f"<tr><td>{e(s['prompt'])}</td><td>{e(s.get('sft_response', ''))}</td><td>{e(s['response'])}</td>"
+        f"<td>{_fmt(s.get('rm_score_sft'), 3)}</td><td>{_fmt(s.get('rm_score'), 3)}</td>"
+        + (f"<td>{_fmt(s.get('gold_score_sft'), 3)}</td><td>{_fmt(s.get('gold_score'), 3)}</td>" if has_gold else "")
+        + "</tr>" for s in samples)
+    gold_heads = "<th>gold SFT</th><th>gold PPO</th>" if has_gold else ""
+    samples_html = (f"<p>The first {len(samples)} held-out prompts of <code>ppo/samples.jsonl</code>: the published "
+                    f"policy{f' (update {selected})' if selected is not None else ''} and the SFT policy, sampled "
+                    f"with the same seed.</p><table><tr><th>prompt</th><th>SFT response</th><th>PPO response</th>"
+                    f"<th>RM SFT</th><th>RM PPO</th>{gold_heads}</tr>{sample_rows}</table>"
+                    if samples else "<p>No samples (no <code>ppo/samples.jsonl</code>).</p>")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>RLHF report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1500px;color:#222}}table{{border-collapse:collapse;margin:0.5em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px;vertical-align:top}}th{{background:#f3f3f3}}
+tr.sel td{{background:#fff3c4;font-weight:bold}}figure{{display:inline-block;margin:0.5em;vertical-align:top;max-width:740px}}
+figcaption{{font-size:13px;color:#555;max-width:720px}}.warn{{background:#fff0f0;border-left:4px solid #c33;padding:6px 10px}}
+code{{font-size:13px}}.row{{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}}</style></head>
+<body><h1>RLHF report</h1><p><code>{e(str(artifact_dir))}</code></p>
+<p>Stages: {stages}</p>{warnings}
+<h2>Key figures</h2><table><tr><th>figure</th><th>summary.json key</th><th>value</th></tr>{figures}</table>
+<h2>PPO: over-optimisation and the published policy</h2>{ppo_html}
+<h2>Reward model diagnostics</h2>{_figures(plots['rm'])}
+<h2>Training curves</h2>{_figures(plots['training'])}
+<h2>Samples from the published policy</h2>{samples_html}
+</body></html>"""

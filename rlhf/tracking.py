@@ -32,6 +32,11 @@ def wandb_mode(configured: str | None) -> str:
     return "offline"
 
 
+# W&B x axes per stage: {stage: {metric glob: step metric}}. Every PPO row carries `episode`
+# (episodes done so far), so every PPO panel shares that axis, whatever the number of processes.
+STEP_METRICS = {"ppo": {"*": "episode"}}
+
+
 class Tracker:
     def __init__(self, artifact_dir: str | Path, stage: str, run_name: str, config: dict, wandb_cfg: Any,
                  enabled: bool = True, resume_step: int | None = None, clock: artifacts.StageClock | None = None):
@@ -59,6 +64,9 @@ class Tracker:
             self._run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, group=run_name, job_type=stage,
                                    name=f"{run_name}-{stage}", dir=str(Path(artifact_dir).resolve()), config=config,
                                    mode=mode, reinit="finish_previous")
+            for key, axis in STEP_METRICS.get(stage, {}).items():
+                self._run.define_metric(axis)
+                self._run.define_metric(key, step_metric=axis)
 
     def log(self, metrics: dict, step: int, summary: bool = False) -> None:
         """One row in DIR/metrics/<stage>.jsonl (and W&B). `summary`: an end-of-run row (final

@@ -11,7 +11,8 @@ from rlhf.config import ConfigError, PipelineConfig, require
 from rlhf.data import load_preferences, prompt_text, render_prompt, render_response
 from rlhf.generation import Sampling
 from rlhf.hf_training import TrackerCallback, last_checkpoint, logged_train_loss, trainer_kwargs
-from rlhf.reward_training import WeightedPreferenceCollator, WeightedRewardTrainer, evaluate_pairs
+from rlhf.reward_training import (WeightedPreferenceCollator, WeightedRewardTrainer, evaluate_pairs, response_length,
+                                  rm_diagnostics)
 from rlhf.scoring import load_gold_scorer, policy_reward_stats, spearman
 from rlhf.tokenization import encode_pair
 from rlhf.stage_io import finish, open_checkpoints, say, skip_if_up_to_date
@@ -20,20 +21,20 @@ from rlhf.tracking import Tracker
 
 def run(cfg: PipelineConfig) -> artifacts.Artifact:
     started = time.time()
-    c, mc = cfg.reward, cfg.model
+    reward_cfg, model_cfg = cfg.reward, cfg.model
     config = cfg.to_dict()
 
     # 1. inputs ---------------------------------------------------------------------------
-    train_src = require(c.train_data, "reward.train_data", "the preference training file")
+    train_src = require(reward_cfg.train_data, "reward.train_data", "the preference training file")
     sft = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, SFT), SFT)
-    data = artifacts.data_fingerprint({"train_data": train_src, "eval_data": c.eval_data})
+    data = artifacts.data_fingerprint({"train_data": train_src, "eval_data": reward_cfg.eval_data})
     done = skip_if_up_to_date(cfg.artifact_dir, REWARD, config, [sft], cfg.force, data)
     if done:
         return done
     # read before anything is written: a data error leaves no checkpoint dir behind
-    skip = dict(max_skipped_fraction=c.max_skipped_fraction, skip_key="reward.max_skipped_fraction")
-    train = load_preferences(train_src, c.pair_weighting, **skip)
-    evals = load_preferences(c.eval_data, "uniform", **skip) if c.eval_data else None
+    skip = dict(max_skipped_fraction=reward_cfg.max_skipped_fraction, skip_key="reward.max_skipped_fraction")
+    train = load_preferences(train_src, reward_cfg.pair_weighting, **skip)
+    evals = load_preferences(reward_cfg.eval_data, "uniform", **skip) if reward_cfg.eval_data else None
     gold = load_gold_scorer(cfg.eval.gold_scorer) if cfg.eval.gold_scorer else None
     ckpt_dir, resuming, clock = open_checkpoints(cfg.artifact_dir, REWARD, config, data, started)
     distributed.seed_everything(cfg.seed)
@@ -42,17 +43,17 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     tokenizer = models.load_tokenizer(str(sft.path))
     tok_fp = artifacts.tokenizer_fingerprint(tokenizer)
     artifacts.load(sft.path, SFT, tokenizer_fp=tok_fp, verify=False)  # its files were checked above
-    init_path = c.model or str(sft.path)
-    if c.model:
-        other = models.load_tokenizer(c.model, mc.trust_remote_code)
+    init_path = reward_cfg.model or str(sft.path)
+    if reward_cfg.model:
+        other = models.load_tokenizer(reward_cfg.model, model_cfg.trust_remote_code)
         models.ensure_pad_token(other)
         if artifacts.tokenizer_fingerprint(other) != tok_fp:
-            raise ConfigError(f"reward.model={c.model} has a different tokenizer from the SFT artifact {sft.path}; "
+            raise ConfigError(f"reward.model={reward_cfg.model} has a different tokenizer from the SFT artifact {sft.path}; "
                               "the reward model must share the policy's tokenizer (unset reward.model to start from the SFT model)")
-    model = models.load_reward_model(init_path, mc.dtype, tokenizer.pad_token_id, mc.trust_remote_code)
+    model = models.load_reward_model(init_path, model_cfg.dtype, tokenizer.pad_token_id, model_cfg.trust_remote_code)
     models.resize_for_tokenizer(model, tokenizer)
-    if c.lora:
-        model = models.add_lora(model, mc.lora, "SEQ_CLS")
+    if reward_cfg.lora:
+        model = models.add_lora(model, model_cfg.lora, "SEQ_CLS")
     use_template = sft.use_chat_template
 
     # 3. data: pairs -> token ids, truncation counted, pairs identical after truncation dropped
@@ -61,15 +62,17 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         for p in pairs:
             prompt = render_prompt(tokenizer, p.prompt, use_template)
             chosen, rejected = (render_response(tokenizer, p.prompt, r, use_template) for r in (p.chosen, p.rejected))
-            ci, _, ct = encode_pair(tokenizer, prompt, chosen, c.max_length)
-            ri, _, rt = encode_pair(tokenizer, prompt, rejected, c.max_length)
+            ci, cp, ct = encode_pair(tokenizer, prompt, chosen, reward_cfg.max_length)
+            ri, rp, rt = encode_pair(tokenizer, prompt, rejected, reward_cfg.max_length)
             truncated += ct or rt
             if ci == ri:
                 identical += 1
                 continue
             rows.append({"chosen_ids": ci, "rejected_ids": ri, "margin": p.margin, "weight": p.weight,
-                         "group": p.group, "rank_distance": p.rank_distance})
-        say(REWARD, f"{name}: {len(rows)} pairs ({truncated} truncated to max_length={c.max_length}, "
+                         "group": p.group, "rank_distance": p.rank_distance,
+                         "chosen_len": response_length(ci, cp, tokenizer.eos_token_id),
+                         "rejected_len": response_length(ri, rp, tokenizer.eos_token_id)})
+        say(REWARD, f"{name}: {len(rows)} pairs ({truncated} truncated to max_length={reward_cfg.max_length}, "
                     f"{identical} dropped as identical after truncation)")
         if not rows:
             raise ConfigError(f"{name}: no pair left after truncation; raise reward.max_length")
@@ -82,9 +85,9 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     # 4. train ----------------------------------------------------------------------------
     from trl import RewardConfig
 
-    ds_config = distributed.deepspeed_config(cfg.deepspeed, mc.dtype)
-    args = RewardConfig(**trainer_kwargs(c, output_dir=ckpt_dir, ds_config=ds_config, seed=cfg.seed, dtype=mc.dtype),
-                        center_rewards_coefficient=c.center_rewards_coefficient, disable_dropout=True,
+    ds_config = distributed.deepspeed_config(cfg.deepspeed, model_cfg.dtype)
+    args = RewardConfig(**trainer_kwargs(reward_cfg, output_dir=ckpt_dir, ds_config=ds_config, seed=cfg.seed, dtype=model_cfg.dtype),
+                        center_rewards_coefficient=reward_cfg.center_rewards_coefficient, disable_dropout=True,
                         remove_unused_columns=False)
     resume_from, resume_step = last_checkpoint(ckpt_dir) if resuming else (None, None)
     tracker = Tracker(cfg.artifact_dir, REWARD, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
@@ -101,21 +104,25 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                      **{f"skipped_{k}": v for k, v in train.skipped.items()},
                      **{f"train_{k}": v for k, v in train_counts.items()}, **{f"eval_{k}": v for k, v in eval_counts.items()}}
     rm = trainer.model_wrapped if cfg.deepspeed.zero_stage == 3 else trainer.model
+    held_out = None  # per-pair rewards of the held-out pairs, for the diagnostics below
     if eval_rows:
-        metrics.update(evaluate_pairs(rm, eval_rows, tokenizer.pad_token_id, c.batch_size))
+        figures, r_chosen, r_rejected = evaluate_pairs(rm, eval_rows, tokenizer.pad_token_id, reward_cfg.batch_size,
+                                                       with_rewards=True)
+        metrics.update(figures)
+        held_out = (r_chosen, r_rejected, [r["chosen_len"] for r in eval_rows], [r["rejected_len"] for r in eval_rows])
         say(REWARD, f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f} on {len(eval_rows)} pairs")
 
     # reward_stats: raw scores of SFT-policy responses sampled and scored exactly as PPO will
     # (ppo.* sampling settings, generated ids), so PPO's normalised reference score is ~0
     faults.point("evaluation:start")
-    stat_prompts = _stat_prompts(c, evals, train)[: c.stats_samples]
+    stat_prompts = _stat_prompts(reward_cfg, evals, train)[: reward_cfg.stats_samples]
     texts = [render_prompt(tokenizer, p, use_template) for p in stat_prompts]
-    policy = models.load_causal_lm(str(sft.path), mc.dtype).to(distributed.device())
+    policy = models.load_causal_lm(str(sft.path), model_cfg.dtype).to(distributed.device())
     gather = cfg.deepspeed.zero3_gather_for_generation
     if cfg.deepspeed.zero_stage == 3 and not gather:  # sharded by an inference engine whose hooks fetch per layer
         from rlhf.ppo.trainer import make_inference
 
-        policy = make_inference(policy, cfg.deepspeed, mc.dtype)
+        policy = make_inference(policy, cfg.deepspeed, model_cfg.dtype)
     pc = cfg.ppo
     reward_stats, responses, scores = policy_reward_stats(
         policy, rm, tokenizer, texts, sampling=Sampling(temperature=pc.temperature, top_k=pc.top_k, top_p=pc.top_p),
@@ -126,6 +133,16 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         golds = [gold(prompt_text(p), r) for p, r in zip(stat_prompts, responses)]
         metrics["spearman_gold"] = spearman(scores, golds)
         say(REWARD, f"Spearman(RM score, gold score) on {len(golds)} fresh SFT responses: {metrics['spearman_gold']:.3f}")
+    # diagnostics: calibration and reward histograms on the held-out pairs; reward vs response
+    # length (tokens, EOS not counted) there and on the SFT samples just scored (their decoded
+    # texts re-encoded: generation returns texts here)
+    sft_lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+    metrics.update(rm_diagnostics(held_out, (scores, sft_lengths)))
+    say(REWARD, (f"calibration ECE {metrics['calibration_ece']:.3f} on the held-out pairs; " if held_out else "")
+        + "Pearson(reward, response length) " + (f"{_fmt(metrics['length_reward_corr'])} held-out, " if held_out else "")
+        + f"{_fmt(metrics['length_reward_corr_sft'])} on SFT samples")
+    for w in metrics["warnings"]:
+        say(REWARD, f"warning: {w}")
     tracker.log({f"eval/{k[5:]}" if k.startswith("eval_") else k: v for k, v in metrics.items()
                  if isinstance(v, (int, float))}, step=result.global_step, summary=True)
 
@@ -135,14 +152,18 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     return finish(cfg.artifact_dir, REWARD, staged, ckpt_dir, tracker, clock, metrics,
                   ["eval_accuracy", "spearman_gold", "train_loss"],
                   config=config, parents=[sft], tokenizer_fp=tok_fp, data=data, reward_stats=reward_stats,
-                  model={"base": init_path, "lora": "merged" if c.lora else None, "use_chat_template": use_template})
+                  model={"base": init_path, "lora": "merged" if reward_cfg.lora else None, "use_chat_template": use_template})
 
 
-def _stat_prompts(c, evals, train) -> list:
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _stat_prompts(reward_cfg, evals, train) -> list:
     """stats_samples prompts for reward_stats: the held-out ones when there are, one per
     preference row, repeated in order when there are fewer rows than samples."""
     groups: dict[int, object] = {}
     for p in (evals or train).pairs:
         groups.setdefault(p.group, p.prompt)
     prompts = list(groups.values())
-    return [prompts[i % len(prompts)] for i in range(c.stats_samples)]
+    return [prompts[i % len(prompts)] for i in range(reward_cfg.stats_samples)]

@@ -109,3 +109,20 @@ def check_published(d) -> None:
     sft, ppo = _tensors(d / "sft"), _tensors(d / "ppo")
     assert sft.keys() == ppo.keys()
     assert any(not torch.equal(sft[k], ppo[k]) for k in sft), "PPO did not change the policy"
+
+
+def length_preferences(src: str, dst, rows: int) -> str:
+    """The first `rows` demo preference rows of `src` re-ranked by word count, longest first: data
+    for a reward model that pays for length whatever the gold scorer says."""
+    import re
+
+    with dst.open("w") as out:
+        for line in (ROOT / "reward_data" / "demo" / src).read_text().splitlines()[:rows]:
+            row = json.loads(line)
+            by_length: dict[int, str] = {}
+            for r in row["responses"]:
+                by_length.setdefault(len(re.findall(r"[a-z]+", r)), r)
+            if len(by_length) > 1:
+                out.write(json.dumps({"prompt": row["prompt"],
+                                      "responses": [by_length[k] for k in sorted(by_length, reverse=True)]}) + "\n")
+    return str(dst)

@@ -86,9 +86,11 @@ def test_status_and_report(demo_run):
         assert k in summary
     from PIL import Image
 
-    for png in ("ppo_scores.png", "ppo_kl.png", "score_vs_kl.png", "rm_accuracy.png", "losses.png"):
+    for png in ("ppo_scores.png", "ppo_kl.png", "rm_accuracy.png", "losses.png"):
         with Image.open(demo_run / "report" / png) as im:
             assert im.size == (640, 400)
+    with Image.open(demo_run / "report" / "score_vs_kl.png") as im:  # two panels: proxy and gold score
+        assert im.size == (720, 640)
 
 
 def test_rerun_skips_complete_stage(demo_run):

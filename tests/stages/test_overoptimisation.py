@@ -4,29 +4,13 @@ drives the proxy up while the gold score rises briefly and then falls (Gao, Schu
 2022); the guard must publish the update at the gold peak and stop once it is past."""
 from __future__ import annotations
 
-import json
 import os
-import re
 
 import pytest
 
-from conftest import ROOT, manifest, ok, run_stage
+from conftest import length_preferences, manifest, ok, run_stage
 
 pytestmark = pytest.mark.slow
-
-
-def _length_preferences(dst) -> str:
-    """The demo preference rows re-ranked by word count, longest first."""
-    with dst.open("w") as out:
-        for line in (ROOT / "reward_data" / "demo" / "prefs_train.jsonl").read_text().splitlines()[:800]:
-            row = json.loads(line)
-            by_length: dict[int, str] = {}
-            for r in row["responses"]:
-                by_length.setdefault(len(re.findall(r"[a-z]+", r)), r)
-            if len(by_length) > 1:
-                out.write(json.dumps({"prompt": row["prompt"],
-                                      "responses": [by_length[k] for k in sorted(by_length, reverse=True)]}) + "\n")
-    return str(dst)
 
 
 def test_guard_publishes_the_gold_peak_of_an_exploited_reward_model(demo_run, tmp_path):
@@ -34,9 +18,11 @@ def test_guard_publishes_the_gold_peak_of_an_exploited_reward_model(demo_run, tm
     d.mkdir()
     os.symlink(demo_run / "sft", d / "sft")
     common = [f"artifact_dir={d}", "wandb.mode=disabled"]
-    ok(run_stage("rm.py", *common, f"reward.train_data={_length_preferences(tmp_path / 'longer.jsonl')}",
+    ok(run_stage("rm.py", *common, f"reward.train_data={length_preferences('prefs_train.jsonl', tmp_path / 'longer.jsonl', 800)}",
                  "reward.eval_data=null", "reward.epochs=1"))
-    assert manifest(d, "reward")["metrics"]["spearman_gold"] < 0.3  # a proxy that does not track the gold score
+    rm = manifest(d, "reward")["metrics"]
+    assert rm["spearman_gold"] < 0.3  # a proxy that does not track the gold score ...
+    assert rm["warnings"] and rm["length_reward_corr_sft"] > 0.5  # ... and the RM stage said so
     ok(run_stage("ppo.py", *common, "ppo.total_episodes=960", "ppo.kl_coef=0.001", "eval.every=2",
                  "eval.num_prompts=64", "eval.best_of_n=[]", "ppo.early_stop=3"))
     m = manifest(d, "ppo")["metrics"]

@@ -1,0 +1,209 @@
+"""The pipeline's W&B workspace, as code (wandb-workspaces).
+
+One workspace per W&B project ("RLHF pipeline"), a section per stage: PPO reward, KL,
+held-out evaluation and optimisation panels against `episode` (rlhf.tracking defines every PPO
+metric on that axis), the reward model's loss, accuracy and diagnostics, and SFT's losses. Runs
+are grouped by the W&B group (the config's run_name: one group per pipeline run), then by job
+type (the stage), so a pipeline's SFT and RM runs stay apart in the `train/loss` panels both log.
+
+`rlhf dashboard --artifact-dir DIR` writes the definition to DIR/report/wandb_workspace.json
+(always) and, when W&B is online, creates the workspace or updates the one it made before.
+Offline (the default) it prints the two commands that publish it later.
+
+PANELS is the one list of panel metric keys; tests check each against the names the stages
+really log (DIR/metrics/<stage>.jsonl)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf import artifacts
+
+WORKSPACE_NAME = "RLHF pipeline"
+DEFINITION_FILE = "wandb_workspace.json"
+
+
+@dataclass(frozen=True)
+class Panel:
+    stage: str            # the stage whose metrics file logs `keys` (sft, reward, ppo)
+    title: str
+    keys: tuple[str, ...]
+    kind: str = "line"    # line: history against the section's x axis; scalar: the run's last value
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    name: str
+    x: str                # x axis of the section's line plots: "episode" or "Step" (W&B's step)
+    panels: tuple[Panel, ...]
+    is_open: bool = True
+
+
+def _ppo(title: str, *keys: str) -> Panel:
+    return Panel("ppo", title, keys)
+
+
+SECTIONS: tuple[SectionSpec, ...] = (
+    SectionSpec("PPO: reward", "episode", (
+        _ppo("RM score (normalised), per rollout", "objective/scores"),
+        _ppo("RLHF reward = score - KL penalty", "objective/rlhf_reward"),
+        _ppo("raw RM score, per rollout", "objective/raw_scores"),
+        _ppo("KL penalty (non-score reward)", "objective/non_score_reward"),
+    )),
+    SectionSpec("PPO: KL", "episode", (
+        _ppo("KL(policy || SFT) per response", "objective/kl"),
+        _ppo("KL coefficient beta", "objective/kl_coef"),
+        _ppo("approx. KL between PPO epochs", "policy/approxkl_avg"),
+    )),
+    SectionSpec("PPO: held-out evaluation", "episode", (
+        _ppo("eval: RM score (proxy)", "eval/rm_score"),
+        _ppo("eval: gold score", "eval/gold_score"),
+        _ppo("eval: KL to SFT", "eval/kl_to_sft"),
+        _ppo("eval: response length", "eval/response_length"),
+        _ppo("eval: EOS rate", "eval/eos_rate"),
+    )),
+    SectionSpec("PPO: optimisation", "episode", (
+        _ppo("policy loss", "loss/policy_avg"),
+        _ppo("value loss", "loss/value_avg"),
+        _ppo("clip fractions", "policy/clipfrac_avg", "val/clipfrac_avg"),
+        _ppo("entropy", "objective/entropy", "policy/entropy_avg"),
+        _ppo("probability ratio", "val/ratio"),
+        _ppo("learning rate", "lr"),
+        _ppo("throughput (episodes/s)", "throughput/episodes_per_s"),
+    ), is_open=False),
+    SectionSpec("Reward model", "Step", (
+        Panel("reward", "RM train loss (RM runs)", ("train/loss",)),
+        Panel("reward", "RM pairwise accuracy: train, held-out", ("train/accuracy", "eval/accuracy")),
+        Panel("reward", "RM reward margin (train)", ("train/margin",)),
+    )),
+    SectionSpec("Reward model diagnostics", "Step", (
+        Panel("reward", "held-out pairwise accuracy", ("eval/accuracy",), "scalar"),
+        Panel("reward", "calibration error (ECE)", ("calibration_ece",), "scalar"),
+        Panel("reward", "Pearson(reward, length), held-out", ("length_reward_corr",), "scalar"),
+        Panel("reward", "Pearson(reward, length), SFT samples", ("length_reward_corr_sft",), "scalar"),
+        Panel("reward", "Spearman(RM, gold), SFT samples", ("spearman_gold",), "scalar"),
+    )),
+    SectionSpec("SFT", "Step", (
+        Panel("sft", "SFT train loss (SFT runs)", ("train/loss",)),
+        Panel("sft", "SFT held-out loss", ("eval/loss",)),
+        Panel("sft", "SFT token accuracy", ("train/mean_token_accuracy",)),
+        Panel("sft", "SFT learning rate", ("train/learning_rate",)),
+    ), is_open=False),
+)
+
+
+def panel_keys() -> dict[str, set[str]]:
+    """{stage: every metric key a panel plots} — what the stages must log."""
+    out: dict[str, set[str]] = {}
+    for section in SECTIONS:
+        for p in section.panels:
+            out.setdefault(p.stage, set()).update(p.keys)
+    return out
+
+
+def build_workspace(entity: str, project: str, name: str = WORKSPACE_NAME) -> Any:
+    """The workspace (a wandb_workspaces.workspaces.Workspace); builds offline, saves nothing."""
+    try:
+        import wandb_workspaces.reports.v2 as wr
+        import wandb_workspaces.workspaces as ws
+    except ImportError as e:  # a dependency of the project: pip install -e .
+        raise RuntimeError("the W&B dashboard needs wandb-workspaces (pip install wandb-workspaces)") from e
+
+    sections = []
+    for s in SECTIONS:
+        panels = []
+        for p in s.panels:
+            if p.kind == "scalar":
+                panels.append(wr.ScalarChart(title=p.title, metric=p.keys[0]))
+            else:
+                panels.append(wr.LinePlot(title=p.title, x=s.x, y=list(p.keys), title_x=s.x))
+        sections.append(ws.Section(name=s.name, panels=panels, is_open=s.is_open,
+                                   panel_settings=ws.SectionPanelSettings(x_axis=s.x)))
+    return ws.Workspace(
+        entity=entity, project=project, name=name, sections=sections,
+        settings=ws.WorkspaceSettings(x_axis="Step", max_runs=30),
+        runset_settings=ws.RunsetSettings(groupby=[ws.Metric("Group"), ws.Metric("JobType")]),
+    )
+
+
+def view_name(entity: str, project: str, name: str = WORKSPACE_NAME) -> str:
+    """A stable internal view name ("nw-<id>-v"), so that a second push updates the first."""
+    digest = hashlib.sha1(f"{entity}/{project}/{name}".encode()).hexdigest()[:11]
+    return f"nw-rlhf{digest}-v"
+
+
+def definition(workspace: Any) -> dict:
+    """The workspace as W&B stores it (its view model, JSON-ready)."""
+    return json.loads(workspace._to_model().model_dump_json(by_alias=True, exclude_none=True))
+
+
+def load_definition(path: Path) -> Any:
+    """A Workspace back from a written definition (what `push` saves)."""
+    import wandb_workspaces.workspaces as ws
+    from wandb_workspaces.workspaces import internal
+
+    view = internal.View.model_validate(json.loads(Path(path).read_text())["view"])
+    return ws.Workspace._from_model(view)
+
+
+def push(workspace: Any) -> str:
+    """Create the workspace in W&B, or update the one a previous push created; returns its URL.
+    Needs network and a W&B login."""
+    from wandb_workspaces.workspaces import internal
+
+    name = view_name(workspace.entity, workspace.project, workspace.name)
+    try:
+        existing = internal.get_view_dict(workspace.entity, workspace.project, name)
+    except ValueError:  # no such view yet (or no such project: the save says which)
+        existing = None
+    workspace._internal_name = name
+    workspace._internal_id = existing["id"] if existing else ""
+    workspace.save()
+    return workspace.url
+
+
+def _pipeline_config(artifact_dir: Path) -> dict:
+    """The resolved config of the newest published stage (PPO, else RM, else SFT)."""
+    for stage in reversed(artifacts.STAGES):
+        m = artifacts.read_manifest(artifacts.stage_dir(artifact_dir, stage))
+        if m and m.get("config"):
+            return m["config"]
+    return {}
+
+
+def run(artifact_dir: Path, *, project: str | None = None, entity: str | None = None, mode: str | None = None) -> int:
+    """`rlhf dashboard`: write DIR/report/wandb_workspace.json; push it when W&B is online."""
+    from rlhf.tracking import wandb_mode
+
+    artifact_dir = Path(artifact_dir)
+    cfg = _pipeline_config(artifact_dir)
+    wcfg = cfg.get("wandb") or {}
+    project = project or wcfg.get("project") or "rlhf"
+    entity = entity or wcfg.get("entity")
+    mode = mode or wandb_mode(wcfg.get("mode"))
+    if mode == "online" and not entity:
+        import wandb
+
+        entity = wandb.Api().default_entity
+    workspace = build_workspace(entity or "<your-entity>", project)
+    out = artifacts.report_dir(artifact_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / DEFINITION_FILE
+    path.write_text(json.dumps({"entity": entity, "project": project, "name": workspace.name,
+                                "run_group": cfg.get("run_name"), "panel_keys": {k: sorted(v) for k, v in panel_keys().items()},
+                                "view": definition(workspace)}, indent=1))
+    print(f"workspace definition: {path} ({sum(len(s.panels) for s in SECTIONS)} panels in {len(SECTIONS)} sections)")
+    if mode == "online":
+        url = push(workspace)
+        print(f"W&B workspace '{workspace.name}' saved: {url}")
+        return 0
+    runs = artifacts.wandb_dir(artifact_dir).resolve()
+    where = f" --entity {entity}" if entity else ""
+    print(f"W&B is {mode} here: nothing was uploaded. To publish the runs and this workspace from a machine with "
+          f"network and a W&B login (`wandb login`):\n"
+          f"  wandb sync --project {project}{where} {runs}/offline-run-*\n"
+          f"  rlhf dashboard --artifact-dir {artifact_dir.resolve()} --push{where}")
+    return 0
