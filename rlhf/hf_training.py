@@ -86,6 +86,13 @@ class TrackerCallback(TrainerCallback):
         self.tracker.log(out, step=state.global_step, summary=end)
 
 
+def train_loss(log_history: list[dict], result: Any) -> float:
+    """The training loss of the whole training (logged_train_loss); the trainer's own figure when
+    training was shorter than one logging interval (then it is the same thing)."""
+    logged = logged_train_loss(log_history)
+    return logged if logged is not None else result.training_loss
+
+
 def logged_train_loss(log_history: list[dict]) -> float | None:
     """Mean training loss over every logged step of the whole training, resumed runs included.
     Each logged `loss` is the mean over the steps since the previous log, so it is weighted by

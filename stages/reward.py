@@ -10,7 +10,7 @@ from rlhf.artifacts import REWARD, SFT
 from rlhf.config import ConfigError, PipelineConfig, require
 from rlhf.data import load_preferences, prompt_text, render_prompt, render_response
 from rlhf.generation import Sampling
-from rlhf.hf_training import TrackerCallback, last_checkpoint, logged_train_loss, trainer_kwargs
+from rlhf.hf_training import TrackerCallback, last_checkpoint, train_loss, trainer_kwargs
 from rlhf.reward_training import (WeightedPreferenceCollator, WeightedRewardTrainer, evaluate_pairs, response_length,
                                   rm_diagnostics)
 from rlhf.scoring import load_gold_scorer, policy_reward_stats, spearman
@@ -99,7 +99,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         say(REWARD, f"resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)
     # over the whole training, resumed runs included (the trainer's own figures cover its last run)
-    metrics: dict = {"train_loss": logged_train_loss(trainer.state.log_history), "train_steps": result.global_step,
+    metrics: dict = {"train_loss": train_loss(trainer.state.log_history, result), "train_steps": result.global_step,
                      "ties_dropped": train.ties_dropped,
                      **{f"skipped_{k}": v for k, v in train.skipped.items()},
                      **{f"train_{k}": v for k, v in train_counts.items()}, **{f"eval_{k}": v for k, v in eval_counts.items()}}

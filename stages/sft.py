@@ -11,7 +11,7 @@ from rlhf import artifacts, distributed, models
 from rlhf.artifacts import SFT
 from rlhf.config import ConfigError, PipelineConfig, require
 from rlhf.data import load_sft, prompt_text, render_prompt, render_response
-from rlhf.hf_training import TrackerCallback, last_checkpoint, logged_train_loss, trainer_kwargs, untrained_eval_loss
+from rlhf.hf_training import TrackerCallback, last_checkpoint, train_loss, trainer_kwargs, untrained_eval_loss
 from rlhf.tokenization import encode_conversation, encode_pair
 from rlhf.stage_io import finish, open_checkpoints, say, skip_if_up_to_date
 from rlhf.tracking import Tracker
@@ -117,7 +117,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         say(SFT, f"resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)
     # over the whole training, resumed runs included (the trainer's own figures cover its last run)
-    metrics.update(train_loss=logged_train_loss(trainer.state.log_history), train_steps=result.global_step)
+    metrics.update(train_loss=train_loss(trainer.state.log_history, result), train_steps=result.global_step)
     if eval_ds is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
 

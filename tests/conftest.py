@@ -76,6 +76,7 @@ def small_overrides(tmp_path, model_dir) -> list[str]:
         "ppo.total_episodes=16", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2",
         "ppo.max_new_tokens=8", "ppo.max_prompt_length=96", "ppo.learning_rate=1e-2", "ppo.forward_batch_size=8",
         "sft.max_length=128", "eval.num_prompts=8", "eval.max_new_tokens=5",
+        "ppo.keep_best=last",  # random-init models: publish the trained policy, not the guard's pick
     ]
 
 

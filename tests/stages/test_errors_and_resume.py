@@ -110,3 +110,21 @@ def test_kl_penalty_keeps_policy_close(demo_run, tmp_path):
         m = manifest(d, "ppo")["metrics"]
         kls[name] = m["kl_ppo_vs_sft"]
     assert kls["large"] < 0.5 * kls["small"], kls
+
+
+def test_damaged_weights_reported_by_status_and_refused_by_the_next_stage(demo_run, tmp_path):
+    import shutil
+
+    d = tmp_path / "art"
+    d.mkdir()
+    shutil.copytree(demo_run / "sft", d / "sft")
+    os.truncate(d / "sft" / "model.safetensors", 5000)
+    status = subprocess.run([sys.executable, "-m", "rlhf.cli", "status", "--artifact-dir", str(d)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 1, status.stdout
+    sft_line = next(ln for ln in status.stdout.splitlines() if ln.startswith("sft"))
+    assert "damaged" in sft_line and "model.safetensors: 5000 bytes" in sft_line and "force=true" in sft_line
+    proc = run_stage("rm.py", f"artifact_dir={d}", timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"the sft artifact {d / 'sft'} is damaged" in proc.stderr and "model.safetensors" in proc.stderr
+    assert not (d / "reward").exists() and not (d / "checkpoints").exists()

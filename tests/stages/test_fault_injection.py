@@ -132,11 +132,17 @@ def test_kills_in_every_stage_resume_truthfully(tmp_path):
     cmd = _cmd("sft.py", d, extra)
     seconds = []
     ckpt = d / "checkpoints" / "sft"
-    seconds.append(_kill_after(cmd, lambda: any(ckpt.glob("checkpoint-*/trainer_state.json")), rng.uniform(0, 0.8)))
-    KILLS.append("sft: randomised moment after the first checkpoint")
+    for fault in (f"train:step@{rng.randint(1, 3)}", "checkpoint:saved@1"):  # before / at the first checkpoint
+        proc, s = _run(cmd, fault)
+        _killed(proc, f"sft {fault}")
+        seconds.append(s)
+        _nothing_half_published(d, "sft")
+    # resumed at step 5: killed from outside at a random moment after its checkpoint of step 10
+    seconds.append(_kill_after(cmd, lambda: any(ckpt.glob("checkpoint-1[05]/trainer_state.json")),
+                               rng.uniform(0, 0.3)))
+    KILLS.append("sft: randomised moment after the checkpoint of step 10")
     _nothing_half_published(d, "sft")
-    for fault in (f"train:step@{rng.randint(1, 4)}", "checkpoint:saved@1", "publish:staged", "publish:manifest",
-                  "publish:done"):
+    for fault in ("publish:staged", "publish:manifest", "publish:done"):
         proc, s = _run(cmd, fault)
         _killed(proc, f"sft {fault}")
         seconds.append(s)

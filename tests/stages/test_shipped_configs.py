@@ -8,6 +8,7 @@ through `rlhf pipeline` unchanged except for these overrides:
     made from the demo data in reward_data/demo/;
   - sizes, so that a run takes well under a minute on a CPU (batch sizes, episodes, lengths), float32 (a CPU
     does not train in bfloat16) and no CPU offload;
+  - `ppo.keep_best=last` (random-init models: the published policy must be the trained one);
   - `artifact_dir`.
 Everything else (LoRA in each stage and its target modules, ZeRO stage, the DeepSpeed JSON preset, learning
 rates, PPO epochs, KL settings, the chat-template switch, ...) is the config's own and must reach the manifests.
@@ -52,6 +53,9 @@ SIZES = [
     "ppo.total_episodes=16", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.grad_accum=2",
     "ppo.max_new_tokens=8", "ppo.max_prompt_length=96", "ppo.forward_batch_size=8",
     "eval.num_prompts=8", "eval.max_new_tokens=8",
+    # random-init models: the guard would rightly publish update 0 when no update scores better; these
+    # tests check that training reaches the published weights, so the last update is published
+    "ppo.keep_best=last",
 ]
 
 # What the pipeline derives itself; a preset must leave these out (or "auto" where the HF Trainer fills them).
