@@ -330,6 +330,16 @@ def prepare_checkpoints(artifact_dir: str | Path, stage: str, config: dict,
     return ckpt, resuming
 
 
+def process_started() -> float | None:
+    """When this process started (wall clock, from /proc), or None where /proc is missing."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+
+
 class StageClock:
     """Wall time of a stage summed over its invocations, so a stage that was killed and resumed
     reports the time of all its runs, not the last one's. Rank 0 keeps it in
@@ -338,9 +348,10 @@ class StageClock:
 
     FILE = "clock.json"
 
-    def __init__(self, ckpt_dir: Path | None, started: float, enabled: bool = True, every: float = 5.0):
+    def __init__(self, ckpt_dir: Path | None, started: float, enabled: bool = True, every: float = 1.0):
         self.path = ckpt_dir / self.FILE if ckpt_dir is not None else None
-        self.started, self.enabled, self.every = started, enabled, every
+        # from the process's start: its imports and set-up are part of the stage's time
+        self.started, self.enabled, self.every = min(started, process_started() or started), enabled, every
         self.earlier: list[float] = []
         if self.path is not None and self.path.is_file():
             try:

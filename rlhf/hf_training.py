@@ -62,6 +62,8 @@ class TrackerCallback(TrainerCallback):
         self.ended = False
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001 - HF signature
+        if self.tracker.clock is not None:
+            self.tracker.clock.tick(force=True)
         faults.point("checkpoint:saved")
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - HF signature

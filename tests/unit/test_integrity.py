@@ -78,20 +78,22 @@ def test_leftover_staging_dir_is_reported(tmp_path):
 
 # ---------------------------------------------------------------- totals across invocations
 
-def test_stage_clock_sums_invocations(tmp_path):
+def test_stage_clock_sums_invocations(tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "process_started", lambda: None)
     c1 = A.StageClock(tmp_path, started=time.time() - 100)
     c1.tick(force=True)
     assert c1.count() == 1
     c2 = A.StageClock(tmp_path, started=time.time() - 30)  # the run after a kill
     assert c2.count() == 2
     assert 129 < c2.total() < 135
-    c2.tick()                       # throttled: first tick writes
+    c2.tick()                       # throttled: the first tick writes, the next within a second does not
     c2.tick()
     assert json.loads((tmp_path / "clock.json").read_text())["seconds"][0] == pytest.approx(100, abs=1)
     assert A.StageClock(tmp_path, started=time.time(), enabled=False).earlier  # reads, never writes
 
 
-def test_manifest_duration_covers_every_invocation(tmp_path):
+def test_manifest_duration_covers_every_invocation(tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "process_started", lambda: None)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     A.StageClock(ckpt, started=time.time() - 200).tick(force=True)
@@ -143,3 +145,9 @@ def test_resume_on_another_number_of_processes_is_refused_with_how_to_go_on(tmp_
     assert "2 process(es)" in msg and "this run has 1" in msg and "--num_gpus 2" in msg and "step 40" in msg
     assert str(ckpt) in msg and (ckpt / "checkpoint-40").is_dir()  # nothing was thrown away
     assert A.prepare_checkpoints(tmp_path, SFT, cfg, processes=2)[1]  # the same count resumes
+
+
+def test_clock_counts_from_the_process_start():
+    started = A.process_started()
+    assert started is not None and started <= time.time()
+    assert A.StageClock(None, started=time.time()).started == pytest.approx(started, abs=0.05)
