@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 
 from rlhf import artifacts, distributed, faults, models
@@ -90,13 +91,16 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         say(PPO, "best-of-n baseline: " + ", ".join(
             f"n={r['n']} rm={r['rm_score']:.3f}" + (f" gold={r['gold_score']:.3f}" if r["gold_score"] is not None else "")
             for r in bon))
-    best_file = ckpt_dir / "best" / "policy.safetensors"
+    best_dir = ckpt_dir / "best"
+
+    def best_path(update: int) -> Path:  # the guard's best policy so far, referenced by the checkpoints
+        return best_dir / f"update-{update}.safetensors"
 
     def evaluate_now() -> tuple[dict, str | None]:
         point = held_out_point(trainer, eval_raw, eval_texts, gold, eval_tokens)
         new_best, stop = selector.observe(trainer.update, point)
         if new_best and selector.metric is not None:  # kept on disk, so that a kill does not lose it
-            trainer.save_policy_weights(best_file.with_name(f"update-{trainer.update}.safetensors"))
+            trainer.save_policy_weights(best_path(trainer.update))
         return point, stop
 
     stop_reason, metrics = None, {}
@@ -122,14 +126,14 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         if trainer.update % ppo_cfg.save_every == 0 and trainer.update < plan.num_updates and stop_reason is None:
             trainer.save(ckpt_dir, stream, extra={"selector": selector.state_dict(), "best_of_n": bon})
             if distributed.is_main():  # best-policy files of updates the checkpoint no longer refers to
-                for f in best_file.parent.glob("update-*.safetensors"):
-                    if f.name != f"update-{selector.best_update}.safetensors":
+                for f in best_dir.glob("update-*.safetensors"):
+                    if f != best_path(selector.best_update):
                         f.unlink(missing_ok=True)
     bar.close()
     stop_reason = stop_reason or "completed"
     selected = trainer.update
     if selector.metric is not None and selector.best_update is not None and selector.best_update != trainer.update:
-        trainer.load_policy_weights(best_file.with_name(f"update-{selector.best_update}.safetensors"))
+        trainer.load_policy_weights(best_path(selector.best_update))
         selected = selector.best_update
     if stop_reason != "completed" or selected != trainer.update:
         say(PPO, f"stopped: {stop_reason} after update {trainer.update}; publishing the policy of update {selected} "
