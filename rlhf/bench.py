@@ -172,6 +172,7 @@ def run(a: argparse.Namespace) -> dict:
     from rlhf.data import load_prompts, render_prompt
     from rlhf.models import ensure_pad_token
     from rlhf.ppo.trainer import PhaseTimer, PPOTrainer, PromptStream
+    from rlhf.metric_names import PPO as PPOMetrics
 
     t_start = time.perf_counter()
     distributed.init_distributed()
@@ -210,8 +211,8 @@ def run(a: argparse.Namespace) -> dict:
     for _ in range(timed):
         m = trainer.step(stream.next(c.rollout_batch_size))
         for k in PHASES:
-            phases[k] += m[f"time/{k}"]
-        tokens += m["val/response_length"] * trainer.plan.episodes_per_update
+            phases[k] += m[PPOMetrics.time(k)]
+        tokens += m[PPOMetrics.RESPONSE_LENGTH] * trainer.plan.episodes_per_update
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import artifacts
+from rlhf.metric_names import HEADLINE
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "launch" / "configs" / "demo.yaml"
@@ -215,9 +216,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             state = "damaged" if damaged else state
         line = f"{stage:7s} {state}"
         if state == "complete":
-            keys = {"sft": ["eval_loss_initial", "eval_loss"], "reward": ["eval_accuracy", "spearman_gold"],
-                    "ppo": ["gold_score_sft", "gold_score_ppo", "kl_ppo_vs_sft", "win_rate_gold"]}[stage]
-            figures = ", ".join(f"{k}={m['metrics'][k]:.4g}" for k in keys if isinstance(m["metrics"].get(k), (int, float)))
+            figures = ", ".join(f"{k}={m['metrics'][k]:.4g}" for k in HEADLINE[stage]
+                                if isinstance(m["metrics"].get(k), (int, float)))
             runs = m.get("invocations", 1)
             line += f"  ({m.get('duration_s', 0):.0f}s{f' over {runs} runs' if runs > 1 else ''})  {figures}"
             if "files" not in m:

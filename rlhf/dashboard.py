@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import artifacts
+from rlhf.metric_names import HF, PPO, Eval, Summary
 
 WORKSPACE_NAME = "RLHF pipeline"
 DEFINITION_FILE = "wandb_workspace.json"
@@ -48,49 +49,49 @@ def _ppo(title: str, *keys: str) -> Panel:
 
 SECTIONS: tuple[SectionSpec, ...] = (
     SectionSpec("PPO: reward", "episode", (
-        _ppo("RM score (normalised), per rollout", "objective/scores"),
-        _ppo("RLHF reward = score - KL penalty", "objective/rlhf_reward"),
-        _ppo("raw RM score, per rollout", "objective/raw_scores"),
-        _ppo("KL penalty (non-score reward)", "objective/non_score_reward"),
+        _ppo("RM score (normalised), per rollout", PPO.SCORES),
+        _ppo("RLHF reward = score - KL penalty", PPO.RLHF_REWARD),
+        _ppo("raw RM score, per rollout", PPO.RAW_SCORES),
+        _ppo("KL penalty (non-score reward)", PPO.NON_SCORE_REWARD),
     )),
     SectionSpec("PPO: KL", "episode", (
-        _ppo("KL(policy || SFT) per response", "objective/kl"),
-        _ppo("KL coefficient beta", "objective/kl_coef"),
-        _ppo("approx. KL between PPO epochs", "policy/approxkl_avg"),
+        _ppo("KL(policy || SFT) per response", PPO.KL),
+        _ppo("KL coefficient beta", PPO.KL_COEF),
+        _ppo("approx. KL between PPO epochs", PPO.APPROXKL),
     )),
     SectionSpec("PPO: held-out evaluation", "episode", (
-        _ppo("eval: RM score (proxy)", "eval/rm_score"),
-        _ppo("eval: gold score", "eval/gold_score"),
-        _ppo("eval: KL to SFT", "eval/kl_to_sft"),
-        _ppo("eval: response length", "eval/response_length"),
-        _ppo("eval: EOS rate", "eval/eos_rate"),
+        _ppo("eval: RM score (proxy)", Eval.RM_SCORE),
+        _ppo("eval: gold score", Eval.GOLD_SCORE),
+        _ppo("eval: KL to SFT", Eval.KL_TO_SFT),
+        _ppo("eval: response length", Eval.RESPONSE_LENGTH),
+        _ppo("eval: EOS rate", Eval.EOS_RATE),
     )),
     SectionSpec("PPO: optimisation", "episode", (
-        _ppo("policy loss", "loss/policy_avg"),
-        _ppo("value loss", "loss/value_avg"),
-        _ppo("clip fractions", "policy/clipfrac_avg", "val/clipfrac_avg"),
-        _ppo("entropy", "objective/entropy", "policy/entropy_avg"),
-        _ppo("probability ratio", "val/ratio"),
-        _ppo("learning rate", "lr"),
-        _ppo("throughput (episodes/s)", "throughput/episodes_per_s"),
+        _ppo("policy loss", PPO.POLICY_LOSS),
+        _ppo("value loss", PPO.VALUE_LOSS),
+        _ppo("clip fractions", PPO.CLIPFRAC, PPO.VALUE_CLIPFRAC),
+        _ppo("entropy", PPO.ENTROPY, PPO.POLICY_ENTROPY),
+        _ppo("probability ratio", PPO.RATIO),
+        _ppo("learning rate", PPO.LR),
+        _ppo("throughput (episodes/s)", PPO.EPISODES_PER_S),
     ), is_open=False),
     SectionSpec("Reward model", "Step", (
-        Panel("reward", "RM train loss (RM runs)", ("train/loss",)),
-        Panel("reward", "RM pairwise accuracy: train, held-out", ("train/accuracy", "eval/accuracy")),
-        Panel("reward", "RM reward margin (train)", ("train/margin",)),
+        Panel("reward", "RM train loss (RM runs)", (HF.TRAIN_LOSS,)),
+        Panel("reward", "RM pairwise accuracy: train, held-out", (HF.TRAIN_ACCURACY, HF.EVAL_ACCURACY)),
+        Panel("reward", "RM reward margin (train)", (HF.TRAIN_MARGIN,)),
     )),
     SectionSpec("Reward model diagnostics", "Step", (
-        Panel("reward", "held-out pairwise accuracy", ("eval/accuracy",), "scalar"),
-        Panel("reward", "calibration error (ECE)", ("calibration_ece",), "scalar"),
-        Panel("reward", "Pearson(reward, length), held-out", ("length_reward_corr",), "scalar"),
-        Panel("reward", "Pearson(reward, length), SFT samples", ("length_reward_corr_sft",), "scalar"),
-        Panel("reward", "Spearman(RM, gold), SFT samples", ("spearman_gold",), "scalar"),
+        Panel("reward", "held-out pairwise accuracy", (HF.EVAL_ACCURACY,), "scalar"),
+        Panel("reward", "calibration error (ECE)", (Summary.CALIBRATION_ECE,), "scalar"),
+        Panel("reward", "Pearson(reward, length), held-out", (Summary.LENGTH_REWARD_CORR,), "scalar"),
+        Panel("reward", "Pearson(reward, length), SFT samples", (Summary.LENGTH_REWARD_CORR_SFT,), "scalar"),
+        Panel("reward", "Spearman(RM, gold), SFT samples", (Summary.SPEARMAN_GOLD,), "scalar"),
     )),
     SectionSpec("SFT", "Step", (
-        Panel("sft", "SFT train loss (SFT runs)", ("train/loss",)),
-        Panel("sft", "SFT held-out loss", ("eval/loss",)),
-        Panel("sft", "SFT token accuracy", ("train/mean_token_accuracy",)),
-        Panel("sft", "SFT learning rate", ("train/learning_rate",)),
+        Panel("sft", "SFT train loss (SFT runs)", (HF.TRAIN_LOSS,)),
+        Panel("sft", "SFT held-out loss", (HF.EVAL_LOSS,)),
+        Panel("sft", "SFT token accuracy", (HF.TOKEN_ACCURACY,)),
+        Panel("sft", "SFT learning rate", (HF.LEARNING_RATE,)),
     ), is_open=False),
 )
 

@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 
 from rlhf import artifacts, distributed, faults
 from rlhf.config import RewardStageConfig, SFTStageConfig
+from rlhf.metric_names import HF
 from rlhf.tracking import Tracker
 
 
@@ -79,8 +80,7 @@ class TrackerCallback(TrainerCallback):
         for k, v in logs.items():
             if not isinstance(v, (int, float)):
                 continue
-            name = k if k.startswith(("eval_", "train_")) or "/" in k else f"train/{k}"
-            out[name.replace("eval_", "eval/", 1) if name.startswith("eval_") else name] = v
+            out[HF.row_name(k)] = v
         end = self.ended or "train_runtime" in logs  # the trainer's end-of-training totals, final evaluation
         if end and "train_loss" in out:
             out["train_loss"] = logged_train_loss(state.log_history) or out["train_loss"]

@@ -13,36 +13,38 @@ import random
 from pathlib import Path
 
 from rlhf import artifacts
+from rlhf.metric_names import HF, PPO
+from rlhf.metric_names import Summary as S
 from rlhf.tracking import read_metrics
 
 SUMMARY_KEYS = {  # summary key -> (stage, manifest metric)
-    "rm_eval_accuracy": ("reward", "eval_accuracy"),
-    "rm_spearman_gold": ("reward", "spearman_gold"),
-    "calibration_ece": ("reward", "calibration_ece"),
-    "length_reward_corr": ("reward", "length_reward_corr"),
-    "length_reward_corr_sft": ("reward", "length_reward_corr_sft"),
-    "rm_warnings": ("reward", "warnings"),
-    "sft_eval_loss": ("sft", "eval_loss"),
-    "sft_eval_loss_initial": ("sft", "eval_loss_initial"),
-    "gold_score_sft": ("ppo", "gold_score_sft"),
-    "gold_score_ppo": ("ppo", "gold_score_ppo"),
-    "gold_score_sft_std": ("ppo", "gold_score_sft_std"),
-    "rm_score_sft": ("ppo", "rm_score_sft"),
-    "rm_score_ppo": ("ppo", "rm_score_ppo"),
-    "kl_ppo_vs_sft": ("ppo", "kl_ppo_vs_sft"),
-    "kl_budget": ("ppo", "kl_budget"),
-    "win_rate_rm": ("ppo", "win_rate_rm"),
-    "win_rate_gold": ("ppo", "win_rate_gold"),
-    "response_length_sft": ("ppo", "response_length_sft"),
-    "response_length_ppo": ("ppo", "response_length_ppo"),
-    "eos_rate_sft": ("ppo", "eos_rate_sft"),
-    "eos_rate_ppo": ("ppo", "eos_rate_ppo"),
-    "updates": ("ppo", "updates"),
-    "selected_update": ("ppo", "selected_update"),
-    "stop_reason": ("ppo", "stop_reason"),
-    "guard_metric": ("ppo", "guard_metric"),
-    "eval_curve": ("ppo", "eval_curve"),    # [{update, kl, rm_score, gold_score, response_length, eos_rate}]
-    "best_of_n": ("ppo", "best_of_n"),      # [{n, kl, rm_score, gold_score}], kl analytic
+    "rm_eval_accuracy": ("reward", S.EVAL_ACCURACY),
+    "rm_spearman_gold": ("reward", S.SPEARMAN_GOLD),
+    "calibration_ece": ("reward", S.CALIBRATION_ECE),
+    "length_reward_corr": ("reward", S.LENGTH_REWARD_CORR),
+    "length_reward_corr_sft": ("reward", S.LENGTH_REWARD_CORR_SFT),
+    "rm_warnings": ("reward", S.WARNINGS),
+    "sft_eval_loss": ("sft", S.EVAL_LOSS),
+    "sft_eval_loss_initial": ("sft", S.EVAL_LOSS_INITIAL),
+    "gold_score_sft": ("ppo", S.GOLD_SCORE_SFT),
+    "gold_score_ppo": ("ppo", S.GOLD_SCORE_PPO),
+    "gold_score_sft_std": ("ppo", S.GOLD_SCORE_SFT_STD),
+    "rm_score_sft": ("ppo", S.RM_SCORE_SFT),
+    "rm_score_ppo": ("ppo", S.RM_SCORE_PPO),
+    "kl_ppo_vs_sft": ("ppo", S.KL_PPO_VS_SFT),
+    "kl_budget": ("ppo", S.KL_BUDGET),
+    "win_rate_rm": ("ppo", S.WIN_RATE_RM),
+    "win_rate_gold": ("ppo", S.WIN_RATE_GOLD),
+    "response_length_sft": ("ppo", S.RESPONSE_LENGTH_SFT),
+    "response_length_ppo": ("ppo", S.RESPONSE_LENGTH_PPO),
+    "eos_rate_sft": ("ppo", S.EOS_RATE_SFT),
+    "eos_rate_ppo": ("ppo", S.EOS_RATE_PPO),
+    "updates": ("ppo", S.UPDATES),
+    "selected_update": ("ppo", S.SELECTED_UPDATE),
+    "stop_reason": ("ppo", S.STOP_REASON),
+    "guard_metric": ("ppo", S.GUARD_METRIC),
+    "eval_curve": ("ppo", S.EVAL_CURVE),    # [{update, kl, rm_score, gold_score, response_length, eos_rate}]
+    "best_of_n": ("ppo", S.BEST_OF_N),      # [{n, kl, rm_score, gold_score}], kl analytic
 }
 
 LABELS = {  # what the figures table calls a summary key
@@ -127,15 +129,15 @@ def overoptimisation_plot(path: Path, ppo_metrics: dict, ppo_rows: list[dict]) -
     SFT policy), the best-of-n baseline at its analytic KL, the published update marked and the
     KL budget drawn. Proxy and gold have different units: one panel each, sharing the x axis.
     Without held-out evaluations: the training rollouts' raw RM scores against their KL."""
-    curve = [p for p in ppo_metrics.get("eval_curve") or [] if _num(p.get("kl"))]
-    bon = [b for b in ppo_metrics.get("best_of_n") or [] if _num(b.get("kl"))]
-    selected = ppo_metrics.get("selected_update")
-    budget = ppo_metrics.get("kl_budget")
+    curve = [p for p in ppo_metrics.get(S.EVAL_CURVE) or [] if _num(p.get("kl"))]
+    bon = [b for b in ppo_metrics.get(S.BEST_OF_N) or [] if _num(b.get("kl"))]
+    selected = ppo_metrics.get(S.SELECTED_UPDATE)
+    budget = ppo_metrics.get(S.KL_BUDGET)
     if not curve:
-        rows = [r for r in ppo_rows if _num(r.get("objective/kl")) and _num(r.get("objective/raw_scores"))]
+        rows = [r for r in ppo_rows if _num(r.get(PPO.KL)) and _num(r.get(PPO.RAW_SCORES))]
         if not rows:
             return False
-        curve = [{"update": r["step"], "kl": r["objective/kl"], "rm_score": r["objective/raw_scores"]} for r in rows]
+        curve = [{"update": r["step"], "kl": r[PPO.KL], "rm_score": r[PPO.RAW_SCORES]} for r in rows]
         ppo_label = "PPO training rollouts (one point per update)"
     else:
         ppo_label = "PPO, held-out evaluation (one point per evaluation)"
@@ -283,31 +285,31 @@ def build(artifact_dir: Path) -> Path:
                              "is reward over-optimisation; best-of-n is the baseline at the same KL. "
                              + (f"Best-of-n samples the first {ev.get('best_of_n_prompts')} held-out prompts and PPO's "
                                 f"evaluation {ev.get('num_prompts')}: their KL-0 points (both the SFT policy) differ by "
-                                "that and by sampling noise." if pm.get("best_of_n") and ev else "")))
+                                "that and by sampling noise." if pm.get(S.BEST_OF_N) and ev else "")))
     if _plot(out / "ppo_scores.png", "RM score and RLHF reward per update", "PPO update",
-             [("objective/scores", *_series(ppo, "objective/scores")),
-              ("objective/rlhf_reward", *_series(ppo, "objective/rlhf_reward"))]):
+             [(PPO.SCORES, *_series(ppo, PPO.SCORES)),
+              (PPO.RLHF_REWARD, *_series(ppo, PPO.RLHF_REWARD))]):
         plots["ppo"].append(("ppo_scores.png", "Training rollouts: normalised RM score and the KL-penalised reward."))
     if _plot(out / "ppo_kl.png", "KL to the SFT policy and KL coefficient per update", "PPO update",
-             [("objective/kl", *_series(ppo, "objective/kl")), ("objective/kl_coef", *_series(ppo, "objective/kl_coef"))]):
+             [(PPO.KL, *_series(ppo, PPO.KL)), (PPO.KL_COEF, *_series(ppo, PPO.KL_COEF))]):
         plots["ppo"].append(("ppo_kl.png", "Training rollouts: KL per response and the KL coefficient."))
-    if calibration_plot(out / "rm_calibration.png", rmm.get("calibration_bins") or [], rmm.get("calibration_ece")):
+    if calibration_plot(out / "rm_calibration.png", rmm.get("calibration_bins") or [], rmm.get(S.CALIBRATION_ECE)):
         plots["rm"].append(("rm_calibration.png", "Reliability diagram: bars on the diagonal mean P(chosen > rejected) "
                             "is calibrated; below it, over-confident."))
     if reward_hist_plot(out / "rm_reward_hist.png", rmm.get("reward_histogram") or {}):
         plots["rm"].append(("rm_reward_hist.png", "The further apart, the better the RM separates the pairs."))
-    if length_plot(out / "rm_length.png", rmm.get("length_reward_points") or {}, rmm.get("length_reward_corr"),
-                   rmm.get("length_reward_corr_sft")):
+    if length_plot(out / "rm_length.png", rmm.get("length_reward_points") or {}, rmm.get(S.LENGTH_REWARD_CORR),
+                   rmm.get(S.LENGTH_REWARD_CORR_SFT)):
         plots["rm"].append(("rm_length.png", "Up to 512 points per source; lines: least-squares fits. A steep line means the RM pays for length, "
                             "and PPO will learn to change length."))
-    rm_lines = [("train accuracy", *_series(rm, "train/accuracy"))]
-    ex, ey = _series(rm, "eval/accuracy")
+    rm_lines = [("train accuracy", *_series(rm, HF.TRAIN_ACCURACY))]
+    ex, ey = _series(rm, HF.EVAL_ACCURACY)
     rm_lines.append(("held-out accuracy", ex, ey))
     if _plot(out / "rm_accuracy.png", "Reward model pairwise accuracy", "RM optimizer step", rm_lines):
         plots["rm"].append(("rm_accuracy.png", "Pairwise accuracy while training."))
     if _plot(out / "losses.png", "Training losses", "step",
-             [("SFT loss", *_series(sft, "train/loss")), ("RM loss", *_series(rm, "train/loss")),
-              ("PPO policy loss", *_series(ppo, "loss/policy_avg")), ("PPO value loss", *_series(ppo, "loss/value_avg"))]):
+             [("SFT loss", *_series(sft, HF.TRAIN_LOSS)), ("RM loss", *_series(rm, HF.TRAIN_LOSS)),
+              ("PPO policy loss", *_series(ppo, PPO.POLICY_LOSS)), ("PPO value loss", *_series(ppo, PPO.VALUE_LOSS))]):
         plots["training"].append(("losses.png", "Losses of the three stages (each against its own steps)."))
 
     samples_path = artifacts.stage_dir(artifact_dir, "ppo") / artifacts.SAMPLES

@@ -12,6 +12,7 @@ from torch.utils.data import Sampler
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
+from rlhf.metric_names import Summary as S
 from rlhf.scoring import bradley_terry_loss, pad_right, reward_scores
 
 
@@ -99,7 +100,7 @@ def evaluate_pairs(model: Any, pairs: list[dict], pad_id: int, batch_size: int,
     correct = (r_c > r_r).float()
     dist = torch.tensor([p["rank_distance"] for p in pairs])
     out = {
-        "eval_accuracy": correct.mean().item(),
+        S.EVAL_ACCURACY: correct.mean().item(),
         "eval_mean_margin": (r_c - r_r).mean().item(),
         "eval_reward_chosen_mean": r_c.mean().item(), "eval_reward_chosen_std": r_c.std().item(),
         "eval_reward_rejected_mean": r_r.mean().item(), "eval_reward_rejected_std": r_r.std().item(),
@@ -229,16 +230,17 @@ def rm_diagnostics(held_out: tuple[list[float], list[float], list[int], list[int
         r_chosen, r_rejected, len_chosen, len_rejected = held_out
         ece, bins = calibration(r_chosen, r_rejected)
         lengths, rewards = list(len_chosen) + list(len_rejected), list(r_chosen) + list(r_rejected)
-        out.update(calibration_ece=ece, calibration_bins=bins, reward_histogram=reward_histogram(r_chosen, r_rejected),
-                   length_reward_corr=pearson([float(v) for v in lengths], rewards))
+        out.update({S.CALIBRATION_ECE: ece, "calibration_bins": bins,
+                    "reward_histogram": reward_histogram(r_chosen, r_rejected),
+                    S.LENGTH_REWARD_CORR: pearson([float(v) for v in lengths], rewards)})
         out["length_reward_points"]["held_out"] = _thin(lengths, rewards)
-        warnings.append(length_warning(out["length_reward_corr"], "the held-out preference pairs' responses"))
+        warnings.append(length_warning(out[S.LENGTH_REWARD_CORR], "the held-out preference pairs' responses"))
     if sft is not None:
         rewards, lengths = list(sft[0]), list(sft[1])
-        out["length_reward_corr_sft"] = pearson([float(v) for v in lengths], rewards)
+        out[S.LENGTH_REWARD_CORR_SFT] = pearson([float(v) for v in lengths], rewards)
         out["length_reward_points"]["sft"] = _thin(lengths, rewards)
-        warnings.append(length_warning(out["length_reward_corr_sft"], "fresh SFT samples"))
-    out["warnings"] = [w for w in warnings if w]
+        warnings.append(length_warning(out[S.LENGTH_REWARD_CORR_SFT], "fresh SFT samples"))
+    out[S.WARNINGS] = [w for w in warnings if w]
     return out
 
 

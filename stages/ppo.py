@@ -10,6 +10,9 @@ from rlhf import artifacts, distributed, faults, models
 from rlhf.artifacts import PPO, REWARD, SFT
 from rlhf.config import ConfigError, PipelineConfig, require
 from rlhf.data import load_prompts, render_prompt
+from rlhf.metric_names import HEADLINE, Eval
+from rlhf.metric_names import PPO as PPOMetrics
+from rlhf.metric_names import Summary as S
 from rlhf.ppo.evaluation import Selector, best_of_n, evaluate, held_out_point, sample_rows
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
 from rlhf.scoring import load_gold_scorer
@@ -106,7 +109,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     stop_reason, metrics = None, {}
     if eval_raw and not selector.curve:  # update 0: the SFT policy itself
         point, stop_reason = evaluate_now()
-        tracker.log({**point, "episode": 0}, step=0)
+        tracker.log({**point, PPOMetrics.EPISODE: 0}, step=0)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=plan.num_updates, initial=trainer.update, desc="ppo", disable=not distributed.is_main())
@@ -119,7 +122,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         tracker.log({**metrics, **point}, step=trainer.update)
         faults.point("train:step")
         bar.update(1)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        bar.set_postfix(score=f"{metrics[PPOMetrics.SCORES]:.3f}", kl=f"{metrics[PPOMetrics.KL]:.3f}")
         if trainer.update % ppo_cfg.sample_every == 0 and eval_raw:
             tracker.table(f"samples/update_{trainer.update}", ["update", "prompt", "response", "rm_score"],
                           sample_rows(trainer, eval_raw[:8], use_template))
@@ -146,14 +149,14 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     # where this invocation's time went (a resumed run's loop covers only its own updates)
     seconds = {"setup_s": t_loop - started, "loop_s": t_eval - t_loop, "evaluation_s": time.time() - t_eval}
     final = metrics
-    result_metrics = {"updates": trainer.update, "episodes": trainer.update * plan.episodes_per_update,
-                      "selected_update": selected, "stop_reason": stop_reason, "guard_metric": selector.metric,
-                      "eval_curve": [_curve_row(p) for p in selector.curve], "best_of_n": bon or [],
-                      "final_objective_scores": final.get("objective/scores"), "final_objective_kl": final.get("objective/kl"),
-                      "final_kl_coef": trainer.kl_ctl.value, "kl_budget": ppo_cfg.kl_budget, **evaluation,
+    result_metrics = {S.UPDATES: trainer.update, "episodes": trainer.update * plan.episodes_per_update,
+                      S.SELECTED_UPDATE: selected, S.STOP_REASON: stop_reason, S.GUARD_METRIC: selector.metric,
+                      S.EVAL_CURVE: [_curve_row(p) for p in selector.curve], S.BEST_OF_N: bon or [],
+                      "final_objective_scores": final.get(PPOMetrics.SCORES), "final_objective_kl": final.get(PPOMetrics.KL),
+                      "final_kl_coef": trainer.kl_ctl.value, S.KL_BUDGET: ppo_cfg.kl_budget, **evaluation,
                       **{f"time_{k}": v for k, v in seconds.items()}}
-    if "kl_ppo_vs_sft" in evaluation:
-        result_metrics["within_kl_budget"] = evaluation["kl_ppo_vs_sft"] <= ppo_cfg.kl_budget
+    if S.KL_PPO_VS_SFT in evaluation:
+        result_metrics["within_kl_budget"] = evaluation[S.KL_PPO_VS_SFT] <= ppo_cfg.kl_budget
     staged = artifacts.staging_dir(cfg.artifact_dir, PPO)
     trainer.save_models(staged)
     if distributed.is_main():
@@ -161,7 +164,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
             for row in samples:
                 f.write(json.dumps(row) + "\n")
     return finish(cfg.artifact_dir, PPO, staged, ckpt_dir, tracker, clock, result_metrics,
-                  ["gold_score_sft", "gold_score_ppo", "rm_score_sft", "rm_score_ppo", "kl_ppo_vs_sft", "win_rate_gold"],
+                  HEADLINE[PPO],
                   config=config, parents=[sft, rm_art], tokenizer_fp=tok_fp, data=data, reward_stats=reward_stats,
                   model={"base": str(sft.path), "lora": "merged" if ppo_cfg.lora else None, "use_chat_template": use_template,
                          "critic": "critic/",
@@ -172,18 +175,18 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
 def _guard_metric(keep_best: str, gold) -> str | None:
     """The eval/* metric the published policy is chosen by (ppo.keep_best); None: the last update."""
     if keep_best == "auto":
-        return "eval/gold_score" if gold is not None else "eval/rm_score"
+        return Eval.GOLD_SCORE if gold is not None else Eval.RM_SCORE
     if keep_best == "last":
         return None
     if keep_best == "gold_score" and gold is None:
         raise ConfigError("ppo.keep_best=gold_score needs eval.gold_scorer; use rm_score, auto or last")
-    return f"eval/{keep_best}"
+    return Eval.of(keep_best)
 
 
 def _curve_row(point: dict) -> dict:
-    return {"update": point["update"], "kl": point["eval/kl_to_sft"], "rm_score": point["eval/rm_score"],
-            "gold_score": point.get("eval/gold_score"), "response_length": point["eval/response_length"],
-            "eos_rate": point["eval/eos_rate"]}
+    return {"update": point["update"], "kl": point[Eval.KL_TO_SFT], "rm_score": point[Eval.RM_SCORE],
+            "gold_score": point.get(Eval.GOLD_SCORE), "response_length": point[Eval.RESPONSE_LENGTH],
+            "eos_rate": point[Eval.EOS_RATE]}
 
 
 def _check_reward_stats(reward_stats: dict, ppo_cfg, rm_path) -> None:

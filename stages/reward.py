@@ -11,6 +11,8 @@ from rlhf.config import ConfigError, PipelineConfig, require
 from rlhf.data import load_preferences, prompt_text, render_prompt, render_response
 from rlhf.generation import Sampling
 from rlhf.hf_training import TrackerCallback, last_checkpoint, train_loss, trainer_kwargs
+from rlhf.metric_names import HEADLINE, HF
+from rlhf.metric_names import Summary as S
 from rlhf.reward_training import (WeightedPreferenceCollator, WeightedRewardTrainer, evaluate_pairs, response_length,
                                   rm_diagnostics)
 from rlhf.scoring import load_gold_scorer, policy_reward_stats, spearman
@@ -99,7 +101,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         say(REWARD, f"resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)
     # over the whole training, resumed runs included (the trainer's own figures cover its last run)
-    metrics: dict = {"train_loss": train_loss(trainer.state.log_history, result), "train_steps": result.global_step,
+    metrics: dict = {S.TRAIN_LOSS: train_loss(trainer.state.log_history, result), "train_steps": result.global_step,
                      "ties_dropped": train.ties_dropped,
                      **{f"skipped_{k}": v for k, v in train.skipped.items()},
                      **{f"train_{k}": v for k, v in train_counts.items()}, **{f"eval_{k}": v for k, v in eval_counts.items()}}
@@ -110,7 +112,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                                                        with_rewards=True)
         metrics.update(figures)
         held_out = (r_chosen, r_rejected, [r["chosen_len"] for r in eval_rows], [r["rejected_len"] for r in eval_rows])
-        say(REWARD, f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f} on {len(eval_rows)} pairs")
+        say(REWARD, f"held-out pairwise accuracy {metrics[S.EVAL_ACCURACY]:.3f} on {len(eval_rows)} pairs")
 
     # reward_stats: raw scores of SFT-policy responses sampled and scored exactly as PPO will
     # (ppo.* sampling settings, generated ids), so PPO's normalised reference score is ~0
@@ -131,26 +133,26 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     del policy
     if gold is not None:
         golds = [gold(prompt_text(p), r) for p, r in zip(stat_prompts, responses)]
-        metrics["spearman_gold"] = spearman(scores, golds)
-        say(REWARD, f"Spearman(RM score, gold score) on {len(golds)} fresh SFT responses: {metrics['spearman_gold']:.3f}")
+        metrics[S.SPEARMAN_GOLD] = spearman(scores, golds)
+        say(REWARD, f"Spearman(RM score, gold score) on {len(golds)} fresh SFT responses: {metrics[S.SPEARMAN_GOLD]:.3f}")
     # diagnostics: calibration and reward histograms on the held-out pairs; reward vs response
     # length (tokens, EOS not counted) there and on the SFT samples just scored (their decoded
     # texts re-encoded: generation returns texts here)
     sft_lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
     metrics.update(rm_diagnostics(held_out, (scores, sft_lengths)))
-    say(REWARD, (f"calibration ECE {metrics['calibration_ece']:.3f} on the held-out pairs; " if held_out else "")
-        + "Pearson(reward, response length) " + (f"{_fmt(metrics['length_reward_corr'])} held-out, " if held_out else "")
-        + f"{_fmt(metrics['length_reward_corr_sft'])} on SFT samples")
-    for w in metrics["warnings"]:
+    say(REWARD, (f"calibration ECE {metrics[S.CALIBRATION_ECE]:.3f} on the held-out pairs; " if held_out else "")
+        + "Pearson(reward, response length) " + (f"{_fmt(metrics[S.LENGTH_REWARD_CORR])} held-out, " if held_out else "")
+        + f"{_fmt(metrics[S.LENGTH_REWARD_CORR_SFT])} on SFT samples")
+    for w in metrics[S.WARNINGS]:
         say(REWARD, f"warning: {w}")
-    tracker.log({f"eval/{k[5:]}" if k.startswith("eval_") else k: v for k, v in metrics.items()
+    tracker.log({HF.row_name(k) if k.startswith("eval_") else k: v for k, v in metrics.items()
                  if isinstance(v, (int, float))}, step=result.global_step, summary=True)
 
     # 5. publish --------------------------------------------------------------------------
     staged = artifacts.staging_dir(cfg.artifact_dir, REWARD)
     models.publish_model(trainer.model_wrapped, cfg.deepspeed.zero_stage, staged, tokenizer)
     return finish(cfg.artifact_dir, REWARD, staged, ckpt_dir, tracker, clock, metrics,
-                  ["eval_accuracy", "spearman_gold", "train_loss"],
+                  HEADLINE[REWARD],
                   config=config, parents=[sft], tokenizer_fp=tok_fp, data=data, reward_stats=reward_stats,
                   model={"base": init_path, "lora": "merged" if reward_cfg.lora else None, "use_chat_template": use_template})
 

@@ -11,6 +11,8 @@ from rlhf import artifacts, distributed, models
 from rlhf.artifacts import SFT
 from rlhf.config import ConfigError, PipelineConfig, require
 from rlhf.data import load_sft, prompt_text, render_prompt, render_response
+from rlhf.metric_names import HEADLINE
+from rlhf.metric_names import Summary as S
 from rlhf.hf_training import TrackerCallback, last_checkpoint, train_loss, trainer_kwargs, untrained_eval_loss
 from rlhf.tokenization import encode_conversation, encode_pair
 from rlhf.stage_io import finish, open_checkpoints, say, skip_if_up_to_date
@@ -108,24 +110,24 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     initial_file = ckpt_dir / "initial_eval.json"
     if eval_ds is not None:
         if resume_from is None:  # the untrained model's held-out loss, the baseline the result is judged by
-            metrics["eval_loss_initial"] = untrained_eval_loss(trainer)
+            metrics[S.EVAL_LOSS_INITIAL] = untrained_eval_loss(trainer)
             if distributed.is_main():
-                initial_file.write_text(json.dumps({"eval_loss_initial": metrics["eval_loss_initial"]}))
+                initial_file.write_text(json.dumps({S.EVAL_LOSS_INITIAL: metrics[S.EVAL_LOSS_INITIAL]}))
         elif initial_file.is_file():
             metrics.update(json.loads(initial_file.read_text()))
     if resume_from:
         say(SFT, f"resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)
     # over the whole training, resumed runs included (the trainer's own figures cover its last run)
-    metrics.update(train_loss=train_loss(trainer.state.log_history, result), train_steps=result.global_step)
+    metrics.update({S.TRAIN_LOSS: train_loss(trainer.state.log_history, result), "train_steps": result.global_step})
     if eval_ds is not None:
-        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics[S.EVAL_LOSS] = trainer.evaluate()["eval_loss"]
 
     # 5. publish --------------------------------------------------------------------------
     staged = artifacts.staging_dir(cfg.artifact_dir, SFT)
     models.publish_model(trainer.model_wrapped, cfg.deepspeed.zero_stage, staged, tokenizer)
     return finish(cfg.artifact_dir, SFT, staged, ckpt_dir, tracker, clock, metrics,
-                  ["eval_loss_initial", "eval_loss", "train_loss"],
+                  HEADLINE[SFT],
                   config=config, parents=[], tokenizer_fp=artifacts.tokenizer_fingerprint(tokenizer), data=data,
                   model={"base": model_cfg.name_or_path or "scratch", "lora": "merged" if sft_cfg.lora else None,
                          "use_chat_template": model_cfg.use_chat_template, "loss_on": sft_cfg.loss_on})

@@ -11,6 +11,8 @@ import torch
 
 from rlhf.data import prompt_text, render_prompt
 from rlhf.generation import decode_responses
+from rlhf.metric_names import Eval
+from rlhf.metric_names import Summary as S
 
 EVAL_SEED = 12345  # both policies sample with the same seed: differences come from the policies
 
@@ -34,19 +36,19 @@ def evaluate(trainer: Any, prompts: list, use_template: bool, gold: Any, max_new
     def eos_rate(gs):
         return float(torch.cat([g.ended for g in gs]).float().mean())
 
-    out = {"eval_prompts": len(prompts), "rm_score_sft": float(sft_rm.mean()), "rm_score_ppo": float(ppo_rm.mean()),
-           "win_rate_rm": float((ppo_rm > sft_rm).float().mean() + 0.5 * (ppo_rm == sft_rm).float().mean()),
-           "kl_ppo_vs_sft": float(kl.mean()), "response_length_sft": length(sft_g), "response_length_ppo": length(ppo_g),
-           "eos_rate_sft": eos_rate(sft_g), "eos_rate_ppo": eos_rate(ppo_g)}
+    out = {S.EVAL_PROMPTS: len(prompts), S.RM_SCORE_SFT: float(sft_rm.mean()), S.RM_SCORE_PPO: float(ppo_rm.mean()),
+           S.WIN_RATE_RM: float((ppo_rm > sft_rm).float().mean() + 0.5 * (ppo_rm == sft_rm).float().mean()),
+           S.KL_PPO_VS_SFT: float(kl.mean()), S.RESPONSE_LENGTH_SFT: length(sft_g), S.RESPONSE_LENGTH_PPO: length(ppo_g),
+           S.EOS_RATE_SFT: eos_rate(sft_g), S.EOS_RATE_PPO: eos_rate(ppo_g)}
     samples = [{"prompt": prompt_text(p), "response": r, "sft_response": s, "rm_score": float(a), "rm_score_sft": float(b)}
                for p, r, s, a, b in zip(prompts, ppo_txt, sft_txt, ppo_rm, sft_rm)]
     if gold is not None:
         g_ppo = [gold(prompt_text(p), r) for p, r in zip(prompts, ppo_txt)]
         g_sft = [gold(prompt_text(p), r) for p, r in zip(prompts, sft_txt)]
         sd = statistics.pstdev(g_sft) or 1.0
-        out.update(gold_score_sft=statistics.fmean(g_sft), gold_score_ppo=statistics.fmean(g_ppo), gold_score_sft_std=sd,
-                   gold_gain_in_sft_std=(statistics.fmean(g_ppo) - statistics.fmean(g_sft)) / sd,
-                   win_rate_gold=sum((a > b) + 0.5 * (a == b) for a, b in zip(g_ppo, g_sft)) / len(g_ppo))
+        out.update({S.GOLD_SCORE_SFT: statistics.fmean(g_sft), S.GOLD_SCORE_PPO: statistics.fmean(g_ppo),
+                    S.GOLD_SCORE_SFT_STD: sd, S.GOLD_GAIN_IN_SFT_STD: (statistics.fmean(g_ppo) - statistics.fmean(g_sft)) / sd,
+                    S.WIN_RATE_GOLD: sum((a > b) + 0.5 * (a == b) for a, b in zip(g_ppo, g_sft)) / len(g_ppo)})
         for row, a, b in zip(samples, g_ppo, g_sft):
             row.update(gold_score=a, gold_score_sft=b)
     return out, samples
@@ -61,9 +63,6 @@ def sample_rows(trainer: Any, prompts: list, use_template: bool) -> list[list]:
 
 
 # ----------------------------------------------------------------- during training
-
-EVAL_KEYS = ("eval/rm_score", "eval/gold_score", "eval/kl_to_sft", "eval/response_length", "eval/eos_rate")
-
 
 def _seeded(seed: int):
     """Sampling with a fixed seed that leaves the training's random streams where they were."""
@@ -85,12 +84,12 @@ def held_out_point(trainer: Any, prompts: list, texts: list[str], gold: Any, max
     finally:
         ctx.__exit__(None, None, None)
     kl = torch.cat([trainer.kl_to_reference(g) for g in gens])
-    out = {"eval/rm_score": float(rm.float().mean()), "eval/kl_to_sft": float(kl.mean()),
-           "eval/response_length": float(torch.cat([g.response_mask.sum(1) for g in gens]).float().mean()),
-           "eval/eos_rate": float(torch.cat([g.ended for g in gens]).float().mean())}
+    out = {Eval.RM_SCORE: float(rm.float().mean()), Eval.KL_TO_SFT: float(kl.mean()),
+           Eval.RESPONSE_LENGTH: float(torch.cat([g.response_mask.sum(1) for g in gens]).float().mean()),
+           Eval.EOS_RATE: float(torch.cat([g.ended for g in gens]).float().mean())}
     if gold is not None:
         responses = [t for g in gens for t in decode_responses(trainer.tokenizer, g)]
-        out["eval/gold_score"] = statistics.fmean(gold(prompt_text(p), r) for p, r in zip(prompts, responses))
+        out[Eval.GOLD_SCORE] = statistics.fmean(gold(prompt_text(p), r) for p, r in zip(prompts, responses))
     return out
 
 
@@ -144,7 +143,7 @@ class Selector:
     def observe(self, update: int, point: dict) -> tuple[bool, str | None]:
         """Record an evaluation; (is it the new best?, stop reason or None)."""
         self.curve.append({"update": update, **point})
-        within = point["eval/kl_to_sft"] <= self.kl_budget
+        within = point[Eval.KL_TO_SFT] <= self.kl_budget
         value = point.get(self.metric) if self.metric else None
         if self.metric is None:
             better = within

@@ -26,6 +26,7 @@ import torch
 from rlhf import distributed, faults
 from rlhf.config import DeepSpeedConfig, PPOStageConfig
 from rlhf.generation import Sampling, generate
+from rlhf.metric_names import PPO
 from rlhf.models import disable_dropout
 from rlhf.ppo import core
 from rlhf.ppo.rollout import Rollout, packed_scores, policy_forward, score_rollout, value_forward
@@ -438,30 +439,30 @@ class PPOTrainer:
         tokens = float(distributed_mean(mask.sum())) * plan.world
         elapsed = seconds["step"]
         return {
-            "objective/kl": mean_kl,
-            "objective/kl_coef": self.kl_ctl.value,
-            "objective/entropy": float(distributed_mean((-rollout.logprobs * mask).sum(1).mean())),
-            "objective/non_score_reward": float(distributed_mean(non_score.sum(1).mean())),
-            "objective/rlhf_reward": float(distributed_mean((scores + non_score.sum(1)).mean())),
-            "objective/scores": float(distributed_mean(scores.mean())),
-            "objective/raw_scores": float(distributed_mean(rollout.raw_scores.mean())),
-            "policy/approxkl_avg": mean["approxkl"],
-            "policy/clipfrac_avg": mean["pg_clipfrac"],
-            "policy/entropy_avg": mean["entropy"],
-            "loss/policy_avg": mean["pg_loss"],
-            "loss/value_avg": mean["vf_loss"],
-            "val/clipfrac_avg": mean["vf_clipfrac"],
-            "val/ratio": mean["ratio"],
-            "val/ratio_var": float(distributed_mean(stats["ratio"].var(unbiased=False))),
-            "policy/first_ratio_dev": float(distributed_mean(stats["first_ratio_dev"].max())),
-            "val/num_eos_tokens": float(distributed_mean(rollout.ended.float().sum())) * plan.world,
-            "val/response_length": float(distributed_mean(mask.sum(1).mean())),
-            "lr": self.actor.get_lr()[0],
-            "episode": self.update * plan.episodes_per_update,
-            **{f"time/{k}": v for k, v in seconds.items()},
-            **{f"time/{k}": v for k, v in self.timer.take().items()},
-            "throughput/episodes_per_s": plan.episodes_per_update / elapsed,
-            "throughput/tokens_per_s": tokens / elapsed,
+            PPO.KL: mean_kl,
+            PPO.KL_COEF: self.kl_ctl.value,
+            PPO.ENTROPY: float(distributed_mean((-rollout.logprobs * mask).sum(1).mean())),
+            PPO.NON_SCORE_REWARD: float(distributed_mean(non_score.sum(1).mean())),
+            PPO.RLHF_REWARD: float(distributed_mean((scores + non_score.sum(1)).mean())),
+            PPO.SCORES: float(distributed_mean(scores.mean())),
+            PPO.RAW_SCORES: float(distributed_mean(rollout.raw_scores.mean())),
+            PPO.APPROXKL: mean["approxkl"],
+            PPO.CLIPFRAC: mean["pg_clipfrac"],
+            PPO.POLICY_ENTROPY: mean["entropy"],
+            PPO.POLICY_LOSS: mean["pg_loss"],
+            PPO.VALUE_LOSS: mean["vf_loss"],
+            PPO.VALUE_CLIPFRAC: mean["vf_clipfrac"],
+            PPO.RATIO: mean["ratio"],
+            PPO.RATIO_VAR: float(distributed_mean(stats["ratio"].var(unbiased=False))),
+            PPO.FIRST_RATIO_DEV: float(distributed_mean(stats["first_ratio_dev"].max())),
+            PPO.NUM_EOS: float(distributed_mean(rollout.ended.float().sum())) * plan.world,
+            PPO.RESPONSE_LENGTH: float(distributed_mean(mask.sum(1).mean())),
+            PPO.LR: self.actor.get_lr()[0],
+            PPO.EPISODE: self.update * plan.episodes_per_update,
+            **{PPO.time(k): v for k, v in seconds.items()},
+            **{PPO.time(k): v for k, v in self.timer.take().items()},
+            PPO.EPISODES_PER_S: plan.episodes_per_update / elapsed,
+            PPO.TOKENS_PER_S: tokens / elapsed,
         }
 
     def _check_metrics(self, metrics: dict, mean_kl: float) -> None:
@@ -470,9 +471,9 @@ class PPOTrainer:
         for k, v in metrics.items():
             if not math.isfinite(v):
                 raise NonFiniteError(f"metric {k} is {v}; training stopped before any checkpoint of this state")
-        if metrics["val/ratio"] > 3.0 or metrics["policy/approxkl_avg"] > 1.0:
-            warnings.warn(f"PPO update {self.update}: the policy ratio ({metrics['val/ratio']:.2f}) or approx. KL "
-                          f"({metrics['policy/approxkl_avg']:.3f}) is running away; lower ppo.learning_rate or ppo.ppo_epochs")
+        if metrics[PPO.RATIO] > 3.0 or metrics[PPO.APPROXKL] > 1.0:
+            warnings.warn(f"PPO update {self.update}: the policy ratio ({metrics[PPO.RATIO]:.2f}) or approx. KL "
+                          f"({metrics[PPO.APPROXKL]:.3f}) is running away; lower ppo.learning_rate or ppo.ppo_epochs")
         if c.target_kl is None and mean_kl > 10 * max(c.kl_budget, 1e-6):
             warnings.warn(f"PPO update {self.update}: KL to the reference is {mean_kl:.2f}, far above ppo.kl_budget={c.kl_budget}")
 
