@@ -6,6 +6,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from rlhf.metric_names import HEADLINE
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "launch" / "configs" / "demo.yaml"
-STAGE_SCRIPTS = {"sft": "sft.py", "reward": "rm.py", "ppo": "ppo.py"}
+STAGE_LAUNCHERS = {"sft": "sft.sh", "reward": "rm.sh", "ppo": "ppo.sh"}  # launch/: what a user runs per stage
 
 
 TAIL_LINES = 15         # lines shown of a failed stage's output that holds no traceback
@@ -54,6 +55,10 @@ def run_pipeline(config: str, overrides: list[str]) -> int:
     cfg = _checked_config(config, overrides)
     if cfg is None:
         return 2
+    if shutil.which("deepspeed") is None:
+        print("error: the deepspeed launcher is not on PATH; install DeepSpeed (pip install -e .) in this environment",
+              file=sys.stderr)
+        return 2
     art_dir = Path(cfg.artifact_dir)
     lock = DirLock(art_dir, "rlhf pipeline")
     try:
@@ -62,8 +67,8 @@ def run_pipeline(config: str, overrides: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        for stage, script in STAGE_SCRIPTS.items():
-            cmd = _stage_command(script, config, overrides, lock.token)
+        for stage, launcher in STAGE_LAUNCHERS.items():
+            cmd = _stage_command(launcher, config, overrides, lock.token)
             log = art_dir / "logs" / f"{stage}.log"
             print(f"== {stage}: {' '.join(cmd)}\n   log: {log}", flush=True)
             started = time.time()
@@ -86,17 +91,11 @@ def run_pipeline(config: str, overrides: list[str]) -> int:
     return 0
 
 
-def _stage_command(script: str, config: str, overrides: list[str], lock_token: str) -> list[str]:
-    """The deepspeed launch of one stage (NUM_GPUS, HOSTFILE, MASTER_PORT as launch/_stage.sh
-    reads them); --lock-token lets the stage's rank 0 use the driver's lock, on any node."""
-    cmd = ["deepspeed", "--master_port", os.environ.get("MASTER_PORT", "29500")]
-    if os.environ.get("HOSTFILE"):
-        cmd += ["--hostfile", os.environ["HOSTFILE"]]
-        if os.environ.get("NUM_GPUS"):
-            cmd += ["--num_gpus", os.environ["NUM_GPUS"]]
-    else:
-        cmd += ["--num_gpus", os.environ.get("NUM_GPUS", "1")]
-    return cmd + [str(ROOT / "launch" / script), "--config", str(config), "--lock-token", lock_token, *overrides]
+def _stage_command(launcher: str, config: str, overrides: list[str], lock_token: str) -> list[str]:
+    """One stage, started exactly as a user starts it by hand: `bash launch/<stage>.sh`, whose
+    launch/_stage.sh is the one place the deepspeed command is built (NUM_GPUS, HOSTFILE,
+    MASTER_PORT). --lock-token lets the stage's rank 0 use the driver's lock, on any node."""
+    return ["bash", str(ROOT / "launch" / launcher), str(config), "--lock-token", lock_token, *overrides]
 
 
 def _run_stage(cmd: list[str], output: "StageOutput") -> int:
