@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import torch
 
-from rlhf.tokenization import encode_prompt
+from rlhf.tokenization import encode_prompt, pad_batch
 
 
 @dataclass(frozen=True)
@@ -104,14 +104,7 @@ class SampledLogProbs:
 def encode_prompts(tokenizer: Any, texts: list[str], max_prompt_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, Q) left-padded ids and mask; prompts longer than max_prompt_length keep their end."""
     enc = [encode_prompt(tokenizer, t)[-max_prompt_length:] for t in texts]
-    q = max(len(e) for e in enc)
-    ids = torch.full((len(enc), q), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(enc), q), dtype=torch.long)
-    for i, e in enumerate(enc):
-        if e:
-            ids[i, q - len(e):] = torch.tensor(e)
-            mask[i, q - len(e):] = 1
-    return ids.to(device), mask.to(device)
+    return pad_batch(enc, tokenizer.pad_token_id, "left", device)
 
 
 def truncate_at_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

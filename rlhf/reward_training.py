@@ -13,7 +13,8 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from rlhf.metric_names import Summary as S
-from rlhf.scoring import bradley_terry_loss, pad_right, reward_scores
+from rlhf.scoring import bradley_terry_loss, reward_scores
+from rlhf.tokenization import pad_batch
 
 
 class WeightedPreferenceCollator(DataCollatorForPreference):
@@ -91,7 +92,7 @@ def evaluate_pairs(model: Any, pairs: list[dict], pad_id: int, batch_size: int,
     rc, rr = [], []
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
-        ids, mask = pad_right([p["chosen_ids"] for p in chunk] + [p["rejected_ids"] for p in chunk], pad_id, device)
+        ids, mask = pad_batch([p["chosen_ids"] for p in chunk] + [p["rejected_ids"] for p in chunk], pad_id, "right", device)
         r = reward_scores(model, ids, mask)
         rc.append(r[: len(chunk)].float().cpu())
         rr.append(r[len(chunk):].float().cpu())

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rlhf.tokenization import pad_batch
+
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
                        weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,16 +39,6 @@ def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     return values.gather(1, last_index(attention_mask)[:, None]).squeeze(1)
 
 
-def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def score_texts(model: Any, tokenizer: Any, prompt_texts: list[str], responses: list[str], *, max_length: int,
                 batch_size: int = 64, device: torch.device | str | None = None) -> list[float]:
@@ -58,7 +50,7 @@ def score_texts(model: Any, tokenizer: Any, prompt_texts: list[str], responses: 
     seqs = [encode_pair(tokenizer, p, r, max_length)[0] for p, r in zip(prompt_texts, responses)]
     out: list[float] = []
     for s in range(0, len(seqs), batch_size):
-        ids, mask = pad_right(seqs[s:s + batch_size], tokenizer.pad_token_id, device)
+        ids, mask = pad_batch(seqs[s:s + batch_size], tokenizer.pad_token_id, "right", device)
         out.extend(reward_scores(model, ids, mask).tolist())
     return out
 

@@ -19,6 +19,25 @@ from typing import Any
 IGNORE = -100  # label of positions without loss
 
 
+def pad_batch(seqs: list[list[int]], pad_id: int, side: str, device: Any = "cpu") -> tuple[Any, Any]:
+    """(B, T) long ids and 0/1 mask of token lists padded to the longest: side="left" puts each
+    row's tokens at the end (prompts to generate from), side="right" at the start (sequences to
+    score or train on). An empty list is a row of padding."""
+    import torch
+
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', not {side!r}")
+    t = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            cols = slice(t - len(s), t) if side == "left" else slice(0, len(s))
+            ids[i, cols] = torch.tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
 def prefix_special_ids(tokenizer: Any) -> list[int]:
     """Ids the tokenizer puts before any text when it adds special tokens ([] for GPT-2, Qwen2)."""
     cached = getattr(tokenizer, "_rlhf_prefix_ids", None)
