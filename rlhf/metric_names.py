@@ -37,6 +37,7 @@ class PPO:
     RATIO_VAR = "val/ratio_var"
     NUM_EOS = "val/num_eos_tokens"
     RESPONSE_LENGTH = "val/response_length"
+    DISTINCT_PROMPTS = "data/distinct_prompts"       # prompt-file rows drawn for the update over all processes
     LR = "lr"
     EPISODE = "episode"                              # the x-axis of the PPO dashboards
     EPISODES_PER_S = "throughput/episodes_per_s"

@@ -14,7 +14,7 @@ from rlhf.metric_names import HEADLINE, Eval
 from rlhf.metric_names import PPO as PPOMetrics
 from rlhf.metric_names import Summary as S
 from rlhf.ppo.evaluation import Selector, best_of_n, evaluate, held_out_point, sample_rows
-from rlhf.ppo.trainer import PPOTrainer, PromptStream
+from rlhf.ppo.trainer import PPOTrainer, PromptStream, distinct_count
 from rlhf.scoring import load_gold_scorer
 from rlhf.stage_io import finish, open_checkpoints, say, skip_if_up_to_date
 from rlhf.tracking import Tracker
@@ -116,6 +116,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     t_loop = time.time()
     while trainer.update < plan.num_updates and stop_reason is None:
         metrics = trainer.step(stream.next(plan.rollout_batch))
+        metrics[PPOMetrics.DISTINCT_PROMPTS] = distinct_count(stream.drawn)  # rows of the prompt file, all ranks
         point = {}
         if eval_raw and (trainer.update % every == 0 or trainer.update == plan.num_updates):
             point, stop_reason = evaluate_now()

@@ -123,6 +123,7 @@ class PromptStream:
         self.prompts, self.seed, self.rank, self.world = prompts, seed, rank, world
         self.render = render or (lambda p: p)
         self.position = 0  # prompts consumed globally
+        self.drawn: list[int] = []  # indices into `prompts` of this process's last draw
         self._epoch, self._order = -1, []
 
     def _order_of(self, epoch: int) -> list[int]:
@@ -133,13 +134,13 @@ class PromptStream:
         return self._order
 
     def next(self, n: int) -> list:
-        out = []
+        self.drawn = []
         for i in range(n):
             g = self.position + i * self.world + self.rank
             epoch, k = divmod(g, len(self.prompts))
-            out.append(self.render(self.prompts[self._order_of(epoch)[k]]))
+            self.drawn.append(self._order_of(epoch)[k])
         self.position += n * self.world
-        return out
+        return [self.render(self.prompts[j]) for j in self.drawn]
 
 
 class PhaseTimer:
@@ -203,8 +204,8 @@ class PPOTrainer:
         self.critic = make_engine(critic_model, cfg.critic_learning_rate, ecfg, self.plan.num_updates, steps_per_update)
         self.reward_model = make_inference(reward_model, ds, dtype) if reward_model is not None else None
         self.ref = make_inference(ref_model, ds, dtype) if ref_model is not None else None
-        self.lora = ref_model is None
-        self.critic_lora = reward_model is None
+        self.reference_is_actor_base = ref_model is None
+        self.reward_is_critic_base = reward_model is None
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl
                        else core.FixedKLController(cfg.kl_coef))
         self.score_mean, self.score_std = reward_stats["mean"], reward_stats["std"]
@@ -230,22 +231,22 @@ class PPOTrainer:
         zero = f"ZeRO-{self.configured_zero_stage}"
         if self.ds.zero_stage != self.configured_zero_stage:
             zero += " configured (one process, no offload: engines unpartitioned, stage 0)"
-        actor = "LoRA actor, reference = its base" if self.lora else "full actor, frozen reference copy"
-        critic = ("LoRA critic, reward model = its base" if self.critic_lora
+        actor = "LoRA actor, reference = its base" if self.reference_is_actor_base else "full actor, frozen reference copy"
+        critic = ("LoRA critic, reward model = its base" if self.reward_is_critic_base
                   else ("LoRA critic" if hasattr(self.critic.module, "disable_adapter") else "full critic")
                   + ", frozen reward model")
         return f"{self.plan.world} process(es), {zero}, {actor}; {critic}"
 
     # --------------------------------------------------------------- reference
     def reference_logprobs(self, full_ids: torch.Tensor, full_mask: torch.Tensor, q_len: int) -> torch.Tensor:
-        if self.lora:  # the same weights with the adapter switched off
+        if self.reference_is_actor_base:  # the same weights with the adapter switched off
             with self.actor.module.disable_adapter():
                 return policy_forward(self.actor, full_ids, full_mask, q_len, self.ref_sampling)[0]
         return policy_forward(self.ref, full_ids, full_mask, q_len, self.ref_sampling)[0]
 
     def raw_scores(self, full_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
         """(B,) raw reward-model scores of query+response sequences."""
-        if self.critic_lora:  # the reward model is the critic's frozen base
+        if self.reward_is_critic_base:  # the reward model is the critic's frozen base
             with self.critic.module.disable_adapter():
                 return packed_scores(self.critic, full_ids, full_mask)
         return packed_scores(self.reward_model, full_ids, full_mask)
@@ -258,8 +259,8 @@ class PPOTrainer:
         forward_batch_size, and their raw reward-model scores (B,). Every rank calls it."""
         c = self.c
         sampling = sampling or self.sampling
-        engine = self.ref if reference and not self.lora else self.actor
-        adapter_off = self.actor.module.disable_adapter() if reference and self.lora else nullcontext()
+        engine = self.ref if reference and not self.reference_is_actor_base else self.actor
+        adapter_off = self.actor.module.disable_adapter() if reference and self.reference_is_actor_base else nullcontext()
         self.actor.eval()
         gens = []
         # sharded weights (ZeRO-3 actor, ZeRO-3 reference) gathered once for the whole call
@@ -539,6 +540,11 @@ def distributed_mean(t: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(t)
         t /= torch.distributed.get_world_size()
     return t
+
+
+def distinct_count(items: list) -> int:
+    """How many distinct items all processes hold together (collective)."""
+    return len(set().union(*gather_objects(sorted(set(items)))))
 
 
 def gather_objects(obj: Any) -> list:

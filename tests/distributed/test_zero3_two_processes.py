@@ -40,6 +40,8 @@ def test_zero3_pipeline_two_processes(tmp_path):
     rows = [json.loads(ln) for ln in (d / "metrics" / "ppo.jsonl").read_text().splitlines()]
     updates = [r for r in rows if "objective/kl" in r]
     assert all(math.isfinite(r["objective/kl"]) for r in updates) and len(updates) == 4
+    # the two ranks drew different prompts: 32 each, 64 distinct ones per update over both
+    assert [r["data/distinct_prompts"] for r in updates] == [64] * 4
     curve = ppo["metrics"]["eval_curve"]  # held-out evaluations, update 0 (the SFT policy) first
     assert curve[0]["update"] == 0 and curve[-1]["update"] == 4
     assert curve[-1]["rm_score"] > curve[0]["rm_score"], curve  # PPO raised the reward on held-out prompts

@@ -21,9 +21,24 @@ from rlhf.ppo import core, packing
 from rlhf.ppo.rollout import packed_scores, policy_forward, value_forward
 from rlhf.ppo.trainer import Plan, PromptStream, engine_config
 from rlhf.scoring import bradley_terry_loss, reward_scores, spearman
-from rlhf.tokenization import encode_pair, encode_prompt, encode_response, fit
+from rlhf.tokenization import encode_pair, encode_prompt, encode_response, fit, pad_batch
 
 LN = math.log
+
+
+# ---------------------------------------------------------------- pad_batch (the one padding builder)
+
+def test_pad_batch_left_and_right_by_hand():
+    seqs = [[7, 8, 9], [5], []]
+    ids, mask = pad_batch(seqs, 0, "left")
+    assert ids.tolist() == [[7, 8, 9], [0, 0, 5], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    ids, mask = pad_batch(seqs, 0, "right")
+    assert ids.tolist() == [[7, 8, 9], [5, 0, 0], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+    with pytest.raises(ValueError, match="side"):
+        pad_batch(seqs, 0, "middle")
 
 
 # ---------------------------------------------------------------- truncate_at_eos
@@ -321,6 +336,16 @@ def test_prompt_stream_ranks_interleave_a_pass_and_reshuffle_each_pass():
     assert r0.next(2) == [PASS1[2], PASS1[4]] and r1.next(2) == [PASS1[3], PASS1[5]]
     assert r0.position == 12
     assert sorted(PASS0) == sorted(PASS1) == PROMPTS and PASS0 != PASS1
+
+
+def test_prompt_stream_records_the_rows_it_drew_and_distinct_count_counts_them():
+    from rlhf.ppo.trainer import distinct_count
+
+    r0, r1 = (PromptStream(PROMPTS * 2, seed=3, rank=r, world=2) for r in range(2))  # every text twice
+    r0.next(3)
+    r1.next(3)
+    assert len(set(r0.drawn) | set(r1.drawn)) == 6  # six different rows, whatever their texts
+    assert distinct_count([4, 1, 4, 7]) == 3 and distinct_count([]) == 0  # one process: its own set
 
 
 def test_prompt_stream_resumes_from_its_position():
