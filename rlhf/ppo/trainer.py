@@ -49,11 +49,11 @@ class Plan:
     episodes_per_update: int  # across processes
 
     @staticmethod
-    def make(c: PPOStageConfig, world: int) -> "Plan":
-        per_update = c.rollout_batch_size * world
-        return Plan(world=world, rollout_batch=c.rollout_batch_size, mini_batch=c.mini_batch_size,
-                    micro_batch=c.mini_batch_size // c.grad_accum, grad_accum=c.grad_accum,
-                    num_updates=max(1, math.ceil(c.total_episodes / per_update)), episodes_per_update=per_update)
+    def make(cfg: PPOStageConfig, world: int) -> "Plan":
+        per_update = cfg.rollout_batch_size * world
+        return Plan(world=world, rollout_batch=cfg.rollout_batch_size, mini_batch=cfg.mini_batch_size,
+                    micro_batch=cfg.mini_batch_size // cfg.grad_accum, grad_accum=cfg.grad_accum,
+                    num_updates=max(1, math.ceil(cfg.total_episodes / per_update)), episodes_per_update=per_update)
 
 
 def engine_config(ds: DeepSpeedConfig, dtype: str, plan: Plan, grad_clip: float) -> dict:
@@ -190,7 +190,7 @@ class PPOTrainer:
         self.plan = Plan.make(cfg, distributed.world_size())
         self.configured_zero_stage = ds.zero_stage
         ds = engine_deepspeed(ds, dtype, self.plan.world)
-        self.c, self.ds, self.tok = cfg, ds, tokenizer
+        self.cfg, self.ds, self.tok = cfg, ds, tokenizer
         # the policy samples from, and is scored under, exactly this distribution; the reference
         # is the SFT policy at the same temperature, untruncated (so KL(pi || pi_ref) stays finite)
         self.sampling = Sampling(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
@@ -257,7 +257,7 @@ class PPOTrainer:
                sampling: Sampling | None = None) -> tuple[list[Any], torch.Tensor]:
         """Responses of the policy (or of the frozen SFT reference) in chunks of
         forward_batch_size, and their raw reward-model scores (B,). Every rank calls it."""
-        c = self.c
+        cfg = self.cfg
         sampling = sampling or self.sampling
         engine = self.ref if reference and not self.reference_is_actor_base else self.actor
         adapter_off = self.actor.module.disable_adapter() if reference and self.reference_is_actor_base else nullcontext()
@@ -265,10 +265,10 @@ class PPOTrainer:
         gens = []
         # sharded weights (ZeRO-3 actor, ZeRO-3 reference) gathered once for the whole call
         with adapter_off, distributed.for_generation(engine, self.ds.zero_stage, self.gather) as (model, synced):
-            for s in range(0, len(prompt_texts), c.forward_batch_size):
-                gens.append(generate(model, self.tok, prompt_texts[s:s + c.forward_batch_size],
-                                     max_new_tokens=max_new_tokens or c.max_new_tokens, sampling=sampling,
-                                     max_prompt_length=c.max_prompt_length, device=self.device, synced_gpus=synced,
+            for s in range(0, len(prompt_texts), cfg.forward_batch_size):
+                gens.append(generate(model, self.tok, prompt_texts[s:s + cfg.forward_batch_size],
+                                     max_new_tokens=max_new_tokens or cfg.max_new_tokens, sampling=sampling,
+                                     max_prompt_length=cfg.max_prompt_length, device=self.device, synced_gpus=synced,
                                      with_logprobs=not reference and sampling == self.sampling))
         scores = [self.raw_scores(torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1))
                   for g in gens]
@@ -328,26 +328,26 @@ class PPOTrainer:
 
     # --------------------------------------------------------------- one update
     def rollout(self, prompt_texts: list[str]) -> Rollout:
-        c = self.c
+        cfg = self.cfg
         self.actor.eval()
         self.critic.eval()
         # whole model gathered once for the whole generate() call under ZeRO-3
         with self.timer("generation"), \
                 distributed.for_generation(self.actor, self.ds.zero_stage, self.gather) as (model, synced):
-            g = generate(model, self.tok, prompt_texts, max_new_tokens=c.max_new_tokens,
-                         max_prompt_length=c.max_prompt_length, sampling=self.sampling, device=self.device,
-                         synced_gpus=synced, with_logprobs=c.logprobs_from_generation)
+            g = generate(model, self.tok, prompt_texts, max_new_tokens=cfg.max_new_tokens,
+                         max_prompt_length=cfg.max_prompt_length, sampling=self.sampling, device=self.device,
+                         synced_gpus=synced, with_logprobs=cfg.logprobs_from_generation)
         q_len = g.query_ids.shape[1]
         with self.timer("scoring"):
             return score_rollout(actor=self.actor, critic=self.critic, reward=self.raw_scores,
                                  reference=lambda ids, mask: self.reference_logprobs(ids, mask, q_len),
                                  query_ids=g.query_ids, query_mask=g.query_mask, response_ids=g.response_ids,
                                  response_mask=g.response_mask, ended=g.ended, sampling=self.sampling,
-                                 chunk=c.forward_batch_size, value_scale=self.value_scale, logprobs=g.logprobs)
+                                 chunk=cfg.forward_batch_size, value_scale=self.value_scale, logprobs=g.logprobs)
 
     def step(self, prompt_texts: list[str]) -> dict:
         """One PPO update on `prompt_texts` (this process's share): the numbered maths below."""
-        c = self.c
+        cfg = self.cfg
         t0 = time.time()
         # 1. rollout: sample responses, score them with the reference, critic and reward model
         rollout = self.rollout(prompt_texts)
@@ -355,18 +355,18 @@ class PPOTrainer:
         mask = rollout.response_mask.float()                                   # (B, R) 1 on response tokens
         # 2. sequence scores in normalised units (reward_stats), EOS penalty, clip        (B,)
         scores = (rollout.raw_scores - self.score_mean) / self.score_std
-        if c.missing_eos_penalty is not None:
-            scores = scores - c.missing_eos_penalty * (~rollout.ended).float()
-        if c.score_clip is not None:
-            scores = scores.clamp(-c.score_clip, c.score_clip)
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~rollout.ended).float()
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
         check_finite("the reward model's scores", scores)
         # 3. per-token rewards: -beta * KL_t at every token, plus the score at the last one (B, R)
-        kl = core.kl_estimate(rollout.logprobs, rollout.ref_logprobs, c.kl_estimator) * mask
+        kl = core.kl_estimate(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask
         rewards, non_score = core.kl_penalty_rewards(scores, kl, self.kl_ctl.value, mask)
-        if c.whiten_rewards:
+        if cfg.whiten_rewards:
             rewards = core.masked_whiten(rewards, mask, shift_mean=False)
         # 4. advantages and returns by GAE over the critic's values, advantages whitened   (B, R)
-        advantages, returns = core.gae(rewards, rollout.values, mask, c.gamma, c.lam)
+        advantages, returns = core.gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
         advantages = core.masked_whiten(advantages, mask)
         check_finite("the advantages", advantages)
         # 5. PPO epochs: clipped policy and value losses over shuffled mini-batches
@@ -387,7 +387,7 @@ class PPOTrainer:
         """ppo_epochs passes over the rollout in shuffled mini-batches (micro-batches accumulated):
         the actor steps on the clipped policy loss, the critic on the clipped value loss. Per
         micro-batch statistics stay on the device: (micro-batches,) each, read once per update."""
-        c, plan, timer = self.c, self.plan, self.timer
+        cfg, plan, timer = self.cfg, self.plan, self.timer
         self.actor.train()
         self.critic.train()
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac",
@@ -395,7 +395,7 @@ class PPOTrainer:
         q_len = rollout.query_ids.shape[1]
         full_ids, full_mask = rollout.full_ids, rollout.full_mask               # (B, Q+R)
         n = full_ids.shape[0]
-        for _ in range(c.ppo_epochs):
+        for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n)
             for mini_start in range(0, n, plan.mini_batch):
                 mini = order[mini_start:mini_start + plan.mini_batch]
@@ -410,7 +410,7 @@ class PPOTrainer:
                             # dropout or a sampling/scoring mismatch (N+: "the ratio is 1 at the start")
                             stats["first_ratio_dev"].append(
                                 (((logp.detach() - old_logp).exp() - 1).abs() * micro_mask).max())
-                        pg_loss, pg_stats = core.policy_loss(logp, old_logp, advantages[idx], micro_mask, c.cliprange)
+                        pg_loss, pg_stats = core.policy_loss(logp, old_logp, advantages[idx], micro_mask, cfg.cliprange)
                         check_finite("the policy loss", pg_loss)
                         self.actor.backward(pg_loss)
                     with timer("optimizer"):
@@ -418,11 +418,11 @@ class PPOTrainer:
                     with timer("forward_backward"):
                         values = value_forward(self.critic, full_ids[idx], full_mask[idx], q_len, self.value_scale)
                         vf_loss, vf_stats = core.value_loss(values, rollout.values[idx], returns[idx], micro_mask,
-                                                            c.cliprange_value)
+                                                            cfg.cliprange_value)
                         check_finite("the value loss", vf_loss)
                         # vf_coef scales the critic's loss before its gradient clipping (max_grad_norm);
                         # the critic has its own Adam, which is invariant to a constant loss scale
-                        self.critic.backward(c.vf_coef * vf_loss)
+                        self.critic.backward(cfg.vf_coef * vf_loss)
                     with timer("optimizer"):
                         self.critic.step()
                     for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_stats["clipfrac"]),
@@ -468,15 +468,16 @@ class PPOTrainer:
 
     def _check_metrics(self, metrics: dict, mean_kl: float) -> None:
         """Stop on a non-finite metric; warn when the update runs away or KL leaves the budget."""
-        c = self.c
+        cfg = self.cfg
         for k, v in metrics.items():
             if not math.isfinite(v):
                 raise NonFiniteError(f"metric {k} is {v}; training stopped before any checkpoint of this state")
         if metrics[PPO.RATIO] > 3.0 or metrics[PPO.APPROXKL] > 1.0:
             warnings.warn(f"PPO update {self.update}: the policy ratio ({metrics[PPO.RATIO]:.2f}) or approx. KL "
                           f"({metrics[PPO.APPROXKL]:.3f}) is running away; lower ppo.learning_rate or ppo.ppo_epochs")
-        if c.target_kl is None and mean_kl > 10 * max(c.kl_budget, 1e-6):
-            warnings.warn(f"PPO update {self.update}: KL to the reference is {mean_kl:.2f}, far above ppo.kl_budget={c.kl_budget}")
+        if cfg.target_kl is None and mean_kl > 10 * max(cfg.kl_budget, 1e-6):
+            warnings.warn(f"PPO update {self.update}: KL to the reference is {mean_kl:.2f}, "
+                          f"far above ppo.kl_budget={cfg.kl_budget}")
 
     # --------------------------------------------------------------- checkpoints
     def save(self, ckpt_dir: Path, stream: PromptStream, extra: dict | None = None) -> None:
