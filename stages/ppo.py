@@ -13,7 +13,7 @@ from rlhf.data import load_prompts, render_prompt
 from rlhf.metric_names import HEADLINE, Eval
 from rlhf.metric_names import PPO as PPOMetrics
 from rlhf.metric_names import Summary as S
-from rlhf.ppo.evaluation import Selector, best_of_n, evaluate, held_out_point, sample_rows
+from rlhf.ppo.evaluation import Drawn, Selector, best_of_n, evaluate, held_out_point, sample_rows
 from rlhf.ppo.trainer import PPOTrainer, PromptStream, distinct_count
 from rlhf.scoring import load_gold_scorer
 from rlhf.stage_io import finish, open_checkpoints, say, skip_if_up_to_date
@@ -99,9 +99,17 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     def best_path(update: int) -> Path:  # the guard's best policy so far, referenced by the checkpoints
         return best_dir / f"update-{update}.safetensors"
 
+    # samples of held-out evaluations the final evaluation would draw again: the SFT policy's
+    # (update 0, when the reference samples as the policy does) and those of the policy to publish
+    drawn: dict[str, Drawn] = {}
+
     def evaluate_now() -> tuple[dict, str | None]:
-        point = held_out_point(trainer, eval_raw, eval_texts, gold, eval_tokens)
+        point, samples = held_out_point(trainer, eval_raw, eval_texts, gold, eval_tokens)
         new_best, stop = selector.observe(trainer.update, point)
+        if trainer.update == 0 and trainer.reference_sampling == trainer.sampling:
+            drawn["sft"] = samples
+        if new_best or selector.metric is None:
+            drawn["policy"] = samples
         if new_best and selector.metric is not None:  # kept on disk, so that a kill does not lose it
             trainer.save_policy_weights(best_path(trainer.update))
         return point, stop
@@ -146,7 +154,9 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     # 5. evaluate and publish -----------------------------------------------------------------
     t_eval = time.time()
     faults.point("evaluation:start")
-    evaluation, samples = evaluate(trainer, eval_raw, use_template, gold, eval_tokens) if eval_raw else ({}, [])
+    policy_drawn = drawn.get("policy") if drawn.get("policy") and drawn["policy"].update == selected else None
+    evaluation, samples = (evaluate(trainer, eval_raw, use_template, gold, eval_tokens, policy=policy_drawn,
+                                    sft=drawn.get("sft")) if eval_raw else ({}, []))
     # where this invocation's time went (a resumed run's loop covers only its own updates)
     seconds = {"setup_s": t_loop - started, "loop_s": t_eval - t_loop, "evaluation_s": time.time() - t_eval}
     final = metrics

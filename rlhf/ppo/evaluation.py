@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,15 +18,33 @@ from rlhf.metric_names import Summary as S
 EVAL_SEED = 12345  # both policies sample with the same seed: differences come from the policies
 
 
+@dataclass
+class Drawn:
+    """Responses sampled on the held-out prompts with the evaluation seed (held_out_point), and their
+    raw reward-model scores: what the final evaluation would draw again for the same policy."""
+
+    update: int
+    gens: list
+    rm: torch.Tensor
+
+
 @torch.no_grad()
-def evaluate(trainer: Any, prompts: list, use_template: bool, gold: Any, max_new_tokens: int) -> tuple[dict, list[dict]]:
-    """SFT vs PPO on held-out prompts: RM score, gold score, KL(PPO||SFT), win rates, length, EOS rate."""
+def evaluate(trainer: Any, prompts: list, use_template: bool, gold: Any, max_new_tokens: int,
+             policy: Drawn | None = None, sft: Drawn | None = None) -> tuple[dict, list[dict]]:
+    """SFT vs PPO on held-out prompts: RM score, gold score, KL(PPO||SFT), win rates, length, EOS rate.
+    `policy` / `sft`: the same prompts already sampled, with the same seed, from the policy being
+    published / from the SFT policy under the reference's sampling (held_out_point at that update,
+    and at update 0): used as they are instead of sampling and scoring them again."""
     tokenizer = trainer.tokenizer
     texts = [render_prompt(tokenizer, p, use_template) for p in prompts]
-    torch.manual_seed(EVAL_SEED)
-    ppo_g, ppo_rm = trainer.sample(texts, max_new_tokens=max_new_tokens)
-    torch.manual_seed(EVAL_SEED)
-    sft_g, sft_rm = trainer.sample(texts, reference=True, max_new_tokens=max_new_tokens, sampling=trainer.reference_sampling)
+    if policy is None:
+        torch.manual_seed(EVAL_SEED)
+        policy = Drawn(trainer.update, *trainer.sample(texts, max_new_tokens=max_new_tokens))
+    if sft is None:
+        torch.manual_seed(EVAL_SEED)
+        sft = Drawn(0, *trainer.sample(texts, reference=True, max_new_tokens=max_new_tokens,
+                                       sampling=trainer.reference_sampling))
+    (ppo_g, ppo_rm), (sft_g, sft_rm) = (policy.gens, policy.rm), (sft.gens, sft.rm)
     kl = torch.cat([trainer.kl_to_reference(g) for g in ppo_g])
     ppo_txt = [t for g in ppo_g for t in decode_responses(tokenizer, g)]
     sft_txt = [t for g in sft_g for t in decode_responses(tokenizer, g)]
@@ -74,9 +93,10 @@ def _seeded(seed: int):
 
 
 @torch.no_grad()
-def held_out_point(trainer: Any, prompts: list, texts: list[str], gold: Any, max_new_tokens: int) -> dict:
+def held_out_point(trainer: Any, prompts: list, texts: list[str], gold: Any, max_new_tokens: int) -> tuple[dict, Drawn]:
     """The current policy on the fixed held-out prompts with a fixed sampling seed: mean RM score,
-    gold score (with a gold scorer), KL(policy || SFT) per response, response length, EOS rate.
+    gold score (with a gold scorer), KL(policy || SFT) per response, response length, EOS rate;
+    and the samples themselves (evaluate's, should this policy be published).
     Every rank calls it (sampling is collective under ZeRO-3); every rank gets the same figures."""
     ctx = _seeded(EVAL_SEED)
     try:
@@ -90,7 +110,7 @@ def held_out_point(trainer: Any, prompts: list, texts: list[str], gold: Any, max
     if gold is not None:
         responses = [t for g in gens for t in decode_responses(trainer.tokenizer, g)]
         out[Eval.GOLD_SCORE] = statistics.fmean(gold(prompt_text(p), r) for p, r in zip(prompts, responses))
-    return out
+    return out, Drawn(trainer.update, gens, rm)
 
 
 @torch.no_grad()

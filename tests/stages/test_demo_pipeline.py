@@ -66,6 +66,12 @@ def test_ppo_raises_reward_within_kl_budget(demo_run):
         assert all(math.isfinite(r[name]) for r in evals), name
     assert [p["update"] for p in m["eval_curve"]] == [r["step"] for r in evals]
     assert m["stop_reason"] == "completed" and m["selected_update"] in [r["step"] for r in evals]
+    # the final evaluation is the held-out evaluation of the published update against that of update 0
+    # (the same prompts and seed: its samples are reused, not drawn again)
+    curve = {p["update"]: p for p in m["eval_curve"]}
+    assert m["rm_score_ppo"] == curve[m["selected_update"]]["rm_score"] and m["rm_score_sft"] == curve[0]["rm_score"]
+    assert m["gold_score_ppo"] == pytest.approx(curve[m["selected_update"]]["gold_score"])
+    assert m["kl_ppo_vs_sft"] == pytest.approx(curve[m["selected_update"]]["kl"], rel=1e-5)
     assert [b["n"] for b in m["best_of_n"]] == [1, 2, 4, 8, 16]
     samples = (demo_run / "ppo" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 128

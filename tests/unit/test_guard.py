@@ -83,3 +83,55 @@ def test_best_of_n_kl(n, kl, monkeypatch):
 
     rows = evaluation.best_of_n(FakeTrainer(), ["p1", "p2"], ["t1", "t2"], None, [n], 4)
     assert rows == [{"n": n, "kl": pytest.approx(kl), "rm_score": float(n), "gold_score": None}]
+
+
+# ---------------------------------------------------------------- the final evaluation reuses held-out samples
+
+class _Tok:
+    eos_token_id = 1
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(i) for i in ids)
+
+
+class _Trainer:
+    """sample() returns fixed responses per policy and counts its calls; KL is 0.5 per token."""
+
+    def __init__(self):
+        from rlhf.generation import Sampling
+
+        self.tokenizer, self.update, self.calls = _Tok(), 7, []
+        self.sampling = self.reference_sampling = Sampling()
+
+    def sample(self, texts, reference=False, max_new_tokens=None, sampling=None):
+        import torch
+
+        from rlhf.generation import Generated
+
+        self.calls.append("sft" if reference else "policy")
+        resp = torch.tensor([[5, 1, 0], [6, 7, 1]] if reference else [[8, 9, 1], [4, 1, 0]])
+        mask = (torch.arange(3) <= (resp == 1).float().argmax(1, keepdim=True)).long()
+        g = Generated(torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long), resp, mask,
+                      torch.tensor([True, True]))
+        return [g], torch.tensor([0.1, 0.4] if reference else [0.9, 0.2])
+
+    def kl_to_reference(self, g):
+        return 0.5 * g.response_mask.sum(1).float()
+
+
+def test_final_evaluation_uses_held_out_samples_instead_of_sampling_again():
+    from rlhf.ppo.evaluation import Drawn, evaluate
+
+    prompts = ["a", "b"]
+    gold = lambda prompt, response: float(len(response))  # noqa: E731 - a scorer is any callable
+    fresh_trainer = _Trainer()
+    fresh, fresh_rows = evaluate(fresh_trainer, prompts, False, gold, 3)
+    assert fresh_trainer.calls == ["policy", "sft"]
+    assert fresh["rm_score_ppo"] == pytest.approx(0.55) and fresh["rm_score_sft"] == pytest.approx(0.25)
+    assert fresh["win_rate_rm"] == 0.5 and fresh["kl_ppo_vs_sft"] == pytest.approx(1.25)  # (3 + 2) tokens x 0.5 / 2
+    trainer = _Trainer()
+    policy, sft = Drawn(7, *trainer.sample(prompts)), Drawn(0, *trainer.sample(prompts, reference=True))
+    trainer.calls.clear()
+    reused, rows = evaluate(trainer, prompts, False, gold, 3, policy=policy, sft=sft)
+    assert trainer.calls == []  # nothing sampled or scored again
+    assert reused == fresh and rows == fresh_rows
