@@ -128,7 +128,8 @@ def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -
     finally:
         if lock is not None:
             lock.release()
-    say(stage, f"finished in {time.time() - started:.0f}s")
+    # from the process's start, as the manifest's duration counts (imports and launcher set-up included)
+    say(stage, f"finished in {time.time() - min(started, artifacts.process_started() or started):.0f}s")
     return 0
 
 
