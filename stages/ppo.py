@@ -154,7 +154,9 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     # 5. evaluate and publish -----------------------------------------------------------------
     t_eval = time.time()
     faults.point("evaluation:start")
-    policy_drawn = drawn.get("policy") if drawn.get("policy") and drawn["policy"].update == selected else None
+    policy_drawn = drawn.get("policy")
+    if policy_drawn is not None and policy_drawn.update != selected:  # a later update's: not the one published
+        policy_drawn = None
     evaluation, samples = (evaluate(trainer, eval_raw, use_template, gold, eval_tokens, policy=policy_drawn,
                                     sft=drawn.get("sft")) if eval_raw else ({}, []))
     # where this invocation's time went (a resumed run's loop covers only its own updates)

@@ -54,3 +54,8 @@ def test_family_pipeline(family_checkpoints, tmp_path, family, lora, zero):
     assert all(abs(r["policy/first_ratio_dev"]) < 1e-4 for r in rows if "policy/first_ratio_dev" in r), rows
     assert ppo["metrics"]["updates"] == 2
     assert ppo["metrics"]["response_length_ppo"] <= 5 < 8  # eval.max_new_tokens=5 (ppo.max_new_tokens=8)
+    # the final evaluation describes the published update and the SFT policy as their held-out evaluations did
+    curve = {p["update"]: p for p in ppo["metrics"]["eval_curve"]}
+    assert ppo["metrics"]["rm_score_ppo"] == curve[ppo["metrics"]["selected_update"]]["rm_score"]
+    assert ppo["metrics"]["rm_score_sft"] == curve[0]["rm_score"]
+    assert ppo["metrics"]["kl_ppo_vs_sft"] == pytest.approx(curve[ppo["metrics"]["selected_update"]]["kl"], rel=1e-5)
