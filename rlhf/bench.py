@@ -27,7 +27,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "launch" / "configs" / "demo.yaml"
-PHASES = ("generation", "scoring", "forward_backward", "optimizer")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,33 +80,47 @@ def _overrides(a: argparse.Namespace, world: int) -> list[str]:
     return out + list(a.overrides)
 
 
-def _models(a: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any, Any, dict, bool, str]:
-    """(tokenizer, actor, critic, reward model, reward_stats, use_chat_template, description)."""
+def _models(a: argparse.Namespace, cfg: Any) -> tuple[Any, Any, dict, bool, str]:
+    """(tokenizer, PPOModels laid out as the PPO stage lays them out (rlhf.ppo.layout), reward_stats,
+    use_chat_template, description)."""
+    import copy
+
     import torch
 
     from rlhf import artifacts, models
+    from rlhf.ppo.core import advantage_estimator
+    from rlhf.ppo.layout import build_models
 
-    dtype = cfg.model.dtype
+    c, dtype = cfg.ppo, cfg.model.dtype
+    layout = dict(lora=cfg.model.lora if c.lora else None, critic_lora=c.critic_lora,
+                  critic_from_reward=c.critic_from_reward, gradient_checkpointing=c.gradient_checkpointing,
+                  use_cache=dtype == "float32")
+    with_critic = advantage_estimator(c.advantage_estimator).needs_critic
     if a.artifact_dir:
         sft = artifacts.load(artifacts.stage_dir(a.artifact_dir, artifacts.SFT), artifacts.SFT)
         tok = models.load_tokenizer(str(sft.path))
         rm = artifacts.load(artifacts.stage_dir(a.artifact_dir, artifacts.REWARD), artifacts.REWARD,
                             tokenizer_fp=artifacts.tokenizer_fingerprint(tok))
-        actor = models.load_causal_lm(str(sft.path), dtype)
-        critic = models.load_reward_model(str(rm.path), dtype, tok.pad_token_id)
-        reward = models.load_reward_model(str(rm.path), dtype, tok.pad_token_id)
-        use_template = sft.use_chat_template
-        return tok, actor, critic, reward, rm.manifest["reward_stats"], use_template, f"artifacts in {a.artifact_dir}"
+        critic_src = str(rm.path) if c.critic_from_reward else str(sft.path)
+        four = build_models(load_policy=lambda: models.load_causal_lm(str(sft.path), dtype),
+                            load_reward=lambda: models.load_reward_model(str(rm.path), dtype, tok.pad_token_id),
+                            load_critic=(lambda: models.load_reward_model(critic_src, dtype, tok.pad_token_id))
+                            if with_critic else None, **layout)
+        return tok, four, rm.manifest["reward_stats"], sft.use_chat_template, f"artifacts in {a.artifact_dir}"
     if a.model:
-        tok = models.load_tokenizer(a.model, cfg.model.trust_remote_code)
+        trust = cfg.model.trust_remote_code
+        tok = models.load_tokenizer(a.model, trust)
         added = models.ensure_pad_token(tok)
-        actor = models.load_causal_lm(a.model, dtype, cfg.model.trust_remote_code)
-        critic = models.load_reward_model(a.model, dtype, tok.pad_token_id, cfg.model.trust_remote_code)
-        reward = models.load_reward_model(a.model, dtype, tok.pad_token_id, cfg.model.trust_remote_code)
-        if added:
-            for m in (actor, critic, reward):
-                models.resize_for_tokenizer(m, tok)
-        return (tok, actor, critic, reward, {"mean": 0.0, "std": 1.0}, tok.chat_template is not None,
+
+        def fitted(model: Any) -> Any:  # a pad token added to the tokenizer needs an embedding row
+            if added:
+                models.resize_for_tokenizer(model, tok)
+            return model
+
+        scorer = lambda: fitted(models.load_reward_model(a.model, dtype, tok.pad_token_id, trust))  # noqa: E731
+        four = build_models(load_policy=lambda: fitted(models.load_causal_lm(a.model, dtype, trust)), load_reward=scorer,
+                            load_critic=scorer if with_critic else None, **layout)
+        return (tok, four, {"mean": 0.0, "std": 1.0}, tok.chat_template is not None,
                 f"{a.model} (critic and reward model: fresh heads)")
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -122,11 +135,13 @@ def _models(a: argparse.Namespace, cfg: Any) -> tuple[Any, Any, Any, Any, dict, 
                        tie_word_embeddings=True, num_labels=1)
     dt = models.DTYPES[dtype]
     torch.manual_seed(a.seed)
-    actor = LlamaForCausalLM(lcfg).to(dt)
-    critic = LlamaForSequenceClassification(lcfg).to(dt)
-    reward = LlamaForSequenceClassification(lcfg).to(dt)
-    n = sum(p.numel() for p in actor.parameters())
-    return (tok, actor, critic, reward, {"mean": 0.0, "std": 1.0}, True,
+    policy = LlamaForCausalLM(lcfg).to(dt)  # the reference is an exact copy, as a second load of a checkpoint is
+    four = build_models(load_policy=lambda: copy.deepcopy(policy),
+                        load_reward=lambda: LlamaForSequenceClassification(lcfg).to(dt),
+                        load_critic=(lambda: LlamaForSequenceClassification(lcfg).to(dt)) if with_critic else None,
+                        **layout)
+    n = sum(p.numel() for p in policy.parameters())
+    return (tok, four, {"mean": 0.0, "std": 1.0}, True,
             f"random-init Llama {n / 1e6:.1f}M parameters (hidden {a.hidden}, {a.layers} layers, {a.heads} heads, "
             f"intermediate {a.intermediate}, vocabulary {vocab})")
 
@@ -179,24 +194,12 @@ def run(a: argparse.Namespace) -> dict:
     world = distributed.world_size()
     cfg = load_config(a.config, _overrides(a, world))
     torch.manual_seed(a.seed + distributed.rank())
-    tok, actor, critic, reward, stats, use_template, described = _models(a, cfg)
+    tok, four, stats, use_template, described = _models(a, cfg)
     ensure_pad_token(tok)
     c = cfg.ppo
-    ref = None
-    if c.lora:
-        from rlhf import models
-
-        actor = models.add_lora(actor, cfg.model.lora, "CAUSAL_LM")
-    else:
-        import copy
-
-        ref = copy.deepcopy(actor)
-    if c.gradient_checkpointing:
-        for m in (actor, critic):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainer = PPOTrainer(cfg=c, ds=cfg.deepspeed, dtype=cfg.model.dtype, actor_model=actor, critic_model=critic,
-                         reward_model=reward, ref_model=ref, tokenizer=tok, reward_stats=stats)
-    trainer.timer = PhaseTimer(sync=True)
+    trainer = PPOTrainer(cfg=c, ds=cfg.deepspeed, dtype=cfg.model.dtype, actor_model=four.actor, critic_model=four.critic,
+                         reward_model=four.reward, ref_model=four.reference, tokenizer=tok, reward_stats=stats,
+                         timer=PhaseTimer(sync=True))  # phases awaited at their ends: each owns its GPU work
     prompts = load_prompts(c.train_prompts)
     stream = PromptStream(prompts, cfg.seed, distributed.rank(), world, render=lambda p: render_prompt(tok, p, use_template))
     setup_s = time.perf_counter() - t_start
@@ -205,12 +208,12 @@ def run(a: argparse.Namespace) -> dict:
     memory = PeakMemory()
     memory.reset()
     timed = trainer.plan.num_updates - a.warmup
-    phases = dict.fromkeys(PHASES, 0.0)
+    phases = dict.fromkeys(PhaseTimer.PHASES, 0.0)
     tokens = 0.0
     t0 = time.perf_counter()
     for _ in range(timed):
         m = trainer.step(stream.next(c.rollout_batch_size))
-        for k in PHASES:
+        for k in PhaseTimer.PHASES:
             phases[k] += m[PPOMetrics.time(k)]
         tokens += m[PPOMetrics.RESPONSE_LENGTH] * trainer.plan.episodes_per_update
     if torch.cuda.is_available():

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +19,7 @@ from rlhf.metric_names import HEADLINE
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "launch" / "configs" / "demo.yaml"
 STAGE_LAUNCHERS = {"sft": "sft.sh", "reward": "rm.sh", "ppo": "ppo.sh"}  # launch/: what a user runs per stage
+PYTHON_ENV = "RLHF_PYTHON"  # the interpreter launch/_stage.sh runs `-m deepspeed.launcher.runner` with
 
 
 TAIL_LINES = 15         # lines shown of a failed stage's output that holds no traceback
@@ -55,9 +56,10 @@ def run_pipeline(config: str, overrides: list[str]) -> int:
     cfg = _checked_config(config, overrides)
     if cfg is None:
         return 2
-    if shutil.which("deepspeed") is None:
-        print("error: the deepspeed launcher is not on PATH; install DeepSpeed (pip install -e .) in this environment",
-              file=sys.stderr)
+    # the stages run this interpreter's DeepSpeed (_stage_env); find_spec imports nothing
+    if importlib.util.find_spec("deepspeed") is None:
+        print(f"error: DeepSpeed is not installed for {sys.executable}, which runs the stages; install it with "
+              f"`{sys.executable} -m pip install -e {ROOT}`", file=sys.stderr)
         return 2
     art_dir = Path(cfg.artifact_dir)
     lock = DirLock(art_dir, "rlhf pipeline")
@@ -94,8 +96,16 @@ def run_pipeline(config: str, overrides: list[str]) -> int:
 def _stage_command(launcher: str, config: str, overrides: list[str], lock_token: str) -> list[str]:
     """One stage, started exactly as a user starts it by hand: `bash launch/<stage>.sh`, whose
     launch/_stage.sh is the one place the deepspeed command is built (NUM_GPUS, HOSTFILE,
-    MASTER_PORT). --lock-token lets the stage's rank 0 use the driver's lock, on any node."""
+    MASTER_PORT), with the interpreter _stage_env names. --lock-token lets the stage's rank 0 use the
+    driver's lock, on any node."""
     return ["bash", str(ROOT / "launch" / launcher), str(config), "--lock-token", lock_token, *overrides]
+
+
+def _stage_env() -> dict[str, str]:
+    """The stages' environment: the driver's own interpreter (whose DeepSpeed run_pipeline checked)
+    runs the launcher and its ranks, whatever PATH holds or RLHF_PYTHON said, so an environment
+    that is not activated works and a `deepspeed` script on PATH from another one is never used."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", PYTHON_ENV: sys.executable}
 
 
 def _run_stage(cmd: list[str], output: "StageOutput") -> int:
@@ -103,11 +113,11 @@ def _run_stage(cmd: list[str], output: "StageOutput") -> int:
     output.write_log(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')}  {' '.join(cmd)}\n")
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env=_stage_env())
     except OSError as e:
         output.close()
-        print(f"error: cannot start {cmd[0]} ({e.strerror or e}); install DeepSpeed (pip install -e .) and put its "
-              "launcher on PATH", file=sys.stderr)
+        print(f"error: cannot start {cmd[0]} ({e.strerror or e}); the stage launchers (launch/*.sh) need bash "
+              "on PATH", file=sys.stderr)
         return 2
     with proc.stdout:
         for line in proc.stdout:
@@ -245,17 +255,18 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return dashboard.run(Path(args.artifact_dir), project=args.project, entity=args.entity, mode=mode)
 
 
+GENERATE_MAX_PROMPT_LENGTH = 512  # `rlhf generate` keeps the last this many tokens of a longer prompt
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from rlhf import models
-    from rlhf.data import load_prompts, prompt_text, render_prompt
-    from rlhf.generation import GREEDY, Sampling, generate_texts
+    from rlhf import distributed, engines, models
+    from rlhf.data import DataError, load_prompts, prompt_text, render_prompt
+    from rlhf.generation import GREEDY, Sampling, decode_responses
 
     manifest = artifacts.read_manifest(args.model)
     if manifest is None or manifest.get("status") != "complete":
         print(f"error: {args.model} is not a complete artifact (no complete {artifacts.MANIFEST})", file=sys.stderr)
         return 2
-    from rlhf.data import DataError
-
     try:
         art = artifacts.load(args.model, manifest.get("stage"))
         prompts = load_prompts(args.prompts)  # read before the model: a bad file fails at once
@@ -267,12 +278,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: cannot write --out {args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     tok = models.load_tokenizer(args.model)
-    model = models.load_causal_lm(args.model, manifest["config"]["model"]["dtype"])
+    model = models.load_causal_lm(args.model, manifest["config"]["model"]["dtype"]).to(distributed.device())
     use_template = art.use_chat_template
     texts = [render_prompt(tok, p, use_template) for p in prompts]
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) if args.sample else GREEDY
-    out = generate_texts(model, tok, texts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                         batch_size=args.batch_size, progress=True)
+    engine = engines.build("hf", model, tok, max_prompt_length=GENERATE_MAX_PROMPT_LENGTH)
+    gens = engine.generate(texts, sampling, args.max_new_tokens, batch_size=args.batch_size, progress=True)
+    out = [r for g in gens for r in decode_responses(tok, g)]
     with open(args.out, "w") as f:
         for p, r in zip(prompts, out):
             f.write(json.dumps({"prompt": prompt_text(p) if not isinstance(p, str) else p, "response": r}) + "\n")

@@ -38,6 +38,12 @@ def _copy(d: Any) -> Any:
     return type(d)(d)
 
 
+# the values ppo.advantage_estimator and ppo.rollout_engine accept: the names of
+# rlhf.ppo.core.ADVANTAGE_ESTIMATORS and of rlhf.engines.build's engines (a test keeps them equal)
+ADVANTAGE_ESTIMATORS = ("gae",)
+ROLLOUT_ENGINES = ("hf",)
+
+
 @dataclass(frozen=True)
 class ScratchModelConfig:
     vocab_size: int = _f(1024, "BPE vocabulary size of the tokenizer trained on the SFT data")
@@ -176,6 +182,10 @@ class PPOStageConfig:
     forward_batch_size: int = _f(32, "rows per chunk in inference-only forward passes")
     gradient_checkpointing: bool = _f(False, "recompute the actor's and critic's activations in the update's backward "
                                              "pass (less memory, ~30% more update time)")
+    advantage_estimator: str = _f("gae", "how rewards become advantages: gae (generalised advantage estimation "
+                                         "over a critic started from the reward model)")
+    rollout_engine: str = _f("hf", "what samples rollouts, evaluations and reward statistics: hf (transformers "
+                                   "generate() on the live policy)")
     logprobs_from_generation: bool = _f(True, "take the old log-probs from the generation pass itself (exact up to "
                                               "float rounding); false: recompute them with one more actor forward")
 
@@ -452,6 +462,11 @@ def _validate(cfg: Any, where: str) -> None:
     if isinstance(cfg, PPOStageConfig):
         if cfg.kl_estimator not in ("k1", "k2", "k3"):
             raise bad("kl_estimator", f"must be k1, k2 or k3, got {cfg.kl_estimator!r}")
+        if cfg.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise bad("advantage_estimator", f"must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, "
+                                             f"got {cfg.advantage_estimator!r}")
+        if cfg.rollout_engine not in ROLLOUT_ENGINES:
+            raise bad("rollout_engine", f"must be one of {', '.join(ROLLOUT_ENGINES)}, got {cfg.rollout_engine!r}")
         if cfg.rollout_batch_size % cfg.mini_batch_size:
             raise bad("mini_batch_size", f"{cfg.mini_batch_size} must divide rollout_batch_size={cfg.rollout_batch_size}")
         if cfg.mini_batch_size % cfg.grad_accum:

@@ -1,11 +1,17 @@
-"""Rank helpers and the one function that derives DeepSpeed JSON from the pipeline config."""
+"""The DeepSpeed glue, in one place: rank helpers and collectives, the one function that derives
+DeepSpeed JSON from the pipeline config, the engines built from it (trainable and frozen), and
+the ZeRO-3 gathers for generation and saving."""
 from __future__ import annotations
 
 import os
+import random
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import numpy as np
 import torch
+
+from rlhf.config import read_deepspeed_json
 
 
 def rank() -> int:
@@ -70,10 +76,6 @@ def _accelerate_state_for_cpu_deepspeed() -> None:
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's generators (CPU and every GPU), as transformers.set_seed
     does, without importing transformers' trainer utilities (and peft with them: ~2 s)."""
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -95,6 +97,39 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+
+def all_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over all processes (a float32 copy; `t` itself is untouched)."""
+    t = t.detach().float().clone()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t
+
+
+def all_gather_objects(obj: Any) -> list:
+    """Every process's `obj`, in rank order."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def all_agree(flag: bool) -> bool:
+    """True only if every process says True: ranks that must take the same path (ZeRO-3 forwards
+    are collective) decide together."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        t = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item())
+    return flag
+
+
+def distinct_count(items: list) -> int:
+    """How many distinct items all processes hold together (collective)."""
+    return len(set().union(*all_gather_objects(sorted(set(items)))))
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -105,8 +140,6 @@ def deepspeed_config(ds: Any, dtype: str, micro_batch: int | str = "auto", grad_
                      grad_clip: float | str = "auto", train_batch: int | str = "auto") -> dict:
     """DeepSpeed JSON for `ds` (config.DeepSpeedConfig). With the "auto" defaults it suits the
     HF Trainer (which fills those values in); the PPO engines pass explicit numbers."""
-    from rlhf.config import read_deepspeed_json
-
     base: dict = read_deepspeed_json(ds.config_file) if ds.config_file else {}
     zero: dict = dict(base.get("zero_optimization", {}))
     zero["stage"] = ds.zero_stage
@@ -135,6 +168,49 @@ def deepspeed_config(ds: Any, dtype: str, micro_batch: int | str = "auto", grad_
     cfg["fp16"] = {"enabled": dtype == "float16"}
     return cfg
 
+
+
+def inference_config(ds: Any, dtype: str) -> dict:
+    """DeepSpeed JSON for a frozen model's ZeRO-3 inference engine: the pipeline's (its config_file,
+    parameter offload) without what only training uses (an optimizer to offload, a scheduler)."""
+    cfg = deepspeed_config(ds, dtype, micro_batch=1, grad_accum=1, grad_clip=0.0, train_batch=world_size())
+    cfg["zero_optimization"].pop("offload_optimizer", None)
+    cfg.pop("optimizer", None)
+    cfg.pop("scheduler", None)
+    return cfg
+
+
+def make_inference(model: Any, zero_stage: int, ds_json: dict) -> Any:
+    """A frozen model: sharded by a ZeRO-3 inference engine (`ds_json`: inference_config) under
+    ZeRO-3, else moved to the device."""
+    model.eval()
+    model.requires_grad_(False)
+    if zero_stage != 3:
+        return model.to(device())
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=ds_json)
+    engine.eval()
+    return engine
+
+
+def make_trainable(model: Any, lr: float, ds_json: dict, total_steps: int) -> Any:
+    """A trainable DeepSpeed engine (`ds_json`: deepspeed_config with explicit batch sizes) with
+    AdamW (DeepSpeed's CPU Adam under optimizer offload) and a linear decay of the learning rate
+    to 0 over `total_steps` optimizer steps."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if ds_json["zero_optimization"].get("offload_optimizer"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(params, lr=lr, betas=(0.9, 0.95), eps=1e-5)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-5, fused=True)  # one kernel, CPU or GPU
+    total = max(1, total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_json)
+    return engine
 
 @contextmanager
 def gathered_params(model: Any, zero_stage: int) -> Iterator[Any]:

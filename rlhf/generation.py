@@ -1,4 +1,5 @@
-"""Batched generation shared by PPO rollouts, evaluation, reward statistics and `rlhf generate`."""
+"""HF generate() with exactly the sampling PPO scores with: the primitives of the HF rollout engine
+(rlhf.engines.hf), through which PPO rollouts, evaluation, reward statistics and `rlhf generate` sample."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -7,6 +8,7 @@ from typing import Any, Iterator
 
 import torch
 
+from rlhf.models import unwrap
 from rlhf.tokenization import encode_prompt, pad_batch
 
 
@@ -21,6 +23,12 @@ class Sampling:
     top_k: int = 0        # 0 = off
     top_p: float = 1.0    # 1.0 = off
     do_sample: bool = True
+
+    @staticmethod
+    def of(settings: Any) -> "Sampling":
+        """The sampling that `settings` (the ppo config section: temperature, top_k, top_p) describe:
+        PPO's rollouts, and the reward stage's reward_stats, which must match them."""
+        return Sampling(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
 
 
 GREEDY = Sampling(do_sample=False)
@@ -42,16 +50,10 @@ def clean_generation_config(tokenizer: Any, max_new_tokens: int, sampling: Sampl
     return GenerationConfig(**kw)
 
 
-def hf_model(model: Any) -> Any:
-    """The transformers model inside a DeepSpeed engine and/or a peft wrapper."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 @contextmanager
 def only_generation_config(model: Any, gen_cfg: Any) -> Iterator[None]:
     """generate() merges the model's own generation_config into the one it is given; swap it out."""
-    inner = hf_model(model)
+    inner = unwrap(model)
     saved = inner.generation_config
     inner.generation_config = gen_cfg
     try:
@@ -171,16 +173,4 @@ def decode_responses(tokenizer: Any, g: Generated) -> list[str]:
     for ids, mask in zip(g.response_ids, g.response_mask):
         keep = [int(t) for t, m in zip(ids, mask) if m and int(t) != tokenizer.eos_token_id]
         out.append(tokenizer.decode(keep, skip_special_tokens=False))
-    return out
-
-
-def generate_texts(model: Any, tokenizer: Any, prompt_texts: list[str], *, batch_size: int = 64, progress: bool = False,
-                   **kwargs: Any) -> list[str]:
-    """Responses for many prompts, in batches (with a progress bar when asked)."""
-    from tqdm.auto import tqdm
-
-    out: list[str] = []
-    starts = range(0, len(prompt_texts), batch_size)
-    for s in tqdm(starts, desc="generating", disable=not progress, leave=False):
-        out.extend(decode_responses(tokenizer, generate(model, tokenizer, prompt_texts[s:s + batch_size], **kwargs)))
     return out

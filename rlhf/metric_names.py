@@ -118,12 +118,22 @@ class Summary:
     EOS_RATE_PPO = "eos_rate_ppo"
     # ppo: the run and its over-optimisation guard
     UPDATES = "updates"
+    EPISODES = "episodes"
+    FINAL_SCORES = "final_objective_scores"  # the last update's objective/scores and objective/kl
+    FINAL_KL = "final_objective_kl"
+    FINAL_KL_COEF = "final_kl_coef"
+    WITHIN_KL_BUDGET = "within_kl_budget"
     SELECTED_UPDATE = "selected_update"
     STOP_REASON = "stop_reason"
     GUARD_METRIC = "guard_metric"
     EVAL_CURVE = "eval_curve"          # [{update, kl, rm_score, gold_score, response_length, eos_rate}]
     BEST_OF_N = "best_of_n"            # [{n, kl, rm_score, gold_score}], kl analytic
     KL_BUDGET = "kl_budget"
+
+    @staticmethod
+    def time(part: str) -> str:
+        """`loop_s` -> `time_loop_s`: where one invocation's wall time went (setup_s, loop_s, evaluation_s)."""
+        return f"time_{part}"
 
 
 HEADLINE = {  # stage -> the manifest figures its closing line and `rlhf status` show

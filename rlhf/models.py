@@ -116,22 +116,34 @@ def add_lora(model: Any, lora: Any, task_type: str) -> Any:
     return get_peft_model(model, cfg)
 
 
-def backbone_and_head(model: Any) -> tuple[Any, Any]:
-    """(transformer body, scalar head) of a sequence-classification model, for per-token values."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(base, base.base_model_prefix, None)
+def unwrap(model: Any) -> Any:
+    """The transformers model inside a DeepSpeed engine and/or a peft wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def body_and_head(model: Any) -> tuple[Any, Any] | None:
+    """(transformer body, head) of a model inside any DeepSpeed/peft wrapper: the `score` head of a
+    sequence-classification model, else a causal LM's output embeddings; None for other layouts.
+    The one place every stage finds them (packed forwards, per-token values)."""
+    base = unwrap(model)
+    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
     head = getattr(base, "score", None)
-    if body is None or head is None:
-        raise ValueError(f"{type(base).__name__} has no '{base.base_model_prefix}' body and 'score' head; "
-                         "use a model family with a standard sequence-classification head (Llama, Qwen, GPT-NeoX, ...)")
-    return body, head
+    if head is None and hasattr(base, "get_output_embeddings"):
+        head = base.get_output_embeddings()
+    return (body, head) if body is not None and head is not None else None
 
 
 def token_values(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) scalar head applied at every position of a sequence-classification model
     (a DeepSpeed engine is unwrapped; its ZeRO-3 hooks live on the submodules)."""
-    body, head = backbone_and_head(getattr(model, "module", model))
+    parts = body_and_head(model)
+    if parts is None or getattr(unwrap(model), "score", None) is None:
+        base = unwrap(model)
+        raise ValueError(f"{type(base).__name__} has no '{getattr(base, 'base_model_prefix', '?')}' body and 'score' "
+                         "head; use a model family with a standard sequence-classification head (Llama, Qwen, GPT-NeoX, ...)")
+    body, head = parts
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=False).last_hidden_state
     return head(hidden).squeeze(-1).float()

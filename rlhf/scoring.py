@@ -1,14 +1,21 @@
-"""The reward model's side of the pipeline, shared by RM training, RM evaluation and PPO:
-the Bradley-Terry loss, batched scoring, and the reward statistics PPO normalises with.
-(Token ids come from rlhf.tokenization, the one encoding every stage uses.)"""
+"""The reward model's side of the pipeline, shared by RM training and evaluation and by the reward
+statistics PPO normalises with: the Bradley-Terry loss, the one last-token reward read-out
+(reward_scores), batched scoring of texts. PPO's own rollout scoring runs the same read-out
+packed (rlhf.ppo.rollout.packed_scores, tested equal). Token ids come from rlhf.tokenization,
+the one encoding every stage uses."""
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from rlhf.tokenization import pad_batch
+from rlhf import distributed
+from rlhf.config import load_function
+from rlhf.generation import Generated, decode_responses
+from rlhf.models import token_values
+from rlhf.tokenization import encode_pair, last_index, pad_batch
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -30,11 +37,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) scalar reward read at each row's last attended token (rows may be left- and
-    right-padded, as PPO's query|response rows are). Training, evaluation and PPO all score
-    through this one function."""
-    from rlhf.models import token_values
-    from rlhf.ppo.core import last_index
-
+    right-padded, as PPO's query|response rows are): training, evaluation and reward_stats score
+    through this function, and PPO's packed scoring reads the same position."""
     values = token_values(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))  # (B, T)
     return values.gather(1, last_index(attention_mask)[:, None]).squeeze(1)
 
@@ -44,8 +48,6 @@ def score_texts(model: Any, tokenizer: Any, prompt_texts: list[str], responses: 
                 batch_size: int = 64, device: torch.device | str | None = None) -> list[float]:
     """One reward per (rendered prompt, response), batched. Under ZeRO-3 every rank must call
     this with the same number of rows (the forward passes gather weights collectively)."""
-    from rlhf.tokenization import encode_pair
-
     device = device or next(model.parameters()).device
     seqs = [encode_pair(tokenizer, p, r, max_length)[0] for p, r in zip(prompt_texts, responses)]
     out: list[float] = []
@@ -76,32 +78,20 @@ def spearman(x: list[float], y: list[float]) -> float:
 def load_gold_scorer(spec: str) -> Any:
     """`path/to/file.py:function` -> the function (prompt, response) -> float; a spec that does not
     name an importable two-argument function is a ConfigError naming eval.gold_scorer."""
-    from rlhf.config import load_function
-
     return load_function(spec, "eval.gold_scorer")
 
 
 @torch.no_grad()
-def policy_reward_stats(policy: Any, reward_model: Any, tokenizer: Any, prompt_texts: list[str], *, sampling: Any,
-                        max_new_tokens: int, max_prompt_length: int, batch_size: int, zero_stage: int,
-                        gather: bool = True) -> tuple[dict, list[str], list[float]]:
-    """Mean/std of the reward model's raw scores on responses the policy samples, drawn and scored
-    exactly as a PPO rollout draws and scores them (same sampling settings, the generated ids
-    themselves, EOS only where sampling stopped at it). Returns (stats, response texts, scores).
-    Every rank calls it (ZeRO-3 loading and forwards are collective); rank 0's samples are used."""
-    import statistics
-
-    from rlhf import distributed
-    from rlhf.generation import Generated, decode_responses, generate
-
-    batches = []
-    with distributed.for_generation(policy, zero_stage, gather) as (model, synced):
-        for s in range(0, len(prompt_texts), batch_size):
-            g = generate(model, tokenizer, prompt_texts[s:s + batch_size], max_new_tokens=max_new_tokens,
-                         sampling=sampling, max_prompt_length=max_prompt_length, synced_gpus=synced)
-            batches.append(Generated(*(t.cpu() for t in (g.query_ids, g.query_mask, g.response_ids,
-                                                          g.response_mask, g.ended))))
-    batches = distributed.broadcast_object(batches)
+def policy_reward_stats(engine: Any, reward_model: Any, tokenizer: Any, prompt_texts: list[str], *, sampling: Any,
+                        max_new_tokens: int, batch_size: int) -> tuple[dict, list[str], list[float]]:
+    """Mean/std of the reward model's raw scores on responses the policy samples through `engine`
+    (an rlhf.engines rollout engine), drawn and scored exactly as a PPO rollout draws and scores
+    them (same sampling settings, the generated ids themselves, EOS only where sampling stopped at
+    it). Returns (stats, response texts, scores). Every rank calls it (ZeRO-3 loading and forwards
+    are collective); rank 0's samples are used."""
+    gens = engine.generate(prompt_texts, sampling, max_new_tokens, batch_size=batch_size)
+    batches = distributed.broadcast_object([Generated(*(t.cpu() for t in (g.query_ids, g.query_mask, g.response_ids,
+                                                                          g.response_mask, g.ended))) for g in gens])
     device = next(reward_model.parameters()).device
     scores: list[float] = []
     texts: list[str] = []
@@ -112,6 +102,12 @@ def policy_reward_stats(policy: Any, reward_model: Any, tokenizer: Any, prompt_t
         texts.extend(decode_responses(tokenizer, g))
     stats = {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "n": len(scores),
              "source": "responses sampled from the SFT policy as PPO samples them",
-             "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
-                          "max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length}}
+             "sampling": reward_stats_sampling(sampling, max_new_tokens, engine.max_prompt_length)}
     return stats, texts, scores
+
+
+def reward_stats_sampling(sampling: Any, max_new_tokens: int, max_prompt_length: int) -> dict:
+    """The sampling settings reward_stats record, which a PPO run must share (the keys and values
+    the reward stage writes and the PPO stage compares)."""
+    return {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+            "max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length}

@@ -38,6 +38,16 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str, device: Any = "cpu"
     return ids.to(device), mask.to(device)
 
 
+
+def last_index(mask: Any) -> Any:
+    """(B,) index of the last real (mask 1) position of each row of a (B, T) mask, however it is
+    padded: left, right or both (a left-padded prompt followed by a right-padded response); 0 for
+    an empty row. The one last-token rule: the reward head reads there, PPO adds the score there."""
+    import torch
+
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.long() * positions).argmax(dim=1)
+
 def prefix_special_ids(tokenizer: Any) -> list[int]:
     """Ids the tokenizer puts before any text when it adds special tokens ([] for GPT-2, Qwen2)."""
     cached = getattr(tokenizer, "_rlhf_prefix_ids", None)

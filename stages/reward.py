@@ -5,7 +5,7 @@ import time
 
 from datasets import Dataset
 
-from rlhf import artifacts, distributed, faults, models
+from rlhf import artifacts, distributed, engines, faults, models
 from rlhf.artifacts import REWARD, SFT
 from rlhf.config import ConfigError, PipelineConfig, require
 from rlhf.data import load_preferences, prompt_text, render_prompt, render_response
@@ -120,17 +120,15 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     stat_prompts = _stat_prompts(reward_cfg, evals, train)[: reward_cfg.stats_samples]
     texts = [render_prompt(tokenizer, p, use_template) for p in stat_prompts]
     policy = models.load_causal_lm(str(sft.path), model_cfg.dtype).to(distributed.device())
-    gather = cfg.deepspeed.zero3_gather_for_generation
-    if cfg.deepspeed.zero_stage == 3 and not gather:  # sharded by an inference engine whose hooks fetch per layer
-        from rlhf.ppo.trainer import make_inference
-
-        policy = make_inference(policy, cfg.deepspeed, model_cfg.dtype)
+    gather, zero = cfg.deepspeed.zero3_gather_for_generation, cfg.deepspeed.zero_stage
+    if zero == 3 and not gather:  # sharded by an inference engine whose hooks fetch per layer
+        policy = distributed.make_inference(policy, zero, distributed.inference_config(cfg.deepspeed, model_cfg.dtype))
     pc = cfg.ppo
-    reward_stats, responses, scores = policy_reward_stats(
-        policy, rm, tokenizer, texts, sampling=Sampling(temperature=pc.temperature, top_k=pc.top_k, top_p=pc.top_p),
-        max_new_tokens=pc.max_new_tokens, max_prompt_length=pc.max_prompt_length, batch_size=pc.forward_batch_size,
-        zero_stage=cfg.deepspeed.zero_stage, gather=gather)
-    del policy
+    engine = engines.build(pc.rollout_engine, policy, tokenizer, max_prompt_length=pc.max_prompt_length,
+                           zero_stage=zero, gather=gather)
+    reward_stats, responses, scores = policy_reward_stats(engine, rm, tokenizer, texts, sampling=Sampling.of(pc),
+                                                          max_new_tokens=pc.max_new_tokens, batch_size=pc.forward_batch_size)
+    del policy, engine
     if gold is not None:
         golds = [gold(prompt_text(p), r) for p, r in zip(stat_prompts, responses)]
         metrics[S.SPEARMAN_GOLD] = spearman(scores, golds)

@@ -6,8 +6,13 @@ is tested against hand-computed values in tests/unit/test_ppo_core.py.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+
+from rlhf.tokenization import last_index
 
 
 def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -78,13 +83,6 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
 
 
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last real (mask 1) position of each row, however it is padded: left,
-    right or both (a left-padded prompt followed by a right-padded response); 0 for an empty row."""
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    return (mask.long() * positions).argmax(dim=1)
-
-
 def kl_penalty_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: -beta * KL_t everywhere, plus the sequence score on the last real token.
 
@@ -141,6 +139,47 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_value = values[:, t] * m
     return advantages, (advantages + values) * mask
 
+
+
+# ----------------------------------------------------------------- advantage estimators
+# One pure function per estimator, chosen by ppo.advantage_estimator. Each maps the rollout's
+# per-token rewards (and the critic's values, when it needs a critic) to the advantages the
+# policy loss weights tokens by, and to the returns the critic regresses on (None without one).
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    rewards: torch.Tensor          # (B, R) per-token rewards: -beta * KL_t, plus the score at the last token
+    mask: torch.Tensor             # (B, R) 1 on response tokens
+    values: torch.Tensor | None    # (B, R) V_old(s_t) of the critic; None when the estimator needs none
+    gamma: float                   # discount
+    lam: float                     # GAE lambda
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    compute: Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor | None]]  # -> advantages, returns
+    needs_critic: bool  # False: no critic is built, stepped, checkpointed or published
+
+
+def gae_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over the critic's values, the advantages whitened over the batch's response tokens
+    (returns = A + V, not whitened: the critic's target)."""
+    if x.values is None:
+        raise ValueError("the gae estimator needs the critic's values")
+    advantages, returns = gae(x.rewards, x.values, x.mask, x.gamma, x.lam)
+    return masked_whiten(advantages, x.mask), returns
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    "gae": AdvantageEstimator(gae_advantages, needs_critic=True),
+}
+
+
+def advantage_estimator(name: str) -> AdvantageEstimator:
+    try:
+        return ADVANTAGE_ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(f"ppo.advantage_estimator={name!r} is not one of {sorted(ADVANTAGE_ESTIMATORS)}") from None
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 cliprange: float) -> tuple[torch.Tensor, dict]:

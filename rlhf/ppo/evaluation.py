@@ -1,21 +1,40 @@
 """What PPO's result is judged by: the policy against the frozen SFT reference on held-out
 prompts (reward-model score, gold score, KL, win rates, length, EOS rate), and the sample
-rows logged while training. Built on PPOTrainer's public surface (sample, kl_to_reference)."""
+rows logged while training. Built on the `Policies` surface below, which PPOTrainer provides."""
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from rlhf.data import prompt_text, render_prompt
-from rlhf.generation import decode_responses
+from rlhf.data import prompt_text
+from rlhf.generation import Generated, Sampling, decode_responses
 from rlhf.metric_names import Eval
 from rlhf.metric_names import Summary as S
 
 EVAL_SEED = 12345  # both policies sample with the same seed: differences come from the policies
+
+
+class Policies(Protocol):
+    """What evaluation needs of the trained policy and its frozen SFT reference
+    (rlhf.ppo.trainer.PPOTrainer is one; the tests use small fakes)."""
+
+    tokenizer: Any
+    update: int                   # the update whose weights the policy has
+    sampling: Sampling            # the policy's sampling distribution
+    reference_sampling: Sampling  # the reference's (same temperature, untruncated)
+
+    def sample(self, prompt_texts: list[str], *, reference: bool = False, max_new_tokens: int,
+               sampling: Sampling | None = None) -> tuple[list[Generated], torch.Tensor]:
+        """Responses (one Generated per chunk) and their raw reward-model scores (B,)."""
+        ...
+
+    def kl_to_reference(self, g: Generated) -> torch.Tensor:
+        """(B,) summed log pi - log pi_ref over each response of `g`."""
+        ...
 
 
 @dataclass
@@ -29,14 +48,14 @@ class Drawn:
 
 
 @torch.no_grad()
-def evaluate(trainer: Any, prompts: list, use_template: bool, gold: Any, max_new_tokens: int,
+def evaluate(trainer: Policies, prompts: list, texts: list[str], gold: Any, max_new_tokens: int,
              policy: Drawn | None = None, sft: Drawn | None = None) -> tuple[dict, list[dict]]:
     """SFT vs PPO on held-out prompts: RM score, gold score, KL(PPO||SFT), win rates, length, EOS rate.
     `policy` / `sft`: the same prompts already sampled, with the same seed, from the policy being
     published / from the SFT policy under the reference's sampling (held_out_point at that update,
-    and at update 0): used as they are instead of sampling and scoring them again."""
+    and at update 0): used as they are instead of sampling and scoring them again. `texts`: the
+    prompts rendered as the policy sees them."""
     tokenizer = trainer.tokenizer
-    texts = [render_prompt(tokenizer, p, use_template) for p in prompts]
     if policy is None:
         torch.manual_seed(EVAL_SEED)
         policy = Drawn(trainer.update, *trainer.sample(texts, max_new_tokens=max_new_tokens))
@@ -73,10 +92,10 @@ def evaluate(trainer: Any, prompts: list, use_template: bool, gold: Any, max_new
     return out, samples
 
 
-def sample_rows(trainer: Any, prompts: list, use_template: bool) -> list[list]:
-    """[update, prompt, response, RM score] rows of the current policy, for the W&B sample table."""
-    texts = [render_prompt(trainer.tokenizer, p, use_template) for p in prompts]
-    gs, scores = trainer.sample(texts)
+def sample_rows(trainer: Policies, prompts: list, texts: list[str], max_new_tokens: int) -> list[list]:
+    """[update, prompt, response, RM score] rows of the current policy on `prompts` (rendered:
+    `texts`), for the W&B sample table."""
+    gs, scores = trainer.sample(texts, max_new_tokens=max_new_tokens)
     responses = [t for g in gs for t in decode_responses(trainer.tokenizer, g)]
     return [[trainer.update, prompt_text(p), r, float(s)] for p, r, s in zip(prompts, responses, scores)]
 
@@ -93,7 +112,7 @@ def _seeded(seed: int):
 
 
 @torch.no_grad()
-def held_out_point(trainer: Any, prompts: list, texts: list[str], gold: Any, max_new_tokens: int) -> tuple[dict, Drawn]:
+def held_out_point(trainer: Policies, prompts: list, texts: list[str], gold: Any, max_new_tokens: int) -> tuple[dict, Drawn]:
     """The current policy on the fixed held-out prompts with a fixed sampling seed: mean RM score,
     gold score (with a gold scorer), KL(policy || SFT) per response, response length, EOS rate;
     and the samples themselves (evaluate's, should this policy be published).
@@ -114,7 +133,7 @@ def held_out_point(trainer: Any, prompts: list, texts: list[str], gold: Any, max
 
 
 @torch.no_grad()
-def best_of_n(trainer: Any, prompts: list, texts: list[str], gold: Any, ns: list[int], max_new_tokens: int) -> list[dict]:
+def best_of_n(trainer: Policies, prompts: list, texts: list[str], gold: Any, ns: list[int], max_new_tokens: int) -> list[dict]:
     """The best-of-n baseline: n SFT responses per held-out prompt, the reward model's favourite
     kept. [{n, kl, rm_score, gold_score}], kl the analytic KL of best-of-n sampling to the SFT
     policy, log n - (n-1)/n (Stiennon et al. 2020, appendix G.3; an upper bound, Beirami et al.

@@ -14,12 +14,17 @@ does not (custom code, a head with extra scaling) keeps the dense path, with a w
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from rlhf.distributed import all_agree
+from rlhf.models import body_and_head, unwrap
+from rlhf.scoring import position_ids_from_mask
 
 MIN_SAVING = 0.1  # pack only when it removes at least this fraction of the dense batch's tokens
 # packed rows hold up to this many padded rows' worth of tokens: longer rows pack tighter, but
@@ -76,27 +81,6 @@ def pack(ids: torch.Tensor, mask: torch.Tensor, force: bool = False) -> Packing 
     return Packing(packed.view(len(free), width), pos.view(len(free), width), row_t, start_t - first)
 
 
-def _parts(model: Any) -> tuple[Any, Any] | None:
-    """(body, head) of a causal LM or a sequence-classification model, or None."""
-    from rlhf.generation import hf_model
-
-    base = hf_model(model)
-    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
-    head = getattr(base, "score", None)
-    if head is None and hasattr(base, "get_output_embeddings"):
-        head = base.get_output_embeddings()
-    return (body, head) if body is not None and head is not None else None
-
-
-def _agree(flag: bool) -> bool:
-    """True only if every rank says True (ranks must take the same path under ZeRO-3)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        t = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        return bool(t.item())
-    return flag
-
-
 def _packed_head(body: Any, head: Any, pk: Packing, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     hidden = body(input_ids=pk.ids, position_ids=pk.position_ids, use_cache=False).last_hidden_state  # (P, L, H)
     pr, pc = pk.locate(rows, cols)
@@ -105,8 +89,6 @@ def _packed_head(body: Any, head: Any, pk: Packing, rows: torch.Tensor, cols: to
 
 def _dense_head(model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                 body_head: tuple[Any, Any] | None) -> torch.Tensor:
-    from rlhf.scoring import position_ids_from_mask
-
     pos = position_ids_from_mask(mask)
     if body_head is not None and getattr(body_head[1], "out_features", None) == 1:  # a value / reward head
         hidden = body_head[0](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
@@ -118,11 +100,7 @@ def _dense_head(model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.T
 
 
 def _takes_logits_to_keep(model: Any) -> bool:
-    import inspect
-
-    from rlhf.generation import hf_model
-
-    return "logits_to_keep" in inspect.signature(hf_model(model).forward).parameters
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
 
 
 def response_positions(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,20 +115,20 @@ def head_at(model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tenso
     """The model's head output at dense positions (rows, cols) of a batch whose rows hold one
     contiguous run of real tokens each: (K, V) logits of a causal LM or (K, 1) values of a
     sequence-classification model. Runs packed when the model is verified to allow it."""
-    parts = _parts(model)
+    parts = body_and_head(model)
     if parts is None:
         return _dense_head(model, ids, mask, rows, cols, parts)
     key = parts[0]
     # every decision below is taken by all ranks together: under ZeRO-3 the forwards are collective
-    usable = _agree(bool(mask[rows, cols].all()))
+    usable = all_agree(bool(mask[rows, cols].all()))
     if usable and key not in _VERIFIED:
-        _VERIFIED[key] = _agree(_verify(model, parts, ids, mask, rows, cols))
+        _VERIFIED[key] = all_agree(_verify(model, parts, ids, mask, rows, cols))
         if not _VERIFIED[key]:
             warnings.warn(f"{type(parts[0]).__name__}: packed sequences did not reproduce the padded forward; "
                           "PPO uses padded batches for this model (slower, same results)")
     if usable and _VERIFIED[key]:
         pk = pack(ids, mask)
-        if _agree(pk is not None):
+        if all_agree(pk is not None):
             return _packed_head(*parts, pk, rows, cols)
     return _dense_head(model, ids, mask, rows, cols, parts)
 

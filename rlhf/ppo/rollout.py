@@ -14,6 +14,7 @@ import torch
 from rlhf.generation import Sampling
 from rlhf.ppo.core import entropy_from_logits, logprobs_from_logits
 from rlhf.ppo.packing import head_at, response_positions
+from rlhf.tokenization import last_index
 
 
 @dataclass
@@ -25,8 +26,8 @@ class Rollout:
     ended: torch.Tensor          # (B,) bool: response ends with EOS
     logprobs: torch.Tensor       # (B, R) log pi_old(a_t | s_t) under the sampling distribution (temperature, top-k/p)
     ref_logprobs: torch.Tensor   # (B, R) log pi_ref(a_t | s_t): the SFT policy at the same temperature, untruncated
-    values: torch.Tensor         # (B, R) V_old(s_t), the critic's value before emitting a_t
     raw_scores: torch.Tensor     # (B,) reward model output
+    values: torch.Tensor | None = None  # (B, R) V_old(s_t), the critic's value before emitting a_t; None without a critic
 
     @property
     def full_ids(self) -> torch.Tensor:  # (B, Q+R)
@@ -76,8 +77,6 @@ def value_forward(critic: Any, full_ids: torch.Tensor, full_mask: torch.Tensor, 
 def packed_scores(model: Any, full_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
     """(B,) reward-model scores at each row's last real token (rlhf.scoring.reward_scores), with the
     rows packed and the head applied to those B positions only."""
-    from rlhf.ppo.core import last_index
-
     rows = torch.arange(full_ids.shape[0], device=full_ids.device)
     return head_at(model, full_ids, full_mask, rows, last_index(full_mask)).squeeze(-1).float()
 
@@ -87,15 +86,16 @@ def in_chunks(fn: Callable[[slice], Any], n: int, chunk: int) -> list:
 
 
 @torch.no_grad()
-def score_rollout(*, actor: Any, reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], critic: Any,
+def score_rollout(*, actor: Any, reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], critic: Any | None,
                   reward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                   response_mask: torch.Tensor, ended: torch.Tensor, sampling: Sampling, chunk: int,
                   value_scale: tuple[float, float] = (0.0, 1.0), logprobs: torch.Tensor | None = None) -> Rollout:
     """Run each model once over the rollout. `reference(full_ids, full_mask)` returns the
     reference log-probs (a frozen copy, or the actor with its LoRA adapter disabled) and
     `reward(full_ids, full_mask)` the reward model's scores (a frozen copy, or the LoRA critic
-    with its adapter disabled). `logprobs` (B, R): the policy's log-probs already taken from the
-    generation pass; without them the actor runs once more to compute them."""
+    with its adapter disabled). `critic=None`: no values (an estimator without a critic).
+    `logprobs` (B, R): the policy's log-probs already taken from the generation pass; without them
+    the actor runs once more to compute them."""
     q = query_ids.shape[1]
     full_ids = torch.cat([query_ids, response_ids], dim=1)
     full_mask = torch.cat([query_mask, response_mask], dim=1)
@@ -103,7 +103,9 @@ def score_rollout(*, actor: Any, reference: Callable[[torch.Tensor, torch.Tensor
     if logprobs is None:
         logprobs = torch.cat(in_chunks(lambda s: policy_forward(actor, full_ids[s], full_mask[s], q, sampling)[0], n, chunk))
     ref = in_chunks(lambda s: reference(full_ids[s], full_mask[s]), n, chunk)
-    val = in_chunks(lambda s: value_forward(critic, full_ids[s], full_mask[s], q, value_scale), n, chunk)
+    values = None
+    if critic is not None:
+        values = torch.cat(in_chunks(lambda s: value_forward(critic, full_ids[s], full_mask[s], q, value_scale), n, chunk))
     rm = in_chunks(lambda s: reward(full_ids[s], full_mask[s]), n, chunk)
     return Rollout(query_ids, query_mask, response_ids, response_mask, ended, logprobs=logprobs,
-                   ref_logprobs=torch.cat(ref), values=torch.cat(val), raw_scores=torch.cat(rm))
+                   ref_logprobs=torch.cat(ref), raw_scores=torch.cat(rm), values=values)

@@ -1,18 +1,23 @@
-"""The PPO loop: rollout -> score -> KL-shaped rewards -> GAE -> PPO epochs -> log/checkpoint.
+"""The PPO loop: rollout -> score -> KL-shaped rewards -> advantages -> PPO epochs -> log/checkpoint.
 
-Actor and critic are DeepSpeed engines (ZeRO 0-3, optional CPU offload). The reference
-policy and the reward model are inference-only: plain modules, or ZeRO-3 inference
-engines (sharded) under ZeRO-3. In LoRA mode the reference is the actor with its
-adapter disabled, and (with a LoRA critic started from the reward model) the reward model is
-the critic with its adapter disabled, so each set of base weights exists once. Under ZeRO-3 the actor's weights are
-gathered once per rollout for generation, not once per token (deepspeed.zero3_gather_for_generation).
+Actor and critic are DeepSpeed engines (ZeRO 0-3, optional CPU offload); the critic exists only
+when the advantage estimator needs one (ppo.advantage_estimator). The reference policy and the
+reward model are inference-only: plain modules, or ZeRO-3 inference engines (sharded) under
+ZeRO-3. In LoRA mode the reference is the actor with its adapter disabled, and (with a LoRA critic
+started from the reward model) the reward model is the critic with its adapter disabled, so each
+set of base weights exists once (rlhf.ppo.layout builds that layout).
+
+Every response is sampled through a rollout engine (rlhf.engines): the policy's is synced after
+each change of the actor's weights, and sampling from an engine behind them is refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from collections import defaultdict
@@ -22,14 +27,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from rlhf import distributed, faults
+from rlhf import distributed, engines, faults
+from rlhf.artifacts import ArtifactError
 from rlhf.config import DeepSpeedConfig, PPOStageConfig
-from rlhf.generation import Sampling, generate
+from rlhf.distributed import all_gather_objects, all_mean
+from rlhf.generation import Generated, Sampling
 from rlhf.metric_names import PPO
-from rlhf.models import disable_dropout
+from rlhf.models import disable_dropout, publish_model
 from rlhf.ppo import core
 from rlhf.ppo.rollout import Rollout, packed_scores, policy_forward, score_rollout, value_forward
+
+CRITIC_DIR = "critic"  # the critic's sub-directory of a published PPO artifact
 
 
 class NonFiniteError(RuntimeError):
@@ -70,46 +80,7 @@ def engine_deepspeed(ds: DeepSpeedConfig, dtype: str, world: int) -> DeepSpeedCo
     zero = distributed.deepspeed_config(ds, dtype)["zero_optimization"]
     if zero.get("offload_optimizer") or zero.get("offload_param"):
         return ds
-    import dataclasses
-
     return dataclasses.replace(ds, zero_stage=0)
-
-
-def make_engine(model: Any, lr: float, ds_cfg: dict, num_updates: int, steps_per_update: int) -> Any:
-    """A trainable DeepSpeed engine with AdamW and a linear decay of the learning rate to 0."""
-    import deepspeed
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if ds_cfg["zero_optimization"].get("offload_optimizer"):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        opt = DeepSpeedCPUAdam(params, lr=lr, betas=(0.9, 0.95), eps=1e-5)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-5, fused=True)  # one kernel, CPU or GPU
-    total = max(1, num_updates * steps_per_update)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
-    return engine
-
-
-def make_inference(model: Any, ds: DeepSpeedConfig, dtype: str) -> Any:
-    """A frozen model: sharded by a ZeRO-3 inference engine under ZeRO-3, else moved to the device.
-    The engine's DeepSpeed JSON is the pipeline's (deepspeed.config_file, parameter offload),
-    without what only training uses (an optimizer to offload)."""
-    model.eval()
-    model.requires_grad_(False)
-    if ds.zero_stage != 3:
-        return model.to(distributed.device())
-    import deepspeed
-
-    cfg = distributed.deepspeed_config(ds, dtype, micro_batch=1, grad_accum=1, grad_clip=0.0,
-                                       train_batch=distributed.world_size())
-    cfg["zero_optimization"].pop("offload_optimizer", None)
-    cfg.pop("optimizer", None)
-    cfg.pop("scheduler", None)
-    engine, *_ = deepspeed.initialize(model=model, config=cfg)
-    engine.eval()
-    return engine
 
 
 class PromptStream:
@@ -145,10 +116,10 @@ class PromptStream:
 
 class PhaseTimer:
     """Wall seconds per phase of an update (generation, scoring, update forward/backward,
-    optimizer). With `sync` (the benchmark sets it) CUDA work is awaited at each phase boundary
+    optimizer, the rollout engine's weight sync). With `sync` (the benchmark sets it) CUDA work is awaited at each phase boundary
     so the seconds belong to the phase that queued the work; training runs leave it off."""
 
-    PHASES = ("generation", "scoring", "forward_backward", "optimizer")
+    PHASES = ("generation", "scoring", "forward_backward", "optimizer", "weight_sync")
 
     def __init__(self, sync: bool = False):
         self.sync = sync and torch.cuda.is_available()
@@ -180,30 +151,42 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 
 
 class PPOTrainer:
-    """Owns the engines and runs updates; `stages/ppo.py` decides what to load and publish."""
+    """Owns the engines and runs updates; rlhf.ppo.run.PPORun drives it, stages/ppo.py wires both."""
 
-    def __init__(self, *, cfg: PPOStageConfig, ds: DeepSpeedConfig, dtype: str, actor_model: Any, critic_model: Any,
-                 reward_model: Any | None, ref_model: Any | None, tokenizer: Any, reward_stats: dict):
+    def __init__(self, *, cfg: PPOStageConfig, ds: DeepSpeedConfig, dtype: str, actor_model: Any,
+                 critic_model: Any | None, reward_model: Any | None, ref_model: Any | None, tokenizer: Any,
+                 reward_stats: dict, timer: PhaseTimer | None = None):
         """`ref_model=None`: the actor is a LoRA model and the reference is its base (adapter
         disabled). `reward_model=None`: the critic is a LoRA model on the reward model, and the
-        reward model is its base (adapter disabled). Neither keeps a second copy of the weights."""
+        reward model is its base (adapter disabled). Neither keeps a second copy of the weights.
+        `critic_model=None`: the advantage estimator needs no critic (and then a reward model is given).
+        `timer`: where phase seconds go (the benchmark's waits for the GPU at each phase's end)."""
+        self.estimator = core.advantage_estimator(cfg.advantage_estimator)
+        if self.estimator.needs_critic != (critic_model is not None):
+            raise ValueError(f"ppo.advantage_estimator={cfg.advantage_estimator} "
+                             + ("needs a critic model" if self.estimator.needs_critic else "uses no critic model"))
+        if critic_model is None and reward_model is None:
+            raise ValueError("without a critic the reward model must be given (it cannot be the critic's base)")
         self.plan = Plan.make(cfg, distributed.world_size())
         self.configured_zero_stage = ds.zero_stage
         ds = engine_deepspeed(ds, dtype, self.plan.world)
         self.cfg, self.ds, self.tok = cfg, ds, tokenizer
         # the policy samples from, and is scored under, exactly this distribution; the reference
         # is the SFT policy at the same temperature, untruncated (so KL(pi || pi_ref) stays finite)
-        self.sampling = Sampling(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        self.sampling = Sampling.of(cfg)
         self.ref_sampling = Sampling(temperature=cfg.temperature)
         for m in (actor_model, critic_model, reward_model, ref_model):
             if m is not None:  # the ratio is 1 on the first minibatch only without dropout (N+ details)
                 disable_dropout(m)
-        steps_per_update = cfg.ppo_epochs * (self.plan.rollout_batch // self.plan.mini_batch)
-        ecfg = engine_config(ds, dtype, self.plan, cfg.max_grad_norm)
-        self.actor = make_engine(actor_model, cfg.learning_rate, ecfg, self.plan.num_updates, steps_per_update)
-        self.critic = make_engine(critic_model, cfg.critic_learning_rate, ecfg, self.plan.num_updates, steps_per_update)
-        self.reward_model = make_inference(reward_model, ds, dtype) if reward_model is not None else None
-        self.ref = make_inference(ref_model, ds, dtype) if ref_model is not None else None
+        steps = self.plan.num_updates * cfg.ppo_epochs * (self.plan.rollout_batch // self.plan.mini_batch)
+        train_json = engine_config(ds, dtype, self.plan, cfg.max_grad_norm)
+        self.actor = distributed.make_trainable(actor_model, cfg.learning_rate, train_json, steps)
+        self.critic = (distributed.make_trainable(critic_model, cfg.critic_learning_rate, train_json, steps)
+                       if critic_model is not None else None)
+        frozen_json = distributed.inference_config(ds, dtype) if ds.zero_stage == 3 else {}
+        self.reward_model = (distributed.make_inference(reward_model, ds.zero_stage, frozen_json)
+                             if reward_model is not None else None)
+        self.ref = distributed.make_inference(ref_model, ds.zero_stage, frozen_json) if ref_model is not None else None
         self.reference_is_actor_base = ref_model is None
         self.reward_is_critic_base = reward_model is None
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl
@@ -211,12 +194,20 @@ class PPOTrainer:
         self.score_mean, self.score_std = reward_stats["mean"], reward_stats["std"]
         self.value_scale = (self.score_mean, self.score_std)  # the critic's head read in normalised-score units
         self.update = 0
-        self.extra_state: dict = {}  # the stage's state from the checkpoint resumed (save's `extra`)
+        self.extra_state: dict = {}  # the run's state from the checkpoint resumed (save's `extra`)
         self.device = distributed.device()
-        self.gather = getattr(ds, "zero3_gather_for_generation", True)
-        self.timer = PhaseTimer()
+        gather = ds.zero3_gather_for_generation
+        # the policy's engine (ppo.rollout_engine) and the frozen SFT policy's (HF: it never changes)
+        self.engine = engines.build(cfg.rollout_engine, self.actor, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                                    zero_stage=ds.zero_stage, gather=gather, device=self.device)
+        self.reference_engine = engines.build(
+            "hf", self.actor if self.reference_is_actor_base else self.ref, tokenizer,
+            max_prompt_length=cfg.max_prompt_length, zero_stage=ds.zero_stage, gather=gather,
+            adapter_disabled=self.reference_is_actor_base, device=self.device)
+        self.weights_version = 0  # bumped at every change of the actor's weights; the engine must hold it
+        self.timer = timer or PhaseTimer()
 
-    # --------------------------------------------------------------- what the stage reads
+    # --------------------------------------------------------------- what the run reads
     @property
     def tokenizer(self) -> Any:
         return self.tok
@@ -227,15 +218,35 @@ class PPOTrainer:
         return self.ref_sampling
 
     def describe(self) -> str:
-        """Processes, ZeRO stage and which weights are shared, for the stage's log."""
+        """Processes, ZeRO stage, which weights are shared, the estimator and the engine, for the stage's log."""
         zero = f"ZeRO-{self.configured_zero_stage}"
         if self.ds.zero_stage != self.configured_zero_stage:
             zero += " configured (one process, no offload: engines unpartitioned, stage 0)"
         actor = "LoRA actor, reference = its base" if self.reference_is_actor_base else "full actor, frozen reference copy"
-        critic = ("LoRA critic, reward model = its base" if self.reward_is_critic_base
-                  else ("LoRA critic" if hasattr(self.critic.module, "disable_adapter") else "full critic")
-                  + ", frozen reward model")
-        return f"{self.plan.world} process(es), {zero}, {actor}; {critic}"
+        if self.critic is None:
+            critic = "no critic, frozen reward model"
+        elif self.reward_is_critic_base:
+            critic = "LoRA critic, reward model = its base"
+        else:
+            critic = ("LoRA critic" if hasattr(self.critic.module, "disable_adapter") else "full critic") + ", frozen reward model"
+        return (f"{self.plan.world} process(es), {zero}, {actor}; {critic}; advantages: {self.cfg.advantage_estimator}; "
+                f"rollouts: {self.engine.describe()}")
+
+    # --------------------------------------------------------------- weights and engines
+    def _weights_changed(self) -> None:
+        """The actor's weights changed (an update, a checkpoint or saved policy loaded): the policy's
+        engine is brought to them before anything samples again."""
+        self.weights_version += 1
+        with self.timer("weight_sync"):
+            self.engine.sync_weights(self.weights_version)
+
+    def _generate(self, prompt_texts: list[str], *, reference: bool, max_new_tokens: int, sampling: Sampling,
+                  batch_size: int | None, with_logprobs: bool) -> list[Generated]:
+        if reference:  # the frozen SFT policy: its weights never change
+            return self.reference_engine.generate(prompt_texts, sampling, max_new_tokens, batch_size=batch_size)
+        engines.check_version(self.engine, self.weights_version)
+        return self.engine.generate(prompt_texts, sampling, max_new_tokens, batch_size=batch_size,
+                                    with_logprobs=with_logprobs)
 
     # --------------------------------------------------------------- reference
     def reference_logprobs(self, full_ids: torch.Tensor, full_mask: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -253,29 +264,21 @@ class PPOTrainer:
 
     # --------------------------------------------------------------- sampling for evaluation
     @torch.no_grad()
-    def sample(self, prompt_texts: list[str], *, reference: bool = False, max_new_tokens: int | None = None,
-               sampling: Sampling | None = None) -> tuple[list[Any], torch.Tensor]:
+    def sample(self, prompt_texts: list[str], *, max_new_tokens: int, reference: bool = False,
+               sampling: Sampling | None = None) -> tuple[list[Generated], torch.Tensor]:
         """Responses of the policy (or of the frozen SFT reference) in chunks of
         forward_batch_size, and their raw reward-model scores (B,). Every rank calls it."""
         cfg = self.cfg
         sampling = sampling or self.sampling
-        engine = self.ref if reference and not self.reference_is_actor_base else self.actor
-        adapter_off = self.actor.module.disable_adapter() if reference and self.reference_is_actor_base else nullcontext()
-        self.actor.eval()
-        gens = []
-        # sharded weights (ZeRO-3 actor, ZeRO-3 reference) gathered once for the whole call
-        with adapter_off, distributed.for_generation(engine, self.ds.zero_stage, self.gather) as (model, synced):
-            for s in range(0, len(prompt_texts), cfg.forward_batch_size):
-                gens.append(generate(model, self.tok, prompt_texts[s:s + cfg.forward_batch_size],
-                                     max_new_tokens=max_new_tokens or cfg.max_new_tokens, sampling=sampling,
-                                     max_prompt_length=cfg.max_prompt_length, device=self.device, synced_gpus=synced,
-                                     with_logprobs=not reference and sampling == self.sampling))
+        gens = self._generate(prompt_texts, reference=reference, max_new_tokens=max_new_tokens,
+                              sampling=sampling, batch_size=cfg.forward_batch_size,
+                              with_logprobs=not reference and sampling == self.sampling)
         scores = [self.raw_scores(torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1))
                   for g in gens]
         return gens, torch.cat(scores)
 
     @torch.no_grad()
-    def kl_to_reference(self, g: Any) -> torch.Tensor:
+    def kl_to_reference(self, g: Generated) -> torch.Tensor:
         """(B,) sum over the response of log pi - log pi_ref on the policy's own samples `g` (k1);
         log pi from the generation pass when `sample` recorded it."""
         ids, mask = torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1)
@@ -287,8 +290,6 @@ class PPOTrainer:
         """Collective: the actor's weights (LoRA adapters included, not merged) into the
         safetensors file `path`, written by rank 0 (atomically): the over-optimisation guard's
         best policy, restored by load_policy_weights."""
-        from safetensors.torch import save_file
-
         sd = distributed.full_state_dict(self.actor, self.ds.zero_stage)
         if distributed.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -300,14 +301,10 @@ class PPOTrainer:
     def load_policy_weights(self, path: Path) -> None:
         """Collective: the actor's parameters set from a save_policy_weights file (every rank
         reads it from the shared artifact directory)."""
-        from safetensors.torch import load_file
-
         sd = load_file(str(path))
         params = dict(self.actor.module.named_parameters())
         missing = [n for n in params if n not in sd]
         if missing:
-            from rlhf.artifacts import ArtifactError
-
             raise ArtifactError(f"{path}: saved policy weights lack {missing[:3]}; delete it and re-run")
         gathered = nullcontext()
         if self.ds.zero_stage == 3:
@@ -318,25 +315,24 @@ class PPOTrainer:
             if self.ds.zero_stage != 3 or distributed.is_main():
                 for name, p in params.items():
                     p.data.copy_(sd[name].to(p.dtype))
+        self._weights_changed()
 
     def save_models(self, out_dir: Path) -> None:
-        """Collective: the policy (merged when LoRA) into out_dir, the critic into out_dir/critic."""
-        from rlhf.models import publish_model
-
+        """Collective: the policy (merged when LoRA) into out_dir, the critic (when there is one)
+        into out_dir/critic."""
         publish_model(self.actor, self.ds.zero_stage, out_dir, self.tok)
-        publish_model(self.critic, self.ds.zero_stage, Path(out_dir) / "critic", self.tok)
+        if self.critic is not None:
+            publish_model(self.critic, self.ds.zero_stage, Path(out_dir) / CRITIC_DIR, self.tok)
 
     # --------------------------------------------------------------- one update
     def rollout(self, prompt_texts: list[str]) -> Rollout:
         cfg = self.cfg
         self.actor.eval()
-        self.critic.eval()
-        # whole model gathered once for the whole generate() call under ZeRO-3
-        with self.timer("generation"), \
-                distributed.for_generation(self.actor, self.ds.zero_stage, self.gather) as (model, synced):
-            g = generate(model, self.tok, prompt_texts, max_new_tokens=cfg.max_new_tokens,
-                         max_prompt_length=cfg.max_prompt_length, sampling=self.sampling, device=self.device,
-                         synced_gpus=synced, with_logprobs=cfg.logprobs_from_generation)
+        if self.critic is not None:
+            self.critic.eval()
+        with self.timer("generation"):  # under ZeRO-3 the HF engine gathers the weights once for the call
+            g = self._generate(prompt_texts, reference=False, max_new_tokens=cfg.max_new_tokens, sampling=self.sampling,
+                               batch_size=None, with_logprobs=cfg.logprobs_from_generation)[0]
         q_len = g.query_ids.shape[1]
         with self.timer("scoring"):
             return score_rollout(actor=self.actor, critic=self.critic, reward=self.raw_scores,
@@ -365,33 +361,38 @@ class PPOTrainer:
         rewards, non_score = core.kl_penalty_rewards(scores, kl, self.kl_ctl.value, mask)
         if cfg.whiten_rewards:
             rewards = core.masked_whiten(rewards, mask, shift_mean=False)
-        # 4. advantages and returns by GAE over the critic's values, advantages whitened   (B, R)
-        advantages, returns = core.gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
-        advantages = core.masked_whiten(advantages, mask)
+        # 4. advantages (and the critic's returns) by ppo.advantage_estimator; GAE: over the
+        #    critic's values, advantages whitened                                        (B, R)
+        advantages, returns = self.estimator.compute(core.AdvantageInputs(rewards, mask, rollout.values,
+                                                                          cfg.gamma, cfg.lam))
         check_finite("the advantages", advantages)
-        # 5. PPO epochs: clipped policy and value losses over shuffled mini-batches
+        # 5. PPO epochs: clipped policy (and value) losses over shuffled mini-batches
         t1 = time.time()
         stats = self._ppo_epochs(rollout, mask, advantages, returns)          # name -> (micro-batches,)
         t_update = time.time() - t1
         # 6. the KL controller sees this rollout's KL; metrics
-        mean_kl = float(distributed_mean(kl.sum(1).mean()))
+        mean_kl = float(all_mean(kl.sum(1).mean()))
         self.kl_ctl.update(mean_kl, self.plan.episodes_per_update)
         self.update += 1
+        self._weights_changed()
         metrics = self._metrics(rollout, mask, scores, non_score, mean_kl, stats,
                                 {"rollout": t_rollout, "update": t_update, "step": time.time() - t0})
         self._check_metrics(metrics, mean_kl)
         return metrics
 
     def _ppo_epochs(self, rollout: Rollout, mask: torch.Tensor, advantages: torch.Tensor,
-                    returns: torch.Tensor) -> dict[str, torch.Tensor]:
+                    returns: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """ppo_epochs passes over the rollout in shuffled mini-batches (micro-batches accumulated):
-        the actor steps on the clipped policy loss, the critic on the clipped value loss. Per
-        micro-batch statistics stay on the device: (micro-batches,) each, read once per update."""
-        cfg, plan, timer = self.cfg, self.plan, self.timer
+        the actor steps on the clipped policy loss, the critic (when there is one) on the clipped
+        value loss. Per micro-batch statistics stay on the device: (micro-batches,) each, read once
+        per update."""
+        cfg, plan, timer, critic = self.cfg, self.plan, self.timer, self.critic
         self.actor.train()
-        self.critic.train()
-        stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac",
-                                                                "approxkl", "entropy", "ratio", "first_ratio_dev")}
+        names = ["pg_loss", "pg_clipfrac", "approxkl", "entropy", "ratio", "first_ratio_dev"]
+        if critic is not None:
+            critic.train()
+            names += ["vf_loss", "vf_clipfrac"]
+        stats: dict[str, list[torch.Tensor]] = {k: [] for k in names}
         q_len = rollout.query_ids.shape[1]
         full_ids, full_mask = rollout.full_ids, rollout.full_mask               # (B, Q+R)
         n = full_ids.shape[0]
@@ -415,20 +416,24 @@ class PPOTrainer:
                         self.actor.backward(pg_loss)
                     with timer("optimizer"):
                         self.actor.step()
+                    for k, v in (("pg_loss", pg_loss), ("pg_clipfrac", pg_stats["clipfrac"]),
+                                 ("approxkl", pg_stats["approxkl"]), ("entropy", core.masked_mean(entropy, micro_mask)),
+                                 ("ratio", pg_stats["ratio"])):
+                        stats[k].append(v.detach())
+                    if critic is None:
+                        continue
                     with timer("forward_backward"):
-                        values = value_forward(self.critic, full_ids[idx], full_mask[idx], q_len, self.value_scale)
+                        values = value_forward(critic, full_ids[idx], full_mask[idx], q_len, self.value_scale)
                         vf_loss, vf_stats = core.value_loss(values, rollout.values[idx], returns[idx], micro_mask,
                                                             cfg.cliprange_value)
                         check_finite("the value loss", vf_loss)
                         # vf_coef scales the critic's loss before its gradient clipping (max_grad_norm);
                         # the critic has its own Adam, which is invariant to a constant loss scale
-                        self.critic.backward(cfg.vf_coef * vf_loss)
+                        critic.backward(cfg.vf_coef * vf_loss)
                     with timer("optimizer"):
-                        self.critic.step()
-                    for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_stats["clipfrac"]),
-                                 ("vf_clipfrac", vf_stats["clipfrac"]), ("approxkl", pg_stats["approxkl"]),
-                                 ("entropy", core.masked_mean(entropy, micro_mask)), ("ratio", pg_stats["ratio"])):
-                        stats[k].append(v.detach())
+                        critic.step()
+                    stats["vf_loss"].append(vf_loss.detach())
+                    stats["vf_clipfrac"].append(vf_stats["clipfrac"].detach())
         return {k: torch.stack(v).float() for k, v in stats.items()}
 
     def _metrics(self, rollout: Rollout, mask: torch.Tensor, scores: torch.Tensor, non_score: torch.Tensor,
@@ -436,28 +441,27 @@ class PPOTrainer:
         """The update's metrics, averaged over processes (names follow TRL's PPO trainer)."""
         plan = self.plan
         names = [k for k in stats if k != "first_ratio_dev"]
-        mean = dict(zip(names, distributed_mean(torch.stack([stats[k].mean() for k in names])).tolist()))
-        tokens = float(distributed_mean(mask.sum())) * plan.world
+        mean = dict(zip(names, all_mean(torch.stack([stats[k].mean() for k in names])).tolist()))
+        tokens = float(all_mean(mask.sum())) * plan.world
         elapsed = seconds["step"]
         return {
             PPO.KL: mean_kl,
             PPO.KL_COEF: self.kl_ctl.value,
-            PPO.ENTROPY: float(distributed_mean((-rollout.logprobs * mask).sum(1).mean())),
-            PPO.NON_SCORE_REWARD: float(distributed_mean(non_score.sum(1).mean())),
-            PPO.RLHF_REWARD: float(distributed_mean((scores + non_score.sum(1)).mean())),
-            PPO.SCORES: float(distributed_mean(scores.mean())),
-            PPO.RAW_SCORES: float(distributed_mean(rollout.raw_scores.mean())),
+            PPO.ENTROPY: float(all_mean((-rollout.logprobs * mask).sum(1).mean())),
+            PPO.NON_SCORE_REWARD: float(all_mean(non_score.sum(1).mean())),
+            PPO.RLHF_REWARD: float(all_mean((scores + non_score.sum(1)).mean())),
+            PPO.SCORES: float(all_mean(scores.mean())),
+            PPO.RAW_SCORES: float(all_mean(rollout.raw_scores.mean())),
             PPO.APPROXKL: mean["approxkl"],
             PPO.CLIPFRAC: mean["pg_clipfrac"],
             PPO.POLICY_ENTROPY: mean["entropy"],
             PPO.POLICY_LOSS: mean["pg_loss"],
-            PPO.VALUE_LOSS: mean["vf_loss"],
-            PPO.VALUE_CLIPFRAC: mean["vf_clipfrac"],
+            **({PPO.VALUE_LOSS: mean["vf_loss"], PPO.VALUE_CLIPFRAC: mean["vf_clipfrac"]} if "vf_loss" in mean else {}),
             PPO.RATIO: mean["ratio"],
-            PPO.RATIO_VAR: float(distributed_mean(stats["ratio"].var(unbiased=False))),
-            PPO.FIRST_RATIO_DEV: float(distributed_mean(stats["first_ratio_dev"].max())),
-            PPO.NUM_EOS: float(distributed_mean(rollout.ended.float().sum())) * plan.world,
-            PPO.RESPONSE_LENGTH: float(distributed_mean(mask.sum(1).mean())),
+            PPO.RATIO_VAR: float(all_mean(stats["ratio"].var(unbiased=False))),
+            PPO.FIRST_RATIO_DEV: float(all_mean(stats["first_ratio_dev"].max())),
+            PPO.NUM_EOS: float(all_mean(rollout.ended.float().sum())) * plan.world,
+            PPO.RESPONSE_LENGTH: float(all_mean(mask.sum(1).mean())),
             PPO.LR: self.actor.get_lr()[0],
             PPO.EPISODE: self.update * plan.episodes_per_update,
             **{PPO.time(k): v for k, v in seconds.items()},
@@ -480,30 +484,34 @@ class PPOTrainer:
                           f"far above ppo.kl_budget={cfg.kl_budget}")
 
     # --------------------------------------------------------------- checkpoints
+    def _trained(self) -> dict[str, Any]:
+        """The engines a checkpoint holds, by sub-directory: the actor, and the critic when there is one."""
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
+
     def save(self, ckpt_dir: Path, stream: PromptStream, extra: dict | None = None) -> None:
-        """Collective: DeepSpeed state of both engines under one tag, then (rank 0) state.json last.
-        `extra`: the stage's own state for this checkpoint (returned by load as self.extra_state)."""
+        """Collective: DeepSpeed state of the trained engines under one tag, then (rank 0) state.json
+        last. `extra`: the run's own state for this checkpoint (returned by load as self.extra_state)."""
         tag = f"update-{self.update}"
-        self.actor.save_checkpoint(str(ckpt_dir / "actor"), tag=tag)
-        self.critic.save_checkpoint(str(ckpt_dir / "critic"), tag=tag)
+        for name, engine in self._trained().items():
+            engine.save_checkpoint(str(ckpt_dir / name), tag=tag)
         faults.point("checkpoint:engines")
         rng = {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
                "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None}
-        all_rng = gather_objects(rng)
+        all_rng = all_gather_objects(rng)
         distributed.barrier()
         if distributed.is_main():
             state = {"tag": tag, "update": self.update, "kl_ctl": self.kl_ctl.state_dict(),
                      "processes": self.plan.world, "engine_zero_stage": self.ds.zero_stage,
-                     "prompt_position": stream.position, "rng": all_rng, "extra": extra or {}}
+                     "engines": sorted(self._trained()), "prompt_position": stream.position, "rng": all_rng,
+                     "extra": extra or {}}
             tmp = ckpt_dir / "state.json.part"
             tmp.write_text(json.dumps(state))
             os.replace(tmp, ckpt_dir / "state.json")  # a checkpoint counts only once this exists
             faults.point("checkpoint:saved")
-            for old in list((ckpt_dir / "actor").glob("update-*")) + list((ckpt_dir / "critic").glob("update-*")):
-                if old.name != tag:
-                    import shutil
-
-                    shutil.rmtree(old, ignore_errors=True)
+            for name in self._trained():
+                for old in (ckpt_dir / name).glob("update-*"):
+                    if old.name != tag:
+                        shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
 
     def load(self, ckpt_dir: Path, stream: PromptStream) -> bool:
@@ -513,13 +521,16 @@ class PPOTrainer:
         state = json.loads(f.read_text())
         layout = (state.get("processes", self.plan.world), state.get("engine_zero_stage", self.ds.zero_stage))
         if layout != (self.plan.world, self.ds.zero_stage):
-            from rlhf.artifacts import ArtifactError
-
             raise ArtifactError(f"{ckpt_dir}: this PPO checkpoint was written by {layout[0]} process(es) with engines at "
                                 f"ZeRO stage {layout[1]}; resume it with {layout[0]} process(es), or start PPO over "
                                 f"with force=true")
-        self.actor.load_checkpoint(str(ckpt_dir / "actor"), tag=state["tag"])
-        self.critic.load_checkpoint(str(ckpt_dir / "critic"), tag=state["tag"])
+        saved = state.get("engines", ["actor", "critic"])
+        if saved != sorted(self._trained()):
+            raise ArtifactError(f"{ckpt_dir}: this PPO checkpoint holds {' and '.join(saved)}, this run trains "
+                                f"{' and '.join(sorted(self._trained()))} (another ppo.advantage_estimator); resume "
+                                f"with the estimator it was written with, or start PPO over with force=true")
+        for name, engine in self._trained().items():
+            engine.load_checkpoint(str(ckpt_dir / name), tag=state["tag"])
         self.update = state["update"]
         self.extra_state = state.get("extra", {})
         self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -532,25 +543,5 @@ class PPOTrainer:
             cuda = rngs[distributed.rank()].get("cuda")
             if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
+        self._weights_changed()
         return True
-
-
-def distributed_mean(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().float().clone()
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
-    return t
-
-
-def distinct_count(items: list) -> int:
-    """How many distinct items all processes hold together (collective)."""
-    return len(set().union(*gather_objects(sorted(set(items)))))
-
-
-def gather_objects(obj: Any) -> list:
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return [obj]
-    out: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out

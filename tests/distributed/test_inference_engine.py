@@ -20,7 +20,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from rlhf import distributed
 from rlhf.config import DeepSpeedConfig
-from rlhf.ppo.trainer import make_inference
 
 distributed.init_distributed()
 torch.manual_seed(0)
@@ -30,7 +29,7 @@ plain = LlamaForCausalLM(cfg).eval()
 copy = LlamaForCausalLM(cfg)
 copy.load_state_dict(plain.state_dict())
 ds = DeepSpeedConfig(zero_stage=3, offload=True, config_file=sys.argv[1])
-engine = make_inference(copy, ds, "float32")
+engine = distributed.make_inference(copy, 3, distributed.inference_config(ds, "float32"))
 ids = torch.randint(0, 64, (2, 7))
 with torch.no_grad():
     same = torch.allclose(engine(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)

@@ -33,7 +33,8 @@ def test_bench_reports_throughput_phases_and_memory(tmp_path):
     assert r["zero_stage"] == 2 and r["engine_zero_stage"] == 0 and r["logprobs_from_generation"] is True
     assert r["episodes_per_s"] == pytest.approx(16 / r["seconds"])
     assert 0 < r["mean_response_length"] <= 6
-    assert set(r["phase_seconds"]) == {"generation", "scoring", "forward_backward", "optimizer", "other"}
+    assert set(r["phase_seconds"]) == {"generation", "scoring", "forward_backward", "optimizer", "weight_sync",
+                                       "other"}
     assert all(v >= 0 for v in r["phase_seconds"].values())
     assert sum(r["phase_seconds"].values()) == pytest.approx(r["seconds"], rel=1e-3)
     assert r["peak_memory_mb"] > 50

@@ -125,13 +125,13 @@ def test_final_evaluation_uses_held_out_samples_instead_of_sampling_again():
     prompts = ["a", "b"]
     gold = lambda prompt, response: float(len(response))  # noqa: E731 - a scorer is any callable
     fresh_trainer = _Trainer()
-    fresh, fresh_rows = evaluate(fresh_trainer, prompts, False, gold, 3)
+    fresh, fresh_rows = evaluate(fresh_trainer, prompts, prompts, gold, 3)
     assert fresh_trainer.calls == ["policy", "sft"]
     assert fresh["rm_score_ppo"] == pytest.approx(0.55) and fresh["rm_score_sft"] == pytest.approx(0.25)
     assert fresh["win_rate_rm"] == 0.5 and fresh["kl_ppo_vs_sft"] == pytest.approx(1.25)  # (3 + 2) tokens x 0.5 / 2
     trainer = _Trainer()
     policy, sft = Drawn(7, *trainer.sample(prompts)), Drawn(0, *trainer.sample(prompts, reference=True))
     trainer.calls.clear()
-    reused, rows = evaluate(trainer, prompts, False, gold, 3, policy=policy, sft=sft)
+    reused, rows = evaluate(trainer, prompts, prompts, gold, 3, policy=policy, sft=sft)
     assert trainer.calls == []  # nothing sampled or scored again
     assert reused == fresh and rows == fresh_rows

@@ -21,7 +21,7 @@ from rlhf.ppo import core, packing
 from rlhf.ppo.rollout import packed_scores, policy_forward, value_forward
 from rlhf.ppo.trainer import Plan, PromptStream, engine_config
 from rlhf.scoring import bradley_terry_loss, reward_scores, spearman
-from rlhf.tokenization import encode_pair, encode_prompt, encode_response, fit, pad_batch
+from rlhf.tokenization import encode_pair, encode_prompt, encode_response, fit, last_index, pad_batch
 
 LN = math.log
 
@@ -192,7 +192,7 @@ def test_last_real_token_index_under_any_padding():
                          [0, 1, 1, 0, 0],    # both
                          [1, 1, 1, 1, 1],    # none
                          [0, 0, 0, 0, 0]])   # empty: 0
-    assert core.last_index(mask).tolist() == [2, 4, 2, 4, 0]
+    assert last_index(mask).tolist() == [2, 4, 2, 4, 0]
 
 
 def _tiny_llama(cls, **kw):
@@ -339,7 +339,7 @@ def test_prompt_stream_ranks_interleave_a_pass_and_reshuffle_each_pass():
 
 
 def test_prompt_stream_records_the_rows_it_drew_and_distinct_count_counts_them():
-    from rlhf.ppo.trainer import distinct_count
+    from rlhf.distributed import distinct_count
 
     r0, r1 = (PromptStream(PROMPTS * 2, seed=3, rank=r, world=2) for r in range(2))  # every text twice
     r0.next(3)

@@ -79,14 +79,14 @@ def test_packed_forward_equals_the_padded_one(family_checkpoints, family, recwar
     resp = mask[:, q:].bool()
 
     logp, _ = policy_forward(actor, ids, mask, q, sampling)
-    assert packing._VERIFIED.get(packing._parts(actor)[0]) is PACKS[family], family
+    assert packing._VERIFIED.get(models.body_and_head(actor)[0]) is PACKS[family], family
     dense = _dense_logp(actor, ids, mask, q, sampling)
     assert torch.allclose(logp[resp], dense[resp], atol=1e-4), (logp[resp] - dense[resp]).abs().max()
     assert (logp[~resp] == 0).all()
 
     values = value_forward(critic, ids, mask, q)
-    assert packing._VERIFIED.get(packing._parts(critic)[0]) is PACKS[family], family
-    body, head = models.backbone_and_head(critic)
+    assert packing._VERIFIED.get(models.body_and_head(critic)[0]) is PACKS[family], family
+    body, head = models.body_and_head(critic)
     hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
     dense_v = head(hidden).squeeze(-1)[:, q - 1:-1]
     assert torch.allclose(values[resp], dense_v[resp], atol=1e-4)

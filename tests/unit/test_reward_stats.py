@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf import models
+from rlhf import engines, models
 from rlhf.artifacts import ArtifactError
 from rlhf.config import PPOStageConfig
 from rlhf.generation import Sampling, generate
@@ -24,8 +24,9 @@ def test_stats_score_the_sampled_ids_as_ppo_does(family_checkpoints):
     texts = ["give me birds", "name a few cities", "list some colors", "give me fruits"] * 2
     sampling = Sampling(temperature=0.9, top_k=7)
     torch.manual_seed(0)
-    stats, responses, scores = policy_reward_stats(policy, rm, tok, texts, sampling=sampling, max_new_tokens=3,
-                                                   max_prompt_length=32, batch_size=4, zero_stage=0)
+    engine = engines.build("hf", policy, tok, max_prompt_length=32)
+    stats, responses, scores = policy_reward_stats(engine, rm, tok, texts, sampling=sampling, max_new_tokens=3,
+                                                   batch_size=4)
     torch.manual_seed(0)
     ppo = [generate(policy, tok, texts[s:s + 4], max_new_tokens=3, sampling=sampling, max_prompt_length=32)
            for s in range(0, len(texts), 4)]
