@@ -3,6 +3,10 @@
 #   NUM_GPUS   processes on this node (GPUs, or CPU processes on a machine without GPUs); default 1
 #   HOSTFILE   a deepspeed hostfile for multi-node runs (DIR must be on a shared filesystem)
 #   MASTER_PORT  rendezvous port; default 29500
+#   RLHF_PYTHON  the interpreter whose DeepSpeed runs the stage; default python3 (else python) on PATH.
+#                The launcher is run as `$RLHF_PYTHON -m deepspeed.launcher.runner` (what the `deepspeed`
+#                script runs) rather than `deepspeed` from PATH, and it starts its ranks with that same
+#                interpreter: an environment that is not activated works when named here.
 set -euo pipefail
 stage_py="$1"; shift
 if [ $# -lt 1 ]; then
@@ -18,4 +22,5 @@ if [ -n "${HOSTFILE:-}" ]; then
 else
   args+=(--num_gpus "${NUM_GPUS:-1}")
 fi
-exec deepspeed "${args[@]}" "$here/$stage_py" --config "$config" "$@"
+python="${RLHF_PYTHON:-$(command -v python3 || command -v python || echo python3)}"
+exec "$python" -m deepspeed.launcher.runner "${args[@]}" "$here/$stage_py" --config "$config" "$@"

@@ -13,14 +13,18 @@ from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "launch" / "configs" / "demo.yaml"
-ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+# RLHF_PYTHON: launch/*.sh run this interpreter, as an unactivated environment's user has them do
+ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+       "RLHF_PYTHON": sys.executable}
+# the `deepspeed` script as this interpreter runs it (what launch/_stage.sh runs): no `deepspeed` on PATH needed
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
 def run_stage(script: str, *overrides: str, timeout: int = 900, deepspeed_procs: int | None = None,
               port: int = 29611) -> subprocess.CompletedProcess:
     """`python launch/<script> --config demo.yaml ...`, or under `deepspeed --num_gpus N`."""
     if deepspeed_procs:
-        cmd = ["deepspeed", "--num_gpus", str(deepspeed_procs), "--master_port", str(port)]
+        cmd = [*DEEPSPEED, "--num_gpus", str(deepspeed_procs), "--master_port", str(port)]
     else:
         cmd = [sys.executable]
     cmd += [str(ROOT / "launch" / script), "--config", str(DEMO), *overrides]

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from conftest import DEMO, ENV, ROOT, manifest
+from conftest import DEEPSPEED, DEMO, ENV, ROOT, manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -57,7 +57,7 @@ def test_sft_on_two_nodes(tmp_path):
     port = _free_port()
 
     def launcher(node_rank: int) -> list[str]:
-        return ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--num_gpus", "1",
+        return [*DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--num_gpus", "1",
                 "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
                 str(ROOT / "launch" / "sft.py"), "--config", str(DEMO), *overrides]
 

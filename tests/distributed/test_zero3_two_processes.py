@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import DEMO, ENV, ROOT, manifest, ok, run_stage
+from conftest import DEEPSPEED, DEMO, ENV, ROOT, manifest, ok, run_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -90,7 +90,7 @@ def test_zero3_generation_fetches_weights_once(family_checkpoints):
     step (before, every step re-gathered every module), and they are back for training. With
     deepspeed.zero3_gather_for_generation=false the ranks generate from sharded weights, in step,
     and draw the same tokens."""
-    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", "29655",
+    proc = subprocess.run([*DEEPSPEED, "--num_gpus", "2", "--master_port", "29655",
                            str(ROOT / "tests" / "distributed" / "zero3_fetch_probe.py"), str(family_checkpoints["llama3"])],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     ok(proc)
