@@ -88,24 +88,16 @@ def _models(a: argparse.Namespace, cfg: Any) -> tuple[Any, Any, dict, bool, str]
     import torch
 
     from rlhf import artifacts, models
-    from rlhf.ppo.core import advantage_estimator
-    from rlhf.ppo.layout import build_models
+    from rlhf.ppo.layout import build_models, from_artifacts
 
-    c, dtype = cfg.ppo, cfg.model.dtype
-    layout = dict(lora=cfg.model.lora if c.lora else None, critic_lora=c.critic_lora,
-                  critic_from_reward=c.critic_from_reward, gradient_checkpointing=c.gradient_checkpointing,
-                  use_cache=dtype == "float32")
-    with_critic = advantage_estimator(c.advantage_estimator).needs_critic
+    c, lora, dtype = cfg.ppo, cfg.model.lora, cfg.model.dtype
     if a.artifact_dir:
         sft = artifacts.load(artifacts.stage_dir(a.artifact_dir, artifacts.SFT), artifacts.SFT)
         tok = models.load_tokenizer(str(sft.path))
         rm = artifacts.load(artifacts.stage_dir(a.artifact_dir, artifacts.REWARD), artifacts.REWARD,
                             tokenizer_fp=artifacts.tokenizer_fingerprint(tok))
-        critic_src = str(rm.path) if c.critic_from_reward else str(sft.path)
-        four = build_models(load_policy=lambda: models.load_causal_lm(str(sft.path), dtype),
-                            load_reward=lambda: models.load_reward_model(str(rm.path), dtype, tok.pad_token_id),
-                            load_critic=(lambda: models.load_reward_model(critic_src, dtype, tok.pad_token_id))
-                            if with_critic else None, **layout)
+        four = from_artifacts(c, lora, dtype, sft_path=str(sft.path), rm_path=str(rm.path),
+                              pad_token_id=tok.pad_token_id)
         return tok, four, rm.manifest["reward_stats"], sft.use_chat_template, f"artifacts in {a.artifact_dir}"
     if a.model:
         trust = cfg.model.trust_remote_code
@@ -118,8 +110,8 @@ def _models(a: argparse.Namespace, cfg: Any) -> tuple[Any, Any, dict, bool, str]
             return model
 
         scorer = lambda: fitted(models.load_reward_model(a.model, dtype, tok.pad_token_id, trust))  # noqa: E731
-        four = build_models(load_policy=lambda: fitted(models.load_causal_lm(a.model, dtype, trust)), load_reward=scorer,
-                            load_critic=scorer if with_critic else None, **layout)
+        four = build_models(c, lora, dtype, load_policy=lambda: fitted(models.load_causal_lm(a.model, dtype, trust)),
+                            load_reward=scorer, load_critic=scorer)
         return (tok, four, {"mean": 0.0, "std": 1.0}, tok.chat_template is not None,
                 f"{a.model} (critic and reward model: fresh heads)")
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -136,10 +128,9 @@ def _models(a: argparse.Namespace, cfg: Any) -> tuple[Any, Any, dict, bool, str]
     dt = models.DTYPES[dtype]
     torch.manual_seed(a.seed)
     policy = LlamaForCausalLM(lcfg).to(dt)  # the reference is an exact copy, as a second load of a checkpoint is
-    four = build_models(load_policy=lambda: copy.deepcopy(policy),
+    four = build_models(c, lora, dtype, load_policy=lambda: copy.deepcopy(policy),
                         load_reward=lambda: LlamaForSequenceClassification(lcfg).to(dt),
-                        load_critic=(lambda: LlamaForSequenceClassification(lcfg).to(dt)) if with_critic else None,
-                        **layout)
+                        load_critic=lambda: LlamaForSequenceClassification(lcfg).to(dt))
     n = sum(p.numel() for p in policy.parameters())
     return (tok, four, {"mean": 0.0, "std": 1.0}, True,
             f"random-init Llama {n / 1e6:.1f}M parameters (hidden {a.hidden}, {a.layers} layers, {a.heads} heads, "

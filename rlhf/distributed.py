@@ -98,10 +98,15 @@ def broadcast_object(obj: Any) -> Any:
 
 
 
+def _several() -> bool:
+    """A process group of more than one process is up: collectives have someone to talk to."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
 def all_mean(t: torch.Tensor) -> torch.Tensor:
     """The mean of `t` over all processes (a float32 copy; `t` itself is untouched)."""
     t = t.detach().float().clone()
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if _several():
         torch.distributed.all_reduce(t)
         t /= torch.distributed.get_world_size()
     return t
@@ -109,7 +114,7 @@ def all_mean(t: torch.Tensor) -> torch.Tensor:
 
 def all_gather_objects(obj: Any) -> list:
     """Every process's `obj`, in rank order."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+    if not _several():
         return [obj]
     out: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
@@ -119,7 +124,7 @@ def all_gather_objects(obj: Any) -> list:
 def all_agree(flag: bool) -> bool:
     """True only if every process says True: ranks that must take the same path (ZeRO-3 forwards
     are collective) decide together."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if _several():
         t = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         return bool(t.item())

@@ -138,9 +138,8 @@ def token_values(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) scalar head applied at every position of a sequence-classification model
     (a DeepSpeed engine is unwrapped; its ZeRO-3 hooks live on the submodules)."""
-    parts = body_and_head(model)
-    if parts is None or getattr(unwrap(model), "score", None) is None:
-        base = unwrap(model)
+    base, parts = unwrap(model), body_and_head(model)
+    if parts is None or getattr(base, "score", None) is None:
         raise ValueError(f"{type(base).__name__} has no '{getattr(base, 'base_model_prefix', '?')}' body and 'score' "
                          "head; use a model family with a standard sequence-classification head (Llama, Qwen, GPT-NeoX, ...)")
     body, head = parts

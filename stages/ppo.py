@@ -10,8 +10,7 @@ from rlhf.config import PipelineConfig, require
 from rlhf.data import load_prompts, render_prompt
 from rlhf.generation import Sampling
 from rlhf.metric_names import HEADLINE
-from rlhf.ppo.core import advantage_estimator
-from rlhf.ppo.layout import build_models
+from rlhf.ppo.layout import from_artifacts
 from rlhf.ppo.run import PPORun
 from rlhf.ppo.trainer import CRITIC_DIR, PPOTrainer, PromptStream
 from rlhf.scoring import load_gold_scorer, reward_stats_sampling
@@ -45,16 +44,9 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
 
     # 2. models: actor from SFT; reference = frozen SFT (or the actor without its adapter);
     #    critic from the RM when the estimator needs one; the RM itself frozen (rlhf.ppo.layout)
-    dtype, pad = model_cfg.dtype, tokenizer.pad_token_id
-    critic_src = str(rm_art.path) if ppo_cfg.critic_from_reward else str(sft.path)
-    four = build_models(
-        load_policy=lambda: models.load_causal_lm(str(sft.path), dtype),
-        load_reward=lambda: models.load_reward_model(str(rm_art.path), dtype, pad),
-        load_critic=((lambda: models.load_reward_model(critic_src, dtype, pad))
-                     if advantage_estimator(ppo_cfg.advantage_estimator).needs_critic else None),
-        lora=model_cfg.lora if ppo_cfg.lora else None, critic_lora=ppo_cfg.critic_lora,
-        critic_from_reward=ppo_cfg.critic_from_reward, gradient_checkpointing=ppo_cfg.gradient_checkpointing,
-        use_cache=dtype == "float32")
+    dtype = model_cfg.dtype
+    four = from_artifacts(ppo_cfg, model_cfg.lora, dtype, sft_path=str(sft.path), rm_path=str(rm_art.path),
+                          pad_token_id=tokenizer.pad_token_id)
 
     # 3. data -----------------------------------------------------------------------------
     def render(prompt) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from rlhf.config import ROLLOUT_ENGINES
 from rlhf.engines.hf import HFEngine
 from rlhf.generation import Generated, Sampling
 
@@ -54,7 +55,7 @@ def build(kind: str, model: Any, tokenizer: Any, *, max_prompt_length: int, zero
     if kind == "hf":
         return HFEngine(model, tokenizer, max_prompt_length=max_prompt_length, zero_stage=zero_stage, gather=gather,
                         adapter_disabled=adapter_disabled, device=device)
-    raise ValueError(f"unknown rollout engine {kind!r}; use one of: hf")
+    raise ValueError(f"unknown rollout engine {kind!r}; use one of: {', '.join(ROLLOUT_ENGINES)}")
 
 
 def check_version(engine: RolloutEngine, version: int) -> None:

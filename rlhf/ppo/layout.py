@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from rlhf import models
+from rlhf.config import LoraConfig, PPOStageConfig
+from rlhf.ppo.core import advantage_estimator
 
 
 @dataclass
@@ -24,35 +26,43 @@ class PPOModels:
     reward: Any | None     # None: the critic's base (LoRA critic on the reward model)
 
 
-def build_models(*, load_policy: Callable[[], Any], load_reward: Callable[[], Any],
-                 load_critic: Callable[[], Any] | None, lora: Any | None, critic_lora: bool, critic_from_reward: bool,
-                 gradient_checkpointing: bool, use_cache: bool) -> PPOModels:
-    """Load and arrange the PPO models. `load_policy()`: a fresh copy of the SFT policy;
-    `load_reward()`: a fresh copy of the reward model; `load_critic()`: the critic's starting
-    point (the reward model, or the policy with a new one-output head), None for no critic;
-    `lora`: config.LoraConfig for LoRA mode (None: full fine-tuning); `critic_lora`: with LoRA,
-    the critic is base + adapter too; `critic_from_reward`: the critic starts from the reward
-    model, so (with critic_lora) the reward model is its base; `use_cache`: keep the KV cache on
-    for the actor's generation.
+def build_models(ppo: PPOStageConfig, lora: LoraConfig, dtype: str, *, load_policy: Callable[[], Any],
+                 load_reward: Callable[[], Any], load_critic: Callable[[], Any]) -> PPOModels:
+    """Load and arrange the PPO models as the `ppo` section says: `lora` (LoRA actor, with
+    `lora`'s settings), `critic_lora` (with LoRA, the critic is base + adapter too),
+    `critic_from_reward` (with critic_lora, the reward model is then the critic's base),
+    `gradient_checkpointing`, and `advantage_estimator` (no critic when it needs none).
+    `load_policy()`: a fresh copy of the SFT policy; `load_reward()`: a fresh copy of the reward
+    model; `load_critic()`: the critic's starting point (the reward model, or the policy with a new
+    one-output head). The actor keeps its KV cache on for generation in float32.
 
     The loads run in a fixed order (actor, its adapter, reference, critic, its adapter, reward
     model): fresh heads and adapters draw from the seeded RNG, so the order is part of a run's
     reproducibility."""
     actor = load_policy()
-    if use_cache:
+    if dtype == "float32":
         actor.config.use_cache = True
     reference = None
-    if lora is not None:
+    if ppo.lora:
         actor = models.add_lora(actor, lora, "CAUSAL_LM")
     else:
         reference = load_policy()
-    critic = load_critic() if load_critic is not None else None
-    if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and without a loss on every layer
+    critic = load_critic() if advantage_estimator(ppo.advantage_estimator).needs_critic else None
+    if ppo.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and without a loss on every layer
         for m in (actor, critic):
             if m is not None:
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora_critic = critic is not None and lora is not None and critic_lora
+    lora_critic = critic is not None and ppo.lora and ppo.critic_lora
     if lora_critic:
         critic = models.add_lora(critic, lora, "SEQ_CLS")
-    reward = None if lora_critic and critic_from_reward else load_reward()
+    reward = None if lora_critic and ppo.critic_from_reward else load_reward()
     return PPOModels(actor, reference, critic, reward)
+
+
+def from_artifacts(ppo: PPOStageConfig, lora: LoraConfig, dtype: str, *, sft_path: str, rm_path: str,
+                   pad_token_id: int) -> PPOModels:
+    """build_models from a pipeline's SFT and reward artifacts (directories), as PPO loads them."""
+    critic_src = rm_path if ppo.critic_from_reward else sft_path
+    return build_models(ppo, lora, dtype, load_policy=lambda: models.load_causal_lm(sft_path, dtype),
+                        load_reward=lambda: models.load_reward_model(rm_path, dtype, pad_token_id),
+                        load_critic=lambda: models.load_reward_model(critic_src, dtype, pad_token_id))

@@ -52,7 +52,6 @@ class PPORun:
         self.stop_reason: str | None = None
         self.selected: int | None = None
         self.last_metrics: dict = {}
-        self.seconds: dict[str, float] = {}
         self._t_loop = self._t_eval = 0.0
 
     # ------------------------------------------------------------------ training

@@ -30,7 +30,7 @@ from rlhf.ppo import core
 from rlhf.ppo.layout import build_models
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
 
-out_dir = Path(sys.argv[1])
+out_dir, lora = Path(sys.argv[1]), sys.argv[3]
 
 def rewards_to_go(x):  # a critic-free stand-in: whitened per-token rewards-to-go, no returns
     return core.masked_whiten(x.rewards.flip(1).cumsum(1).flip(1) * x.mask, x.mask), None
@@ -38,7 +38,8 @@ def rewards_to_go(x):  # a critic-free stand-in: whitened per-token rewards-to-g
 core.ADVANTAGE_ESTIMATORS["stub"] = core.AdvantageEstimator(rewards_to_go, needs_critic=False)
 distributed.init_distributed()
 cfg = load_config(str(Path("launch/configs/demo.yaml")), ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=8",
-                  "ppo.max_new_tokens=6", "ppo.ppo_epochs=1", "ppo.total_episodes=16", "ppo.forward_batch_size=8"])
+                  "ppo.max_new_tokens=6", "ppo.ppo_epochs=1", "ppo.total_episodes=16", "ppo.forward_batch_size=8",
+                  f"ppo.lora={lora}", "model.lora.target_modules=[q_proj,v_proj]"])
 texts = [prompt_text(e.prompt) + e.completion for e in load_sft(cfg.sft.train_data).examples]
 tok = models.train_scratch_tokenizer(texts, 300)
 lcfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -50,11 +51,8 @@ rm = LlamaForSequenceClassification(lcfg)
 
 def trainer_for(estimator):
     ppo = dataclasses.replace(cfg.ppo, advantage_estimator=estimator)
-    needs = core.advantage_estimator(estimator).needs_critic
-    four = build_models(load_policy=lambda: copy.deepcopy(policy), load_reward=lambda: copy.deepcopy(rm),
-                        load_critic=(lambda: copy.deepcopy(rm)) if needs else None,
-                        lora=None, critic_lora=True, critic_from_reward=True, gradient_checkpointing=False,
-                        use_cache=True)
+    four = build_models(ppo, cfg.model.lora, "float32", load_policy=lambda: copy.deepcopy(policy),
+                        load_reward=lambda: copy.deepcopy(rm), load_critic=lambda: copy.deepcopy(rm))
     return four, PPOTrainer(cfg=ppo, ds=cfg.deepspeed, dtype="float32", actor_model=four.actor, critic_model=four.critic,
                             reward_model=four.reward, ref_model=four.reference, tokenizer=tok,
                             reward_stats={"mean": 0.0, "std": 1.0})
@@ -88,12 +86,15 @@ print(json.dumps({
     "value_metrics": sorted(k for k in metrics if k in (PPO.VALUE_LOSS, PPO.VALUE_CLIPFRAC)),
     "metrics_finite": all(v == v for v in metrics.values()), "changed": changed, "synced": synced, "stale": stale,
     "state_engines": json.loads((out_dir / "ckpt" / "state.json").read_text())["engines"], "refused": refused,
-    "describe": trainer.describe()}))
+    "describe": trainer.describe(), "reference_is_base": trainer.reference_is_actor_base,
+    "published_keys": sorted(__import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        str(out_dir / "published" / "model.safetensors")))}))
 """
 
 
-def test_an_estimator_without_a_critic_builds_steps_saves_and_publishes_no_critic(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path), "29733"], cwd=ROOT, env=ENV,
+@pytest.mark.parametrize("lora, port", [("false", "29733"), ("true", "29734")])
+def test_an_estimator_without_a_critic_builds_steps_saves_and_publishes_no_critic(tmp_path, lora, port):
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path), port, lora], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -105,6 +106,10 @@ def test_an_estimator_without_a_critic_builds_steps_saves_and_publishes_no_criti
     assert out["state_engines"] == ["actor"]
     assert (published / "model.safetensors").is_file() and not (published / "critic").exists()
     assert "no critic" in out["describe"] and "advantages: stub" in out["describe"]
+    # LoRA: the reference is the actor's base, and the published policy is merged (no adapter keys)
+    assert out["reference_is_base"] == (lora == "true")
+    assert "model.embed_tokens.weight" in out["published_keys"]
+    assert not any("lora" in k or k.startswith("base_model.") for k in out["published_keys"])
     assert out["synced"], "the policy's engine holds the weights of the last update"
     assert "holds weights version" in out["stale"], out["stale"]
     assert "another ppo.advantage_estimator" in out["refused"], out["refused"]

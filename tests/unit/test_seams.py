@@ -3,6 +3,7 @@ the PPO model layout, and the import rule that keeps rlhf/ below rlhf/ppo/."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 
 import pytest
@@ -11,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from conftest import ROOT
 from rlhf import config, engines
-from rlhf.config import LoraConfig
+from rlhf.config import LoraConfig, PPOStageConfig
 from rlhf.generation import Generated, Sampling
 from rlhf.ppo import core
 from rlhf.ppo.layout import build_models
@@ -116,12 +117,15 @@ def _loaders(log: list):
     (True, False, True, True, ["policy", "critic", "reward"], ("reference",)),      # full critic beside a LoRA actor
     (True, True, True, False, ["policy", "reward"], ("reference",)),                # no critic: the RM stands alone
 ])
-def test_build_models_shares_base_weights_as_configured(lora, critic_lora, from_reward, with_critic, loads, shared):
+def test_build_models_shares_base_weights_as_configured(lora, critic_lora, from_reward, with_critic, loads, shared,
+                                                         monkeypatch):
+    monkeypatch.setitem(core.ADVANTAGE_ESTIMATORS, "no-critic", core.AdvantageEstimator(lambda x: (x.rewards, None), False))
+    ppo = dataclasses.replace(PPOStageConfig(), lora=lora, critic_lora=critic_lora, critic_from_reward=from_reward,
+                              advantage_estimator="gae" if with_critic else "no-critic")
     log: list = []
     policy, reward, critic = _loaders(log)
-    four = build_models(load_policy=policy, load_reward=reward, load_critic=critic if with_critic else None,
-                        lora=LoraConfig(r=2, alpha=4) if lora else None, critic_lora=critic_lora,
-                        critic_from_reward=from_reward, gradient_checkpointing=False, use_cache=True)
+    four = build_models(ppo, LoraConfig(r=2, alpha=4), "float32", load_policy=policy, load_reward=reward,
+                        load_critic=critic)
     assert log == loads
     assert (four.reference is None) == ("reference" in shared) and (four.reward is None) == ("reward" in shared)
     assert (four.critic is None) != with_critic
