@@ -41,7 +41,7 @@ def _copy(d: Any) -> Any:
 # the values ppo.advantage_estimator and ppo.rollout_engine accept: the names of
 # rlhf.ppo.core.ADVANTAGE_ESTIMATORS and of rlhf.engines.build's engines (a test keeps them equal)
 ADVANTAGE_ESTIMATORS = ("gae",)
-ROLLOUT_ENGINES = ("hf",)
+ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -185,9 +185,29 @@ class PPOStageConfig:
     advantage_estimator: str = _f("gae", "how rewards become advantages: gae (generalised advantage estimation "
                                          "over a critic started from the reward model)")
     rollout_engine: str = _f("hf", "what samples rollouts, evaluations and reward statistics: hf (transformers "
-                                   "generate() on the live policy)")
-    logprobs_from_generation: bool = _f(True, "take the old log-probs from the generation pass itself (exact up to "
-                                              "float rounding); false: recompute them with one more actor forward")
+                                   "generate() on the live policy) or vllm (a vLLM engine in each process, synced "
+                                   "from the actor after every update; settings in the vllm section)")
+    logprobs_from_generation: bool = _f(True, "hf engine: take the old log-probs from the generation pass itself "
+                                              "(exact up to float rounding); false: recompute them with one more actor "
+                                              "forward. The vllm engine always recomputes them (see vllm.importance_cap)")
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    dtype: str | None = _f(None, "vLLM's weight dtype: float32, bfloat16 or float16; default: model.dtype")
+    gpu_memory_utilization: float = _f(0.3, "GPU: the share of the device's memory vLLM may take (its weights and "
+                                            "KV cache); the rest stays with training")
+    kv_cache_gb: float | None = _f(None, "KV-cache size in GiB (overrides gpu_memory_utilization); default: 1 on "
+                                         "CPU, set by gpu_memory_utilization on GPU")
+    max_model_len: int | None = _f(None, "longest prompt + response vLLM serves; default: the model's maximum positions")
+    enforce_eager: bool = _f(True, "run vLLM's model eagerly (no CUDA graphs / torch.compile): faster start-up; "
+                                   "false: capture CUDA graphs on GPU (faster decoding after ~1 min of start-up)")
+    sleep_mode: bool = _f(False, "GPU: free vLLM's KV cache and offload its weights between rollouts, so training "
+                                 "gets the memory back (vLLM's sleep mode; costs a wake-up per rollout)")
+    importance_cap: float | None = _f(None, "truncated importance sampling: weight each token's policy loss by "
+                                            "min(pi_old / pi_vllm, cap), correcting for vLLM sampling from a slightly "
+                                            "different distribution than the actor's (bf16 kernels); None = off. "
+                                            "The mismatch is logged either way (rollout/logprob_diff_*)")
 
 
 @dataclass(frozen=True)
@@ -214,6 +234,7 @@ class PipelineConfig:
     sft: SFTStageConfig = _f(SFTStageConfig(), "stage 1: supervised fine-tuning")
     reward: RewardStageConfig = _f(RewardStageConfig(), "stage 2: reward model")
     ppo: PPOStageConfig = _f(PPOStageConfig(), "stage 3: PPO")
+    vllm: VLLMConfig = _f(VLLMConfig(), "the vLLM rollout engine (ppo.rollout_engine=vllm)")
     eval: EvalConfig = _f(EvalConfig(), "evaluation")
 
     def to_dict(self) -> dict:
@@ -491,6 +512,16 @@ def _validate(cfg: Any, where: str) -> None:
             raise bad("keep_best", f"must be auto, gold_score, rm_score or last, got {cfg.keep_best!r}")
         if cfg.early_stop is not None and cfg.early_stop < 1:
             raise bad("early_stop", f"must be >= 1 evaluations (or unset), got {cfg.early_stop}")
+    if isinstance(cfg, VLLMConfig):
+        if cfg.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise bad("dtype", f"must be float32, bfloat16 or float16 (or unset: model.dtype), got {cfg.dtype!r}")
+        if not 0 < cfg.gpu_memory_utilization <= 1:
+            raise bad("gpu_memory_utilization", f"must be in (0, 1], got {cfg.gpu_memory_utilization}")
+        for key in ("kv_cache_gb", "max_model_len"):
+            if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
+                raise bad(key, f"must be > 0 (or unset), got {getattr(cfg, key)}")
+        if cfg.importance_cap is not None and cfg.importance_cap < 1:
+            raise bad("importance_cap", f"must be >= 1 (or unset: off), got {cfg.importance_cap}")
     if isinstance(cfg, EvalConfig):
         if cfg.every is not None and cfg.every < 1:
             raise bad("every", f"must be >= 1 updates (or unset), got {cfg.every}")

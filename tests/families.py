@@ -223,20 +223,20 @@ def _opt_tokenizer(out: pathlib.Path):
 
 
 # --- models --------------------------------------------------------------------------------------------------------
-def _gpt2_model(tok):
+def _gpt2_model(tok, heads):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=MAX_POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=MAX_POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=heads,
                      n_inner=None, activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
                      layer_norm_epsilon=1e-5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      tie_word_embeddings=True)
     return GPT2LMHeadModel(cfg), None
 
 
-def _pythia_model(tok):
+def _pythia_model(tok, heads):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=heads,
                         intermediate_size=4 * HIDDEN, hidden_act="gelu", rotary_pct=0.25, rotary_emb_base=10000,
                         max_position_embeddings=MAX_POSITIONS, use_parallel_residual=True, tie_word_embeddings=False,
                         attention_dropout=0.0, hidden_dropout=0.0, layer_norm_eps=1e-5,
@@ -244,12 +244,12 @@ def _pythia_model(tok):
     return GPTNeoXForCausalLM(cfg), None
 
 
-def _qwen2_model(tok):
+def _qwen2_model(tok, heads):
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     eot, im_end = tok.convert_tokens_to_ids(ENDOFTEXT), tok.convert_tokens_to_ids(IM_END)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN + 48,
-                      num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
+                      num_hidden_layers=LAYERS, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                       max_position_embeddings=MAX_POSITIONS, rope_theta=1000000.0, rms_norm_eps=1e-6,
                       hidden_act="silu", tie_word_embeddings=True, use_sliding_window=False, attention_dropout=0.0,
                       bos_token_id=eot, eos_token_id=im_end)
@@ -259,12 +259,12 @@ def _qwen2_model(tok):
     return Qwen2ForCausalLM(cfg), gen
 
 
-def _llama3_model(tok):
+def _llama3_model(tok, heads):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     bos, eot_text, eot = (tok.convert_tokens_to_ids(t) for t in (L3_BOS, L3_EOT_TEXT, L3_EOT))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=224, num_hidden_layers=LAYERS,
-                      num_attention_heads=HEADS, num_key_value_heads=1, max_position_embeddings=MAX_POSITIONS,
+                      num_attention_heads=heads, num_key_value_heads=1, max_position_embeddings=MAX_POSITIONS,
                       rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
                       attention_bias=False, mlp_bias=False, attention_dropout=0.0,
                       bos_token_id=bos, eos_token_id=eot)
@@ -273,10 +273,10 @@ def _llama3_model(tok):
     return LlamaForCausalLM(cfg), gen
 
 
-def _opt_model(tok):
+def _opt_model(tok, heads):
     from transformers import OPTConfig, OPTForCausalLM
 
-    cfg = OPTConfig(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+    cfg = OPTConfig(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=heads,
                     ffn_dim=4 * HIDDEN, max_position_embeddings=MAX_POSITIONS, word_embed_proj_dim=HIDDEN,
                     do_layer_norm_before=True, dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
                     activation_function="relu", enable_bias=True, layer_norm_elementwise_affine=True,
@@ -293,9 +293,10 @@ _BUILDERS = {
 }
 
 
-def build_family(name: str, out_dir: pathlib.Path) -> pathlib.Path:
+def build_family(name: str, out_dir: pathlib.Path, heads: int = HEADS) -> pathlib.Path:
     """Write a tiny random-init checkpoint of family `name` into directory `out_dir` (created; files there are
-    overwritten) and return `out_dir`."""
+    overwritten) and return `out_dir`. `heads`: attention heads (head size HIDDEN // heads; vLLM's CPU
+    attention needs 32 or more, so its tests build with 2)."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown family {name!r}; expected one of {FAMILIES}")
     import torch
@@ -305,7 +306,7 @@ def build_family(name: str, out_dir: pathlib.Path) -> pathlib.Path:
     make_tokenizer, make_model = _BUILDERS[name]
     tok = make_tokenizer(out)
     torch.manual_seed(SEED)
-    model, gen = make_model(tok)
+    model, gen = make_model(tok, heads)
     if gen is not None:
         model.generation_config = gen
     model.save_pretrained(out)

@@ -10,6 +10,12 @@ of drifting silently.
 Implementations:
   hf    HF `generate()` on the live module (under ZeRO-3 the weights are gathered once per call);
         nothing to copy, so a sync only records the version (rlhf/engines/hf.py).
+  vllm  a vLLM engine in this process, started once from the policy's config; a sync pushes the
+        actor's weights into it module by module, LoRA merged (rlhf/engines/vllm_engine.py).
+        vLLM is an optional dependency: imported only when this engine is built.
+
+The frozen SFT reference samples with hf in every configuration (its samples serve evaluation
+only, and a second vLLM engine would hold a second copy of the weights and KV cache).
 
 Adding an engine: a module here with a class that has the attributes and methods below, one
 line in `build`, and its name in `rlhf.config.ROLLOUT_ENGINES` (validated with the config).
@@ -20,6 +26,7 @@ from typing import Any, Protocol
 
 from rlhf.config import ROLLOUT_ENGINES
 from rlhf.engines.hf import HFEngine
+from rlhf.engines.vllm_engine import EngineUnavailable, VLLMEngine
 from rlhf.generation import Generated, Sampling
 
 
@@ -49,13 +56,35 @@ class RolloutEngine(Protocol):
 
 
 def build(kind: str, model: Any, tokenizer: Any, *, max_prompt_length: int, zero_stage: int = 0, gather: bool = True,
-          adapter_disabled: bool = False, device: Any = None) -> RolloutEngine:
+          adapter_disabled: bool = False, device: Any = None, vllm: Any = None, dtype: str = "float32",
+          seed: int = 0) -> RolloutEngine:
     """The engine `kind` (config: ppo.rollout_engine) sampling from `model`: a DeepSpeed engine or a
-    plain (peft) module; `adapter_disabled`: a LoRA model sampled as its base (the frozen reference)."""
+    plain (peft) module; `adapter_disabled`: a LoRA model sampled as its base (the frozen reference).
+    vllm only: `vllm` the config's vllm section, `dtype` model.dtype, `seed` its start-up seed
+    (sampling seeds come from torch's RNG)."""
     if kind == "hf":
         return HFEngine(model, tokenizer, max_prompt_length=max_prompt_length, zero_stage=zero_stage, gather=gather,
                         adapter_disabled=adapter_disabled, device=device)
+    if kind == "vllm":
+        if adapter_disabled:
+            raise ValueError("the vllm engine serves the policy's own weights; sample a LoRA model's base with hf")
+        return VLLMEngine(model, tokenizer, max_prompt_length=max_prompt_length, zero_stage=zero_stage, settings=vllm,
+                          dtype=dtype, device=device, seed=seed)
     raise ValueError(f"unknown rollout engine {kind!r}; use one of: {', '.join(ROLLOUT_ENGINES)}")
+
+
+def require(kind: str) -> None:
+    """Fail before any work when engine `kind` cannot run in this environment (vllm not installed)."""
+    if kind == "vllm":
+        from rlhf.engines.vllm_engine import require as require_vllm
+
+        require_vllm()
+
+
+def close(engine: Any) -> None:
+    """Release an engine's resources (vLLM's memory and process groups); nothing for hf."""
+    if hasattr(engine, "close"):
+        engine.close()
 
 
 def check_version(engine: RolloutEngine, version: int) -> None:

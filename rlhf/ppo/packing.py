@@ -76,7 +76,9 @@ def pack(ids: torch.Tensor, mask: torch.Tensor, force: bool = False) -> Packing 
     src = torch.repeat_interleave(torch.arange(b, device=dev) * ids.shape[1] + first, lengths) + within
     packed = torch.zeros(len(free) * width, dtype=ids.dtype, device=dev)
     packed[dest] = ids.reshape(-1)[src]
-    pos = torch.arange(width, device=dev).repeat(len(free))
+    # filler at position 0: a packed row may be longer than the model's maximum positions (a learned
+    # position table, GPT-2/OPT, would be indexed past its end), and each filler token is a sequence of its own
+    pos = torch.zeros(len(free) * width, dtype=torch.long, device=dev)
     pos[dest] = within
     return Packing(packed.view(len(free), width), pos.view(len(free), width), row_t, start_t - first)
 

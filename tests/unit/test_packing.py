@@ -46,7 +46,33 @@ def test_pack_layout_by_hand():
     # filler after the last sequence of a row when rows differ in fill
     pk = packing.pack(ids[[1, 1, 0]], mask[[1, 1, 0]], force=True)
     assert pk.ids.tolist() == [[5, 6, 1, 2, 3, 4, 5, 6, 1, 2, 3, 4], [7, 8, 9] + [0] * 9]
-    assert pk.position_ids[1].tolist() == [0, 1, 2] + list(range(3, 12))
+    assert pk.position_ids[1].tolist() == [0, 1, 2] + [0] * 9  # filler: its own sequences, at position 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_packed_rows_longer_than_the_position_table(family_checkpoints, family):
+    """Rows pack up to ROW_FACTOR x the dense width: with long prompts that is past a learned position
+    table (GPT-2, OPT: 256 here), which only real tokens' positions (< the dense width) may index."""
+    path = str(family_checkpoints[family])
+    tok = models.load_tokenizer(path)
+    models.ensure_pad_token(tok)
+    actor = models.load_causal_lm(path, "float32")
+    models.resize_for_tokenizer(actor, tok)
+    models.disable_dropout(actor)
+    actor.eval()
+    q, r = 200, 24
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, len(tok), (4, q + r), generator=g)
+    mask = torch.zeros_like(ids)
+    for i, (a, b) in enumerate([(200, 24), (12, 3), (190, 2), (15, 24)]):
+        mask[i, q - a:q + b] = 1
+    ids = ids * mask
+    assert (q + r) * packing.ROW_FACTOR > actor.config.max_position_embeddings
+    sampling = Sampling(temperature=0.8)
+    logp, _ = policy_forward(actor, ids, mask, q, sampling)
+    resp = mask[:, q:].bool()
+    dense = _dense_logp(actor, ids, mask, q, sampling)
+    assert torch.allclose(logp[resp], dense[resp], atol=1e-4)
 
 
 def _dense_logp(model, ids, mask, q, sampling):
