@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--gradient-checkpointing", action="store_true")
     run.add_argument("--recompute-logprobs", action="store_true",
                      help="ppo.logprobs_from_generation=false: one more actor forward per rollout")
+    run.add_argument("--engine", choices=("hf", "vllm"), default=None,
+                     help="rollout engine (ppo.rollout_engine; default: the config's): hf generate() or vLLM")
     run.add_argument("--warmup", type=int, default=1, help="untimed updates before the timed ones")
     run.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -77,6 +79,8 @@ def _overrides(a: argparse.Namespace, world: int) -> list[str]:
         out.append(f"deepspeed.zero_stage={a.zero_stage}")
     if a.dtype:
         out.append(f"model.dtype={a.dtype}")
+    if a.engine:
+        out.append(f"ppo.rollout_engine={a.engine}")
     return out + list(a.overrides)
 
 
@@ -173,7 +177,7 @@ class PeakMemory:
 def run(a: argparse.Namespace) -> dict:
     import torch
 
-    from rlhf import distributed
+    from rlhf import distributed, engines
     from rlhf.config import load_config
     from rlhf.data import load_prompts, render_prompt
     from rlhf.models import ensure_pad_token
@@ -181,16 +185,21 @@ def run(a: argparse.Namespace) -> dict:
     from rlhf.metric_names import PPO as PPOMetrics
 
     t_start = time.perf_counter()
+    if a.engine:  # before anything starts
+        engines.require(a.engine, f"--engine {a.engine}")
     distributed.init_distributed()
     world = distributed.world_size()
     cfg = load_config(a.config, _overrides(a, world))
+    engines.require(cfg.ppo.rollout_engine)
     torch.manual_seed(a.seed + distributed.rank())
     tok, four, stats, use_template, described = _models(a, cfg)
     ensure_pad_token(tok)
     c = cfg.ppo
     trainer = PPOTrainer(cfg=c, ds=cfg.deepspeed, dtype=cfg.model.dtype, actor_model=four.actor, critic_model=four.critic,
                          reward_model=four.reward, ref_model=four.reference, tokenizer=tok, reward_stats=stats,
-                         timer=PhaseTimer(sync=True))  # phases awaited at their ends: each owns its GPU work
+                         timer=PhaseTimer(sync=True),  # phases awaited at their ends: each owns its GPU work
+                         vllm=cfg.vllm, seed=cfg.seed)
+    engine_startup_s = getattr(trainer.engine, "startup_seconds", 0.0)
     prompts = load_prompts(c.train_prompts)
     stream = PromptStream(prompts, cfg.seed, distributed.rank(), world, render=lambda p: render_prompt(tok, p, use_template))
     setup_s = time.perf_counter() - t_start
@@ -219,8 +228,12 @@ def run(a: argparse.Namespace) -> dict:
         "dtype": cfg.model.dtype, "batch": c.rollout_batch_size, "mini_batch": c.mini_batch_size,
         "grad_accum": c.grad_accum, "max_new_tokens": c.max_new_tokens, "ppo_epochs": c.ppo_epochs,
         "gradient_checkpointing": c.gradient_checkpointing, "logprobs_from_generation": c.logprobs_from_generation,
+        "rollout_engine": c.rollout_engine, "engine": trainer.engine.describe(), "engine_startup_s": engine_startup_s,
         "updates": timed, "episodes": episodes, "seconds": seconds,
         "episodes_per_s": episodes / seconds, "generated_tokens_per_s": tokens / seconds,
+        # the engine alone: tokens sampled per second of the generation phase, and the weight push per update
+        "generation_tokens_per_s": tokens / max(phases["generation"], 1e-9),
+        "weight_sync_s_per_update": phases["weight_sync"] / max(timed, 1),
         "mean_response_length": tokens / max(episodes, 1),
         "phase_seconds": phases, "peak_memory_mb": memory.peak_mb(),
         "peak_memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "resident set (VmHWM)",
@@ -235,7 +248,10 @@ def render(r: dict) -> str:
              f"sizes: batch {r['batch']}, mini-batch {r['mini_batch']}, {r['max_new_tokens']} new tokens, "
              f"{r['ppo_epochs']} PPO epochs, gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}",
              f"timed: {r['updates']} updates, {r['episodes']} episodes in {r['seconds']:.2f} s",
-             f"episodes/s: {r['episodes_per_s']:.2f}    generated tokens/s: {r['generated_tokens_per_s']:.1f}",
+             f"rollout engine: {r['engine']}",
+             f"episodes/s: {r['episodes_per_s']:.2f}    generated tokens/s: {r['generated_tokens_per_s']:.1f} "
+             f"(over the whole update; {r['generation_tokens_per_s']:.1f} per second of generation)",
+             f"weight sync: {r['weight_sync_s_per_update']:.3f} s per update",
              "seconds per phase: " + ", ".join(f"{k} {v:.2f}" for k, v in r["phase_seconds"].items())]
     if r["peak_memory_mb"] is not None:
         lines.append(f"peak memory: {r['peak_memory_mb']:.0f} MiB ({r['peak_memory_kind']})")
@@ -250,11 +266,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench(a: argparse.Namespace) -> int:
     from rlhf import distributed
+    from rlhf.engines import EngineUnavailable
     from rlhf.stage_io import USER_ERRORS
 
     try:
         r = run(a)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, EngineUnavailable) as e:
         print(f"[bench] error: {e}", file=sys.stderr)
         return 2
     if distributed.is_main():

@@ -268,10 +268,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: {args.model} is not a complete artifact (no complete {artifacts.MANIFEST})", file=sys.stderr)
         return 2
     try:
+        engines.require(args.engine, f"--engine {args.engine}")
         art = artifacts.load(args.model, manifest.get("stage"))
         prompts = load_prompts(args.prompts)  # read before the model: a bad file fails at once
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    except (artifacts.ArtifactError, DataError) as e:
+    except (artifacts.ArtifactError, DataError, engines.EngineUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -282,8 +283,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     use_template = art.use_chat_template
     texts = [render_prompt(tok, p, use_template) for p in prompts]
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) if args.sample else GREEDY
-    engine = engines.build("hf", model, tok, max_prompt_length=GENERATE_MAX_PROMPT_LENGTH)
+    try:
+        engine = engines.build(args.engine, model, tok, max_prompt_length=GENERATE_MAX_PROMPT_LENGTH,
+                               device=distributed.device(), dtype=manifest["config"]["model"]["dtype"])
+    except engines.EngineUnavailable as e:  # e.g. a model vLLM's CPU attention cannot run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     gens = engine.generate(texts, sampling, args.max_new_tokens, batch_size=args.batch_size, progress=True)
+    engines.close(engine)
     out = [r for g in gens for r in decode_responses(tok, g)]
     with open(args.out, "w") as f:
         for p, r in zip(prompts, out):
@@ -315,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=0, help="with --sample: top-k (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus (1.0 = off)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="hf: transformers generate(); vllm: a vLLM engine (installed separately, see the README)")
     p = sub.add_parser("bench", help="time PPO updates on a model at chosen sizes (episodes/s, tokens/s, "
                                      "seconds per phase, peak memory; --json)")
     from rlhf.bench import add_arguments

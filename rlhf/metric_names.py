@@ -37,6 +37,10 @@ class PPO:
     RATIO_VAR = "val/ratio_var"
     NUM_EOS = "val/num_eos_tokens"
     RESPONSE_LENGTH = "val/response_length"
+    # the vLLM engine's log-probs of its own samples against the actor's (pi_old): |difference| per token
+    LOGPROB_DIFF_MEAN = "rollout/logprob_diff_mean"
+    LOGPROB_DIFF_MAX = "rollout/logprob_diff_max"
+    IS_WEIGHT = "rollout/is_weight_mean"            # mean truncated importance weight (vllm.importance_cap)
     DISTINCT_PROMPTS = "data/distinct_prompts"       # prompt-file rows drawn for the update over all processes
     LR = "lr"
     EPISODE = "episode"                              # the x-axis of the PPO dashboards

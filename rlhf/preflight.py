@@ -8,6 +8,7 @@ driver (`rlhf pipeline`, `rlhf demo`) before its first stage starts. It checks
 - the parent artifacts a stage needs and that this run does not build: complete;
 - `deepspeed.config_file`: a JSON object whose `zero_optimization` DeepSpeed accepts;
 - `model.dtype`: supported by this machine's accelerator;
+- `ppo.rollout_engine=vllm` (reward and PPO stages): vLLM importable, else the install command;
 - local model directories (`model.name_or_path`, `reward.model`): config.json, safetensors
   weights, tokenizer files, and model code that runs only with `model.trust_remote_code`;
 - every local data file, parsed in full by the loaders the stage itself uses (UTF-8, JSON, fields,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ def check(cfg: PipelineConfig, stages: Any) -> None:
     if cfg.deepspeed.config_file:
         check_deepspeed_file(cfg.deepspeed)
     check_dtype(cfg.model.dtype, stages)
+    check_rollout_engine(cfg, stages)
     if SFT in stages:
         check_policy_source(cfg)
     if REWARD in stages and cfg.reward.model:
@@ -96,6 +99,18 @@ def check_parents(artifact_dir: str, stages: list[str]) -> None:
     """Every parent a stage needs that this run does not build must be a complete artifact."""
     for parent in dict.fromkeys(p for s in stages for p in PARENTS[s] if p not in stages):
         artifacts.load(artifacts.stage_dir(artifact_dir, parent), parent)
+
+
+# ---------------------------------------------------------------- rollout engine
+
+def check_rollout_engine(cfg: PipelineConfig, stages: list[str]) -> None:
+    """ppo.rollout_engine=vllm samples in the reward stage (reward_stats) and in PPO: vLLM must be importable."""
+    if cfg.ppo.rollout_engine == "vllm" and (REWARD in stages or PPO in stages):
+        from rlhf.engines.vllm_engine import INSTALL_HINT, available
+
+        if not available():
+            raise ConfigError(f"ppo.rollout_engine=vllm, but vLLM is not installed in {sys.executable}'s "
+                              f"environment: {INSTALL_HINT}")
 
 
 # ---------------------------------------------------------------- DeepSpeed and dtype

@@ -56,7 +56,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
 
     # 4. train ----------------------------------------------------------------------------
     trainer = PPOTrainer(cfg=ppo_cfg, ds=cfg.deepspeed, dtype=dtype, actor_model=four.actor, critic_model=four.critic,
-                         reward_model=four.reward, ref_model=four.reference, tokenizer=tokenizer, reward_stats=reward_stats)
+                         reward_model=four.reward, ref_model=four.reference, tokenizer=tokenizer, reward_stats=reward_stats,
+                         vllm=cfg.vllm, seed=cfg.seed)
     resumed = resuming and trainer.load(ckpt_dir, stream)
     if resumed:
         say(PPO, f"resuming from update {trainer.update} (kl_coef={trainer.kl_ctl.value:.4g})")

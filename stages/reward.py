@@ -125,9 +125,11 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         policy = distributed.make_inference(policy, zero, distributed.inference_config(cfg.deepspeed, model_cfg.dtype))
     pc = cfg.ppo
     engine = engines.build(pc.rollout_engine, policy, tokenizer, max_prompt_length=pc.max_prompt_length,
-                           zero_stage=zero, gather=gather)
+                           zero_stage=zero, gather=gather, vllm=cfg.vllm, dtype=model_cfg.dtype, seed=cfg.seed,
+                           device=distributed.device())
     reward_stats, responses, scores = policy_reward_stats(engine, rm, tokenizer, texts, sampling=Sampling.of(pc),
                                                           max_new_tokens=pc.max_new_tokens, batch_size=pc.forward_batch_size)
+    engines.close(engine)
     del policy, engine
     if gold is not None:
         golds = [gold(prompt_text(p), r) for p, r in zip(stat_prompts, responses)]

@@ -73,12 +73,13 @@ def build(kind: str, model: Any, tokenizer: Any, *, max_prompt_length: int, zero
     raise ValueError(f"unknown rollout engine {kind!r}; use one of: {', '.join(ROLLOUT_ENGINES)}")
 
 
-def require(kind: str) -> None:
-    """Fail before any work when engine `kind` cannot run in this environment (vllm not installed)."""
+def require(kind: str, asked: str | None = None) -> None:
+    """Fail before any work when engine `kind` cannot run in this environment (vllm not installed);
+    `asked`: the setting or flag that asked for it, for the message."""
     if kind == "vllm":
         from rlhf.engines.vllm_engine import require as require_vllm
 
-        require_vllm()
+        require_vllm(asked or "ppo.rollout_engine=vllm")
 
 
 def close(engine: Any) -> None:

@@ -27,6 +27,7 @@ are put back (`_process_state_kept`, `_model_classes_kept`).
 """
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import random
@@ -62,10 +63,10 @@ def available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def require() -> None:
-    """Fail before any work when vLLM is not installed, saying how to install it."""
+def require(asked: str = "ppo.rollout_engine=vllm") -> None:
+    """Fail before any work when vLLM is not installed, saying how to install it (`asked`: what asked for it)."""
     if not available():
-        raise EngineUnavailable(f"ppo.rollout_engine=vllm, but vLLM is not installed: {INSTALL_HINT}")
+        raise EngineUnavailable(f"{asked}, but vLLM is not installed: {INSTALL_HINT}")
 
 
 def _import_vllm() -> Any:
@@ -186,6 +187,24 @@ def _model_classes_kept(model: Any) -> Iterator[None]:
                 cls.__bases__ = bases
 
 
+@contextmanager
+def _default_group_kept() -> Iterator[None]:
+    """torch.distributed.destroy_process_group spares the default group while inside."""
+    dist = torch.distributed
+    real = dist.destroy_process_group
+
+    def destroy(group: Any = None) -> None:
+        if group is None or group is dist.GroupMember.WORLD:
+            return
+        real(group)
+
+    dist.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = real
+
+
 def _head_size(config: Any) -> int | None:
     size = getattr(config, "head_dim", None)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
@@ -227,6 +246,9 @@ class VLLMEngine:
             if self.settings.sleep_mode:
                 raise EngineUnavailable("vllm.sleep_mode needs a GPU (it frees GPU memory between rollouts); "
                                         "set vllm.sleep_mode=false on CPU")
+        # with no process group yet vLLM makes its own (then close() removes it); otherwise it joins the
+        # trainer's, which must outlive the engine
+        self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         kv_gb = self.settings.kv_cache_gb or (None if self.on_gpu else CPU_KV_CACHE_GB)
         kw: dict = dict(skip_tokenizer_init=True, load_format="dummy", dtype=self.dtype, seed=seed,
                         enforce_eager=self.settings.enforce_eager, generation_config="vllm",
@@ -236,6 +258,9 @@ class VLLMEngine:
             kw["kv_cache_memory_bytes"] = int(kv_gb * (1 << 30))
         if self.settings.max_model_len is not None:
             kw["max_model_len"] = self.settings.max_model_len
+        if self.on_gpu and not self._owns_process_group:
+            # one engine per rank on its own GPU (cuda:LOCAL_RANK), in the launcher's world, as TRL's colocate mode
+            kw["distributed_executor_backend"] = "external_launcher"
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix="rlhf-vllm-") as tmp, _process_state_kept(), _model_classes_kept(model):
             config.save_pretrained(tmp)  # the architecture only: the weights come by sync_weights
@@ -268,17 +293,15 @@ class VLLMEngine:
                 + f"; started in {self.startup_seconds:.1f} s), synced from the actor after every update")
 
     def close(self) -> None:
-        """Release the engine (its memory, and vLLM's process groups so another engine can start)."""
+        """Release the engine (its memory and vLLM's process groups). vLLM's shutdown also destroys
+        torch's default process group; when that group is the trainer's (made before the engine),
+        it is kept, so the stage can go on (publish, evaluate) after the engine is gone."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is None:
             return
-        del llm
-        try:
-            from vllm.distributed.parallel_state import destroy_model_parallel
-
-            destroy_model_parallel()
-        except Exception:  # noqa: BLE001 - best effort: nothing to release is fine
-            pass
+        with nullcontext() if self._owns_process_group else _default_group_kept():
+            del llm
+            gc.collect()  # vLLM's shutdown runs from a finalizer: now, inside this block
         if self.on_gpu:
             torch.cuda.empty_cache()
 

@@ -182,13 +182,17 @@ def advantage_estimator(name: str) -> AdvantageEstimator:
         raise ValueError(f"ppo.advantage_estimator={name!r} is not one of {sorted(ADVANTAGE_ESTIMATORS)}") from None
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate objective (as a loss) and its diagnostics: clipfrac, approxkl, ratio."""
+                cliprange: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate objective (as a loss) and its diagnostics: clipfrac, approxkl, ratio.
+    `weights` (B, R), constants: each token's loss scaled (truncated importance sampling)."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -196,6 +200,16 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
             "ratio": masked_mean(ratio, mask),
         }
     return loss, stats
+
+
+def truncated_importance_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """(B, R) min(pi_old / pi_engine, cap) per sampled token, 0 on padding: the responses were drawn by
+    an inference engine whose distribution differs slightly from the actor's (pi_old), so the
+    policy-gradient term of each token is reweighted towards pi_old, truncated at `cap` to bound
+    the variance (truncated importance sampling; Yao et al. 2025, "Your efficient RL framework
+    secretly brings you off-policy RL training", as in veRL and TRL)."""
+    return torch.exp(old_logprobs - engine_logprobs).clamp(max=cap) * mask
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

@@ -28,6 +28,7 @@ class Rollout:
     ref_logprobs: torch.Tensor   # (B, R) log pi_ref(a_t | s_t): the SFT policy at the same temperature, untruncated
     raw_scores: torch.Tensor     # (B,) reward model output
     values: torch.Tensor | None = None  # (B, R) V_old(s_t), the critic's value before emitting a_t; None without a critic
+    engine_logprobs: torch.Tensor | None = None  # (B, R) the rollout engine's own log-probs (vllm), compared with logprobs
 
     @property
     def full_ids(self) -> torch.Tensor:  # (B, Q+R)

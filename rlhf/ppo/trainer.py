@@ -155,12 +155,13 @@ class PPOTrainer:
 
     def __init__(self, *, cfg: PPOStageConfig, ds: DeepSpeedConfig, dtype: str, actor_model: Any,
                  critic_model: Any | None, reward_model: Any | None, ref_model: Any | None, tokenizer: Any,
-                 reward_stats: dict, timer: PhaseTimer | None = None):
+                 reward_stats: dict, timer: PhaseTimer | None = None, vllm: Any = None, seed: int = 0):
         """`ref_model=None`: the actor is a LoRA model and the reference is its base (adapter
         disabled). `reward_model=None`: the critic is a LoRA model on the reward model, and the
         reward model is its base (adapter disabled). Neither keeps a second copy of the weights.
         `critic_model=None`: the advantage estimator needs no critic (and then a reward model is given).
-        `timer`: where phase seconds go (the benchmark's waits for the GPU at each phase's end)."""
+        `timer`: where phase seconds go (the benchmark's waits for the GPU at each phase's end).
+        `vllm`: the config's vllm section (ppo.rollout_engine=vllm); `seed`: the vLLM engine's start-up seed."""
         self.estimator = core.advantage_estimator(cfg.advantage_estimator)
         if self.estimator.needs_critic != (critic_model is not None):
             raise ValueError(f"ppo.advantage_estimator={cfg.advantage_estimator} "
@@ -199,7 +200,12 @@ class PPOTrainer:
         gather = ds.zero3_gather_for_generation
         # the policy's engine (ppo.rollout_engine) and the frozen SFT policy's (HF: it never changes)
         self.engine = engines.build(cfg.rollout_engine, self.actor, tokenizer, max_prompt_length=cfg.max_prompt_length,
-                                    zero_stage=ds.zero_stage, gather=gather, device=self.device)
+                                    zero_stage=ds.zero_stage, gather=gather, device=self.device, vllm=vllm,
+                                    dtype=dtype, seed=seed)
+        # the HF engine's log-probs are the actor's own (same module, same sampling); another engine's
+        # are only compared with them (and reweight the loss with vllm.importance_cap)
+        self.engine_logprobs_exact = self.engine.kind == "hf"
+        self.importance_cap = getattr(vllm, "importance_cap", None) if not self.engine_logprobs_exact else None
         self.reference_engine = engines.build(
             "hf", self.actor if self.reference_is_actor_base else self.ref, tokenizer,
             max_prompt_length=cfg.max_prompt_length, zero_stage=ds.zero_stage, gather=gather,
@@ -272,7 +278,7 @@ class PPOTrainer:
         sampling = sampling or self.sampling
         gens = self._generate(prompt_texts, reference=reference, max_new_tokens=max_new_tokens,
                               sampling=sampling, batch_size=cfg.forward_batch_size,
-                              with_logprobs=not reference and sampling == self.sampling)
+                              with_logprobs=not reference and sampling == self.sampling and self.engine_logprobs_exact)
         scores = [self.raw_scores(torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1))
                   for g in gens]
         return gens, torch.cat(scores)
@@ -330,16 +336,23 @@ class PPOTrainer:
         self.actor.eval()
         if self.critic is not None:
             self.critic.eval()
+        # pi_old from the generation pass (HF engine, ppo.logprobs_from_generation), else from one more
+        # actor forward; another engine's own log-probs come along to be compared with it
+        from_generation = cfg.logprobs_from_generation and self.engine_logprobs_exact
         with self.timer("generation"):  # under ZeRO-3 the HF engine gathers the weights once for the call
             g = self._generate(prompt_texts, reference=False, max_new_tokens=cfg.max_new_tokens, sampling=self.sampling,
-                               batch_size=None, with_logprobs=cfg.logprobs_from_generation)[0]
+                               batch_size=None, with_logprobs=from_generation or not self.engine_logprobs_exact)[0]
         q_len = g.query_ids.shape[1]
         with self.timer("scoring"):
-            return score_rollout(actor=self.actor, critic=self.critic, reward=self.raw_scores,
-                                 reference=lambda ids, mask: self.reference_logprobs(ids, mask, q_len),
-                                 query_ids=g.query_ids, query_mask=g.query_mask, response_ids=g.response_ids,
-                                 response_mask=g.response_mask, ended=g.ended, sampling=self.sampling,
-                                 chunk=cfg.forward_batch_size, value_scale=self.value_scale, logprobs=g.logprobs)
+            rollout = score_rollout(actor=self.actor, critic=self.critic, reward=self.raw_scores,
+                                    reference=lambda ids, mask: self.reference_logprobs(ids, mask, q_len),
+                                    query_ids=g.query_ids, query_mask=g.query_mask, response_ids=g.response_ids,
+                                    response_mask=g.response_mask, ended=g.ended, sampling=self.sampling,
+                                    chunk=cfg.forward_batch_size, value_scale=self.value_scale,
+                                    logprobs=g.logprobs if from_generation else None)
+        if not self.engine_logprobs_exact:
+            rollout.engine_logprobs = g.logprobs
+        return rollout
 
     def step(self, prompt_texts: list[str]) -> dict:
         """One PPO update on `prompt_texts` (this process's share): the numbered maths below."""
@@ -367,8 +380,11 @@ class PPOTrainer:
                                                                           cfg.gamma, cfg.lam))
         check_finite("the advantages", advantages)
         # 5. PPO epochs: clipped policy (and value) losses over shuffled mini-batches
+        # 4b. an inference engine's log-probs against pi_old: logged, and with vllm.importance_cap the
+        #     policy loss of each token reweighted by min(pi_old / pi_engine, cap)                (B, R)
+        engine_stats, is_weights = self._engine_mismatch(rollout, mask)
         t1 = time.time()
-        stats = self._ppo_epochs(rollout, mask, advantages, returns)          # name -> (micro-batches,)
+        stats = self._ppo_epochs(rollout, mask, advantages, returns, is_weights)  # name -> (micro-batches,)
         t_update = time.time() - t1
         # 6. the KL controller sees this rollout's KL; metrics
         mean_kl = float(all_mean(kl.sum(1).mean()))
@@ -377,11 +393,30 @@ class PPOTrainer:
         self._weights_changed()
         metrics = self._metrics(rollout, mask, scores, non_score, mean_kl, stats,
                                 {"rollout": t_rollout, "update": t_update, "step": time.time() - t0})
+        metrics.update(engine_stats)
         self._check_metrics(metrics, mean_kl)
         return metrics
 
+    def _engine_mismatch(self, rollout: Rollout, mask: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+        """Metrics comparing the engine's log-probs with pi_old, and the truncated importance weights
+        (None unless vllm.importance_cap is set). Nothing for the HF engine (its log-probs are pi_old)."""
+        if rollout.engine_logprobs is None:
+            return {}, None
+        diff = (rollout.logprobs - rollout.engine_logprobs).abs() * mask
+        mean = all_mean(diff.sum() / mask.sum().clamp(min=1))
+        peak = diff.max()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        out = {PPO.LOGPROB_DIFF_MEAN: float(mean), PPO.LOGPROB_DIFF_MAX: float(peak)}
+        weights = None
+        if self.importance_cap is not None:
+            weights = core.truncated_importance_weights(rollout.logprobs, rollout.engine_logprobs, mask,
+                                                        self.importance_cap)
+            out[PPO.IS_WEIGHT] = float(all_mean(weights.sum() / mask.sum().clamp(min=1)))
+        return out, weights
+
     def _ppo_epochs(self, rollout: Rollout, mask: torch.Tensor, advantages: torch.Tensor,
-                    returns: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                    returns: torch.Tensor | None, is_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """ppo_epochs passes over the rollout in shuffled mini-batches (micro-batches accumulated):
         the actor steps on the clipped policy loss, the critic (when there is one) on the clipped
         value loss. Per micro-batch statistics stay on the device: (micro-batches,) each, read once
@@ -411,7 +446,8 @@ class PPOTrainer:
                             # dropout or a sampling/scoring mismatch (N+: "the ratio is 1 at the start")
                             stats["first_ratio_dev"].append(
                                 (((logp.detach() - old_logp).exp() - 1).abs() * micro_mask).max())
-                        pg_loss, pg_stats = core.policy_loss(logp, old_logp, advantages[idx], micro_mask, cfg.cliprange)
+                        pg_loss, pg_stats = core.policy_loss(logp, old_logp, advantages[idx], micro_mask, cfg.cliprange,
+                                                             None if is_weights is None else is_weights[idx])
                         check_finite("the policy loss", pg_loss)
                         self.actor.backward(pg_loss)
                     with timer("optimizer"):

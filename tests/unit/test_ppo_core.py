@@ -76,6 +76,23 @@ def test_policy_loss_clipping():
     assert stats["ratio"].item() == pytest.approx(1.0)
 
 
+def test_truncated_importance_weights_scale_each_token_of_the_policy_loss():
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))     # pi_old (the actor) of the sampled tokens
+    eng = torch.log(torch.tensor([[0.25, 0.4, 0.1]]))    # pi_engine (vLLM) of the same tokens
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    w = core.truncated_importance_weights(old, eng, mask, cap=1.5)
+    # 0.5 / 0.25 = 2 -> capped at 1.5; 0.2 / 0.4 = 0.5; padding -> 0
+    assert torch.allclose(w, torch.tensor([[1.5, 0.5, 0.0]]))
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.0]])) + old  # ratios 1.5, 0.5 against pi_old
+    adv = torch.tensor([[1.0, -1.0, 3.0]])
+    loss, stats = core.policy_loss(new, old, adv, mask, cliprange=0.2, weights=w)
+    # per token (clipped as in test_policy_loss_clipping): -1.2 * 1.5, 0.8 * 0.5; mean over the 2 tokens
+    assert loss.item() == pytest.approx((-1.2 * 1.5 + 0.8 * 0.5) / 2)
+    unweighted, _ = core.policy_loss(new, old, adv, mask, cliprange=0.2)
+    assert unweighted.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert stats["ratio"].item() == pytest.approx(1.0)  # diagnostics are of the ratio, not the weights
+
+
 def test_value_loss_clipping():
     values, old, ret = torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]])
     loss, stats = core.value_loss(values, old, ret, torch.ones(1, 1), cliprange_value=0.2)

