@@ -108,12 +108,14 @@ def test_lora_policy_zero3_two_processes_with_vllm_publishes_merged(tmp_path):
     d = tmp_path / "run"
     proc = run_pipeline(d, small_overrides(tmp_path, model) + [
         "sft.lora=true", "reward.lora=true", "ppo.lora=true", "deepspeed.zero_stage=3", "ppo.total_episodes=32",
-        *VLLM], port=29753, procs=2)
+        "vllm.importance_cap=2.0", *VLLM], port=29753, procs=2)
     ok(proc)
     check_published(d)
     log = (d / "logs" / "ppo.log").read_text()
     assert "2 process(es), ZeRO-3, LoRA actor" in log and "rollouts: vllm" in log
     _check_engine_rows(d, 2)  # 32 episodes / (8 prompts x 2 processes)
+    # truncated importance sampling on: weights pi_old / pi_vllm, ~1 when the two agree to 1e-4
+    assert all(abs(r["rollout/is_weight_mean"] - 1) < 1e-3 for r in _updates(d))
 
 
 def test_rlhf_generate_with_vllm_matches_hf_greedy(vllm_demo, tmp_path):
