@@ -204,6 +204,10 @@ class VLLMConfig:
                                    "false: capture CUDA graphs on GPU (faster decoding after ~1 min of start-up)")
     sleep_mode: bool = _f(False, "GPU: free vLLM's KV cache and offload its weights between rollouts, so training "
                                  "gets the memory back (vLLM's sleep mode; costs a wake-up per rollout)")
+    old_logprobs: str = _f("actor", "where PPO's pi_old comes from: actor (one actor forward over the rollout; vLLM's "
+                                    "own log-probs are compared with it, rollout/logprob_diff_*) or engine (vLLM's "
+                                    "log-probs of its samples: no extra forward; any mismatch then shows as "
+                                    "policy/first_ratio_dev)")
     importance_cap: float | None = _f(None, "truncated importance sampling: weight each token's policy loss by "
                                             "min(pi_old / pi_vllm, cap), correcting for vLLM sampling from a slightly "
                                             "different distribution than the actor's (bf16 kernels); None = off. "
@@ -522,6 +526,11 @@ def _validate(cfg: Any, where: str) -> None:
                 raise bad(key, f"must be > 0 (or unset), got {getattr(cfg, key)}")
         if cfg.importance_cap is not None and cfg.importance_cap < 1:
             raise bad("importance_cap", f"must be >= 1 (or unset: off), got {cfg.importance_cap}")
+        if cfg.old_logprobs not in ("actor", "engine"):
+            raise bad("old_logprobs", f"must be actor or engine, got {cfg.old_logprobs!r}")
+        if cfg.old_logprobs == "engine" and cfg.importance_cap is not None:
+            raise bad("importance_cap", "weights pi_old / pi_vllm, so it needs vllm.old_logprobs=actor (with engine "
+                                        "they are the same log-probs); unset one of the two")
     if isinstance(cfg, EvalConfig):
         if cfg.every is not None and cfg.every < 1:
             raise bad("every", f"must be >= 1 updates (or unset), got {cfg.every}")

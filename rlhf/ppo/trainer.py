@@ -206,6 +206,10 @@ class PPOTrainer:
         # are only compared with them (and reweight the loss with vllm.importance_cap)
         self.engine_logprobs_exact = self.engine.kind == "hf"
         self.importance_cap = getattr(vllm, "importance_cap", None) if not self.engine_logprobs_exact else None
+        # pi_old read off the generation pass: the HF engine's (ppo.logprobs_from_generation), or vLLM's when
+        # vllm.old_logprobs=engine; otherwise one actor forward over the rollout
+        self.old_logprobs_from_engine = (cfg.logprobs_from_generation if self.engine_logprobs_exact
+                                         else getattr(vllm, "old_logprobs", "actor") == "engine")
         self.reference_engine = engines.build(
             "hf", self.actor if self.reference_is_actor_base else self.ref, tokenizer,
             max_prompt_length=cfg.max_prompt_length, zero_stage=ds.zero_stage, gather=gather,
@@ -236,7 +240,9 @@ class PPOTrainer:
         else:
             critic = ("LoRA critic" if hasattr(self.critic.module, "disable_adapter") else "full critic") + ", frozen reward model"
         return (f"{self.plan.world} process(es), {zero}, {actor}; {critic}; advantages: {self.cfg.advantage_estimator}; "
-                f"rollouts: {self.engine.describe()}")
+                f"rollouts: {self.engine.describe()}"
+                + ("" if self.engine_logprobs_exact else "; pi_old: " + ("vLLM's log-probs" if self.old_logprobs_from_engine
+                                                                         else "an actor forward")))
 
     # --------------------------------------------------------------- weights and engines
     def _weights_changed(self) -> None:
@@ -336,9 +342,9 @@ class PPOTrainer:
         self.actor.eval()
         if self.critic is not None:
             self.critic.eval()
-        # pi_old from the generation pass (HF engine, ppo.logprobs_from_generation), else from one more
-        # actor forward; another engine's own log-probs come along to be compared with it
-        from_generation = cfg.logprobs_from_generation and self.engine_logprobs_exact
+        # pi_old from the generation pass (HF engine with ppo.logprobs_from_generation, vLLM with
+        # vllm.old_logprobs=engine), else from one more actor forward, vLLM's own then compared with it
+        from_generation = self.old_logprobs_from_engine
         with self.timer("generation"):  # under ZeRO-3 the HF engine gathers the weights once for the call
             g = self._generate(prompt_texts, reference=False, max_new_tokens=cfg.max_new_tokens, sampling=self.sampling,
                                batch_size=None, with_logprobs=from_generation or not self.engine_logprobs_exact)[0]
@@ -350,7 +356,7 @@ class PPOTrainer:
                                     response_mask=g.response_mask, ended=g.ended, sampling=self.sampling,
                                     chunk=cfg.forward_batch_size, value_scale=self.value_scale,
                                     logprobs=g.logprobs if from_generation else None)
-        if not self.engine_logprobs_exact:
+        if not from_generation and not self.engine_logprobs_exact:
             rollout.engine_logprobs = g.logprobs
         return rollout
 

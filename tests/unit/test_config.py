@@ -261,3 +261,18 @@ def test_new_keys_are_validated(override, key):
 def test_non_finite_values_are_rejected(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "': must be a finite number"):
         load_config(None, [override])
+
+
+def test_vllm_section_is_validated():
+    cfg = load_config(None, ["ppo.rollout_engine=vllm", "vllm.kv_cache_gb=0.5", "vllm.old_logprobs=engine"])
+    assert cfg.vllm.kv_cache_gb == 0.5 and cfg.vllm.old_logprobs == "engine" and cfg.vllm.importance_cap is None
+    for override, message in [("vllm.old_logprobs=vllm", "vllm.old_logprobs.*actor or engine"),
+                              ("vllm.gpu_memory_utilization=1.5", "vllm.gpu_memory_utilization.*in \\(0, 1\\]"),
+                              ("vllm.importance_cap=0.5", "vllm.importance_cap.*>= 1"),
+                              ("vllm.dtype=int8", "vllm.dtype.*float32, bfloat16 or float16"),
+                              ("vllm.max_model_len=0", "vllm.max_model_len.*> 0"),
+                              ("vllm.kv_cache_gbs=1", "did you mean 'vllm.kv_cache_gb'")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match="vllm.importance_cap.*needs vllm.old_logprobs=actor"):
+        load_config(None, ["vllm.old_logprobs=engine", "vllm.importance_cap=2"])

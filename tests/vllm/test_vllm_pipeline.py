@@ -132,3 +132,20 @@ def test_rlhf_generate_with_vllm_matches_hf_greedy(vllm_demo, tmp_path):
     same = sum(a == b for a, b in zip(out["hf"], out["vllm"]))
     # fp32 greedy: identical up to the rare near-tie that float rounding breaks the other way
     assert same >= 0.95 * len(out["hf"]), [(a, b) for a, b in zip(out["hf"], out["vllm"]) if a != b][:3]
+
+
+@pytest.mark.parametrize("old_logprobs", ["actor", "engine"])
+def test_bench_with_the_vllm_engine(tmp_path, old_logprobs):
+    """`rlhf bench --engine vllm`: the engine's generation tokens/s and its weight sync per update; with
+    vllm.old_logprobs=engine pi_old is vLLM's own (no actor forward in the rollout's scoring)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "bench", "--engine", "vllm", "--hidden", "64", "--layers",
+                           "1", "--heads", "2", "--intermediate", "128", "--episodes", "16", "--batch", "8",
+                           "--max-new-tokens", "6", "--ppo-epochs", "1", "--zero-stage", "2", "--json", str(out),
+                           "vllm.kv_cache_gb=0.0625", f"vllm.old_logprobs={old_logprobs}"],
+                          cwd=ROOT, env={**ENV, "MASTER_PORT": "29754"}, capture_output=True, text=True, timeout=600)
+    ok(proc)
+    r = json.loads(out.read_text())
+    assert r["rollout_engine"] == "vllm" and r["engine"].startswith("vllm in this process") and r["updates"] == 2
+    assert r["generation_tokens_per_s"] > 0 and r["weight_sync_s_per_update"] > 0 and r["engine_startup_s"] > 0
+    assert "weight sync:" in proc.stdout and "per second of generation" in proc.stdout
