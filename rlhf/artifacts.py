@@ -276,6 +276,9 @@ STAGE_CONFIG_KEYS = {
 
 # the reward stage measures reward_stats by sampling as PPO will: these ppo keys shape its result too
 REWARD_STATS_PPO_KEYS = ("temperature", "top_k", "top_p", "max_new_tokens", "max_prompt_length")
+# with ppo.rollout_engine=vllm these vllm keys shape PPO's result (the engine's precision, where pi_old
+# comes from, the importance weights); the others (memory, eager mode) only its speed
+VLLM_RESULT_KEYS = ("dtype", "old_logprobs", "importance_cap")
 
 
 def stage_config(config: dict, stage: str) -> dict:
@@ -283,6 +286,8 @@ def stage_config(config: dict, stage: str) -> dict:
     out = {k: config[k] for k in STAGE_CONFIG_KEYS[stage]}
     if stage == REWARD:
         out["ppo_sampling"] = {k: config.get("ppo", {}).get(k) for k in REWARD_STATS_PPO_KEYS}
+    if stage == PPO and config.get("ppo", {}).get("rollout_engine") == "vllm":
+        out["vllm"] = {k: config.get("vllm", {}).get(k) for k in VLLM_RESULT_KEYS}
     return out
 
 

@@ -268,6 +268,24 @@ def test_stage_config_keys():
     assert set(A.stage_config(cfg, PPO)) == {"seed", "model", "deepspeed", "sft", "reward", "ppo", "eval"}
 
 
+def test_vllm_settings_that_shape_ppo_are_part_of_its_stage_config():
+    """With the vllm engine, its precision, pi_old source and importance cap change PPO's result (rerun,
+    no resume); its memory settings do not; with the hf engine the vllm section plays no part."""
+    from rlhf.config import load_config
+
+    def ppo(*overrides):
+        return A.sha256_json(A.stage_config(load_config(None, list(overrides)).to_dict(), PPO))
+
+    assert ppo() == ppo("vllm.old_logprobs=engine")  # hf engine: the vllm section is not read
+    base = ppo("ppo.rollout_engine=vllm")
+    assert base != ppo()
+    assert base == ppo("ppo.rollout_engine=vllm", "vllm.kv_cache_gb=4", "vllm.enforce_eager=false")
+    for key in ("vllm.old_logprobs=engine", "vllm.importance_cap=2", "vllm.dtype=bfloat16"):
+        assert base != ppo("ppo.rollout_engine=vllm", key), key
+    old_manifest = {k: v for k, v in load_config(None, []).to_dict().items() if k != "vllm"}  # written before vllm
+    assert A.stage_config(old_manifest, PPO) == A.stage_config(load_config(None, []).to_dict(), PPO)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def test_prepare_checkpoints_resume_and_discard(tmp_path):
