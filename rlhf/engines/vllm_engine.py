@@ -258,7 +258,7 @@ class VLLMEngine:
             kw["kv_cache_memory_bytes"] = int(kv_gb * (1 << 30))
         if self.settings.max_model_len is not None:
             kw["max_model_len"] = self.settings.max_model_len
-        if self.on_gpu and not self._owns_process_group:
+        if self.on_gpu and not self._owns_process_group and torch.distributed.get_world_size() > 1:
             # one engine per rank on its own GPU (cuda:LOCAL_RANK), in the launcher's world, as TRL's colocate mode
             kw["distributed_executor_backend"] = "external_launcher"
         t0 = time.time()
