@@ -112,6 +112,14 @@ def all_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_max(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of `t` over all processes (a float32 copy)."""
+    t = t.detach().float().clone()
+    if _several():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
 def all_gather_objects(obj: Any) -> list:
     """Every process's `obj`, in rank order."""
     if not _several():

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from rlhf import distributed, engines, faults
 from rlhf.artifacts import ArtifactError
 from rlhf.config import DeepSpeedConfig, PPOStageConfig
-from rlhf.distributed import all_gather_objects, all_mean
+from rlhf.distributed import all_gather_objects, all_max, all_mean
 from rlhf.generation import Generated, Sampling
 from rlhf.metric_names import PPO
 from rlhf.models import disable_dropout, publish_model
@@ -385,10 +385,10 @@ class PPOTrainer:
         advantages, returns = self.estimator.compute(core.AdvantageInputs(rewards, mask, rollout.values,
                                                                           cfg.gamma, cfg.lam))
         check_finite("the advantages", advantages)
-        # 5. PPO epochs: clipped policy (and value) losses over shuffled mini-batches
         # 4b. an inference engine's log-probs against pi_old: logged, and with vllm.importance_cap the
         #     policy loss of each token reweighted by min(pi_old / pi_engine, cap)                (B, R)
         engine_stats, is_weights = self._engine_mismatch(rollout, mask)
+        # 5. PPO epochs: clipped policy (and value) losses over shuffled mini-batches
         t1 = time.time()
         stats = self._ppo_epochs(rollout, mask, advantages, returns, is_weights)  # name -> (micro-batches,)
         t_update = time.time() - t1
@@ -409,11 +409,8 @@ class PPOTrainer:
         if rollout.engine_logprobs is None:
             return {}, None
         diff = (rollout.logprobs - rollout.engine_logprobs).abs() * mask
-        mean = all_mean(diff.sum() / mask.sum().clamp(min=1))
-        peak = diff.max()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-        out = {PPO.LOGPROB_DIFF_MEAN: float(mean), PPO.LOGPROB_DIFF_MAX: float(peak)}
+        out = {PPO.LOGPROB_DIFF_MEAN: float(all_mean(diff.sum() / mask.sum().clamp(min=1))),
+               PPO.LOGPROB_DIFF_MAX: float(all_max(diff.max()))}
         weights = None
         if self.importance_cap is not None:
             weights = core.truncated_importance_weights(rollout.logprobs, rollout.engine_logprobs, mask,
