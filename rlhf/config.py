@@ -40,7 +40,13 @@ def _copy(d: Any) -> Any:
 
 # the values ppo.advantage_estimator and ppo.rollout_engine accept: the names of
 # rlhf.ppo.core.ADVANTAGE_ESTIMATORS and of rlhf.engines.build's engines (a test keeps them equal)
-ADVANTAGE_ESTIMATORS = ("gae",)
+ADVANTAGE_ESTIMATORS = ("gae", "rloo", "grpo", "dr_grpo", "reinforce_pp")
+# the estimators that compare the samples of one prompt with each other (ppo.samples_per_prompt >= 2)
+GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo")
+# ppo.loss_aggregation=auto: each estimator's own paper's choice (rlhf.ppo.core.policy_loss says what each means)
+DEFAULT_AGGREGATION = {"gae": "token_mean", "rloo": "seq_sum", "grpo": "seq_mean", "dr_grpo": "seq_sum",
+                       "reinforce_pp": "token_mean"}
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")
 ROLLOUT_ENGINES = ("hf", "vllm")
 
 
@@ -141,9 +147,12 @@ class RewardStageConfig:
 class PPOStageConfig:
     train_prompts: str | None = _f(None, "prompts {prompt} for rollouts", path=True)
     eval_prompts: str | None = _f(None, "held-out prompts for samples and evaluation", path=True)
-    total_episodes: int = _f(3072, "prompts rolled out in total (across processes)")
-    rollout_batch_size: int = _f(32, "prompts per rollout, per process")
-    mini_batch_size: int = _f(16, "rollouts per optimizer step, per process (must divide rollout_batch_size)")
+    total_episodes: int = _f(3072, "responses sampled in total (across processes): prompts x samples_per_prompt")
+    rollout_batch_size: int = _f(32, "prompts per rollout, per process (each sampled samples_per_prompt times)")
+    samples_per_prompt: int = _f(1, "k: responses sampled for each drawn prompt (rloo, grpo and dr_grpo compare the "
+                                    "k samples of a prompt with each other and need k >= 2)")
+    mini_batch_size: int = _f(16, "responses per optimizer step, per process (must divide rollout_batch_size x "
+                                  "samples_per_prompt)")
     grad_accum: int = _f(1, "micro-batches per mini-batch (must divide mini_batch_size)")
     ppo_epochs: int = _f(4, "passes over each rollout batch")
     learning_rate: float = _f(3e-4, "actor learning rate")
@@ -183,7 +192,19 @@ class PPOStageConfig:
     gradient_checkpointing: bool = _f(False, "recompute the actor's and critic's activations in the update's backward "
                                              "pass (less memory, ~30% more update time)")
     advantage_estimator: str = _f("gae", "how rewards become advantages: gae (generalised advantage estimation "
-                                         "over a critic started from the reward model)")
+                                         "over a critic started from the reward model); critic-free: rloo (leave-one-"
+                                         "out baseline, Ahmadian et al. 2024), grpo (group mean and std, Shao et al. "
+                                         "2024), dr_grpo (group mean, no std, Liu et al. 2025), reinforce_pp (batch-"
+                                         "normalised returns, group mean baseline when k >= 2; Hu 2025)")
+    loss_aggregation: str = _f("auto", "how the per-token policy loss is averaged: token_mean (over every response "
+                                      "token of the micro-batch), seq_mean (each response's token mean, then over "
+                                      "responses), seq_sum (each response's token sum / max_new_tokens, then over "
+                                      "responses: Dr. GRPO's constant normaliser), or auto: the estimator's paper's "
+                                      "(gae token_mean, rloo seq_sum, grpo seq_mean, dr_grpo seq_sum, reinforce_pp "
+                                      "token_mean)")
+    kl_penalty: str = _f("reward", "where the KL to the SFT policy enters: reward (-kl_coef x KL_t in each token's "
+                                   "reward) or loss (kl_coef x KL_t of the current policy added to the policy loss, "
+                                   "GRPO's form; use with kl_estimator=k3)")
     rollout_engine: str = _f("hf", "what samples rollouts, evaluations and reward statistics: hf (transformers "
                                    "generate() on the live policy) or vllm (a vLLM engine in each process, synced "
                                    "from the actor after every update; settings in the vllm section)")
@@ -223,7 +244,9 @@ class EvalConfig:
                                  "default: an eighth of the run")
     best_of_n: list = _f([1, 2, 4, 8, 16], "n of the best-of-n baseline (SFT samples, the reward model's favourite "
                                            "kept); [] = off")
-    best_of_n_prompts: int = _f(32, "held-out prompts the best-of-n baseline samples on")
+    best_of_n_prompts: int | None = _f(None, "held-out prompts the best-of-n baseline samples on (the first ones); "
+                                             "default: all of the evaluation's (eval.num_prompts), so best-of-1 and "
+                                             "the eval curve's SFT point are the same policy on the same prompts")
 
 
 @dataclass(frozen=True)
@@ -492,8 +515,23 @@ def _validate(cfg: Any, where: str) -> None:
                                              f"got {cfg.advantage_estimator!r}")
         if cfg.rollout_engine not in ROLLOUT_ENGINES:
             raise bad("rollout_engine", f"must be one of {', '.join(ROLLOUT_ENGINES)}, got {cfg.rollout_engine!r}")
-        if cfg.rollout_batch_size % cfg.mini_batch_size:
-            raise bad("mini_batch_size", f"{cfg.mini_batch_size} must divide rollout_batch_size={cfg.rollout_batch_size}")
+        if cfg.samples_per_prompt < 1:
+            raise bad("samples_per_prompt", f"must be >= 1, got {cfg.samples_per_prompt}")
+        if cfg.advantage_estimator in GROUP_ESTIMATORS and cfg.samples_per_prompt < 2:
+            raise bad("samples_per_prompt", f"must be >= 2 with advantage_estimator={cfg.advantage_estimator} (it "
+                                            f"compares the samples of one prompt), got {cfg.samples_per_prompt}")
+        if cfg.loss_aggregation not in ("auto",) + LOSS_AGGREGATIONS:
+            raise bad("loss_aggregation", f"must be auto, {', '.join(LOSS_AGGREGATIONS)}, got {cfg.loss_aggregation!r}")
+        if cfg.kl_penalty not in ("reward", "loss"):
+            raise bad("kl_penalty", f"must be reward or loss, got {cfg.kl_penalty!r}")
+        if cfg.whiten_rewards and cfg.advantage_estimator != "gae":
+            raise bad("whiten_rewards", f"applies to gae only (advantage_estimator={cfg.advantage_estimator} "
+                                        f"normalises its own advantages); set it to false")
+        samples = cfg.rollout_batch_size * cfg.samples_per_prompt
+        if samples % cfg.mini_batch_size:
+            raise bad("mini_batch_size", f"{cfg.mini_batch_size} must divide the responses per rollout, "
+                                         f"rollout_batch_size={cfg.rollout_batch_size} x samples_per_prompt="
+                                         f"{cfg.samples_per_prompt} = {samples}")
         if cfg.mini_batch_size % cfg.grad_accum:
             raise bad("grad_accum", f"{cfg.grad_accum} must divide mini_batch_size={cfg.mini_batch_size}")
         if cfg.temperature <= 0:
@@ -547,6 +585,13 @@ _POSITIVE = {"epochs", "learning_rate", "critic_learning_rate", "batch_size", "g
              "vocab_size", "hidden_size", "num_layers", "num_heads", "save_steps", "save_every",
              "logging_steps", "forward_batch_size", "num_prompts", "max_prompt_length", "stats_samples",
              "best_of_n_prompts"}
+
+
+def loss_aggregation(cfg: PPOStageConfig) -> str:
+    """ppo.loss_aggregation with auto resolved to the estimator's own paper's choice."""
+    if cfg.loss_aggregation != "auto":
+        return cfg.loss_aggregation
+    return DEFAULT_AGGREGATION.get(cfg.advantage_estimator, "token_mean")
 
 
 def require(value: Any, key: str, what: str) -> Any:

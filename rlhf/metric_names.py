@@ -33,6 +33,9 @@ class PPO:
     POLICY_LOSS = "loss/policy_avg"
     VALUE_LOSS = "loss/value_avg"
     VALUE_CLIPFRAC = "val/clipfrac_avg"
+    KL_LOSS = "loss/kl_avg"                          # ppo.kl_penalty=loss: the KL term added to the policy loss (before beta)
+    ZERO_STD_GROUPS = "rollout/zero_std_groups"      # share of prompts whose k samples all scored the same (no signal
+                                                     # for rloo/grpo/dr_grpo); logged with samples_per_prompt >= 2
     RATIO = "val/ratio"
     RATIO_VAR = "val/ratio_var"
     NUM_EOS = "val/num_eos_tokens"

@@ -148,11 +148,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 @dataclass(frozen=True)
 class AdvantageInputs:
-    rewards: torch.Tensor          # (B, R) per-token rewards: -beta * KL_t, plus the score at the last token
+    rewards: torch.Tensor          # (B, R) per-token rewards: the penalties, plus the score at the last token
     mask: torch.Tensor             # (B, R) 1 on response tokens
     values: torch.Tensor | None    # (B, R) V_old(s_t) of the critic; None when the estimator needs none
     gamma: float                   # discount
     lam: float                     # GAE lambda
+    scores: torch.Tensor | None = None     # (B,) the sequence scores alone (normalised, EOS penalty, clip)
+    penalties: torch.Tensor | None = None  # (B, R) the per-token part of the rewards: -beta * KL_t (0 with the KL in the loss)
+    group: torch.Tensor | None = None      # (B,) which prompt each response answers: the k samples of a prompt share it
 
 
 @dataclass(frozen=True)
@@ -170,8 +173,82 @@ def gae_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return masked_whiten(advantages, x.mask), returns
 
 
+def group_stats(scores: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each response (B,): the size n, the sum and the unbiased variance of the scores of its
+    group (the responses to the same prompt, itself included). A group of one has variance 0."""
+    _, idx = torch.unique(group, return_inverse=True)
+    scores = scores.float()
+    zeros = torch.zeros(int(idx.max()) + 1, dtype=scores.dtype, device=scores.device)
+    n = zeros.index_add(0, idx, torch.ones_like(scores))
+    total = zeros.index_add(0, idx, scores)
+    dev2 = zeros.index_add(0, idx, (scores - (total / n)[idx]) ** 2)
+    var = torch.where(n > 1, dev2 / (n - 1).clamp_min(1), torch.zeros_like(dev2))
+    return n[idx], total[idx], var[idx]
+
+
+def leave_one_out_baseline(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """(B,) the mean score of the *other* responses to the same prompt (Ahmadian et al. 2024);
+    a response alone in its group is its own baseline (advantage 0: nothing to compare it with)."""
+    n, total, _ = group_stats(scores, group)
+    return torch.where(n > 1, (total - scores.float()) / (n - 1).clamp_min(1), scores.float())
+
+
+def _sequence_advantages(x: AdvantageInputs, score_advantage: torch.Tensor) -> torch.Tensor:
+    """(B, R): each token's advantage = its response's score advantage (B,) plus the per-token
+    penalties from that token to the end (the KL part of the return, undiscounted); 0 on padding."""
+    penalties = torch.zeros_like(x.mask) if x.penalties is None else x.penalties * x.mask
+    to_go = penalties.flip(1).cumsum(1).flip(1)
+    return (score_advantage[:, None].to(to_go.dtype) + to_go) * x.mask
+
+
+def _scores_and_group(x: AdvantageInputs, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.scores is None:
+        raise ValueError(f"the {name} estimator needs the sequence scores")
+    group = x.group if x.group is not None else torch.arange(x.scores.shape[0], device=x.scores.device)
+    return x.scores.float(), group
+
+
+GRPO_EPS = 1e-4  # added to the group's std (as TRL's GRPO trainer): an all-equal group gets advantage 0
+
+
+def rloo_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
+    """RLOO (Ahmadian et al. 2024, "Back to Basics"): score minus the leave-one-out mean of the
+    other k-1 samples of the same prompt; not normalised."""
+    s, g = _scores_and_group(x, "rloo")
+    return _sequence_advantages(x, s - leave_one_out_baseline(s, g)), None
+
+
+def grpo_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
+    """GRPO's outcome supervision (Shao et al. 2024, DeepSeekMath): (score - group mean) / (group std + eps),
+    the std unbiased and over the prompt's own k samples."""
+    s, g = _scores_and_group(x, "grpo")
+    n, total, var = group_stats(s, g)
+    return _sequence_advantages(x, (s - total / n) / (var.sqrt() + GRPO_EPS)), None
+
+
+def dr_grpo_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-like training"): score - group mean, with no
+    division by the std (which up-weights prompts that are too easy or too hard)."""
+    s, g = _scores_and_group(x, "dr_grpo")
+    n, total, _ = group_stats(s, g)
+    return _sequence_advantages(x, s - total / n), None
+
+
+def reinforce_pp_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
+    """REINFORCE++ (Hu 2025): each token's return (score plus the KL penalties to go), whitened over
+    the batch's response tokens. With several samples per prompt the group mean is subtracted first
+    (the paper's REINFORCE++-baseline); a prompt sampled once keeps its score."""
+    s, g = _scores_and_group(x, "reinforce_pp")
+    n, total, _ = group_stats(s, g)
+    return masked_whiten(_sequence_advantages(x, s - total / n * (n > 1)), x.mask), None
+
+
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
     "gae": AdvantageEstimator(gae_advantages, needs_critic=True),
+    "rloo": AdvantageEstimator(rloo_advantages, needs_critic=False),
+    "grpo": AdvantageEstimator(grpo_advantages, needs_critic=False),
+    "dr_grpo": AdvantageEstimator(dr_grpo_advantages, needs_critic=False),
+    "reinforce_pp": AdvantageEstimator(reinforce_pp_advantages, needs_critic=False),
 }
 
 
@@ -181,9 +258,30 @@ def advantage_estimator(name: str) -> AdvantageEstimator:
     except KeyError:
         raise ValueError(f"ppo.advantage_estimator={name!r} is not one of {sorted(ADVANTAGE_ESTIMATORS)}") from None
 
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, max_len: int | None = None) -> torch.Tensor:
+    """A scalar from per-token losses (b, R) (ppo.loss_aggregation):
+    token_mean  sum over all real tokens / their number (long responses weigh more);
+    seq_mean    each response's token mean, then the mean over responses (GRPO);
+    seq_sum     each response's token sum / max_len, then the mean over responses: Dr. GRPO's constant
+                normaliser (no length bias); max_len is the *configured* longest response, never the
+                batch's padded width, which changes from batch to batch."""
+    if how == "token_mean":
+        return masked_mean(per_token, mask)
+    if how == "seq_mean":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
+    if how == "seq_sum":
+        if not max_len:
+            raise ValueError("seq_sum aggregation needs max_len (ppo.max_new_tokens)")
+        return (per_token * mask).sum(1).mean() / max_len
+    raise ValueError(f"unknown loss aggregation {how!r}; use token_mean, seq_mean or seq_sum")
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate objective (as a loss) and its diagnostics: clipfrac, approxkl, ratio.
+                cliprange: float, weights: torch.Tensor | None = None, aggregation: str = "token_mean",
+                max_len: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate objective (as a loss, aggregated as `aggregate` says) and its diagnostics
+    (token means): clipfrac, approxkl, ratio.
     `weights` (B, R), constants: each token's loss scaled (truncated importance sampling)."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
@@ -192,7 +290,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     per_token = torch.maximum(unclipped, clipped)
     if weights is not None:
         per_token = per_token * weights
-    loss = masked_mean(per_token, mask)
+    loss = aggregate(per_token, mask, aggregation, max_len)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf import distributed, engines, faults
 from rlhf.artifacts import ArtifactError
-from rlhf.config import DeepSpeedConfig, PPOStageConfig
+from rlhf.config import DeepSpeedConfig, PPOStageConfig, loss_aggregation
 from rlhf.distributed import all_gather_objects, all_max, all_mean
 from rlhf.generation import Generated, Sampling
 from rlhf.metric_names import PPO
@@ -52,18 +52,26 @@ class Plan:
 
     world: int
     rollout_batch: int        # prompts per rollout, per process
-    mini_batch: int           # rollouts per optimizer step, per process
+    mini_batch: int           # responses per optimizer step, per process
     micro_batch: int          # rows per forward/backward
     grad_accum: int
     num_updates: int          # rollouts in the whole run
-    episodes_per_update: int  # across processes
+    episodes_per_update: int  # responses per rollout, across processes
+    samples_per_prompt: int = 1  # k: responses per drawn prompt
+
+    @property
+    def rollout_samples(self) -> int:
+        """Responses per rollout, per process: rollout_batch prompts x k."""
+        return self.rollout_batch * self.samples_per_prompt
 
     @staticmethod
     def make(cfg: PPOStageConfig, world: int) -> "Plan":
-        per_update = cfg.rollout_batch_size * world
+        k = cfg.samples_per_prompt
+        per_update = cfg.rollout_batch_size * k * world
         return Plan(world=world, rollout_batch=cfg.rollout_batch_size, mini_batch=cfg.mini_batch_size,
                     micro_batch=cfg.mini_batch_size // cfg.grad_accum, grad_accum=cfg.grad_accum,
-                    num_updates=max(1, math.ceil(cfg.total_episodes / per_update)), episodes_per_update=per_update)
+                    num_updates=max(1, math.ceil(cfg.total_episodes / per_update)), episodes_per_update=per_update,
+                    samples_per_prompt=k)
 
 
 def engine_config(ds: DeepSpeedConfig, dtype: str, plan: Plan, grad_clip: float) -> dict:
@@ -163,6 +171,8 @@ class PPOTrainer:
         `timer`: where phase seconds go (the benchmark's waits for the GPU at each phase's end).
         `vllm`: the config's vllm section (ppo.rollout_engine=vllm); `seed`: the vLLM engine's start-up seed."""
         self.estimator = core.advantage_estimator(cfg.advantage_estimator)
+        self.aggregation = loss_aggregation(cfg)   # how the per-token policy loss becomes a scalar
+        self.kl_in_loss = cfg.kl_penalty == "loss"
         if self.estimator.needs_critic != (critic_model is not None):
             raise ValueError(f"ppo.advantage_estimator={cfg.advantage_estimator} "
                              + ("needs a critic model" if self.estimator.needs_critic else "uses no critic model"))
@@ -179,7 +189,7 @@ class PPOTrainer:
         for m in (actor_model, critic_model, reward_model, ref_model):
             if m is not None:  # the ratio is 1 on the first minibatch only without dropout (N+ details)
                 disable_dropout(m)
-        steps = self.plan.num_updates * cfg.ppo_epochs * (self.plan.rollout_batch // self.plan.mini_batch)
+        steps = self.plan.num_updates * cfg.ppo_epochs * (self.plan.rollout_samples // self.plan.mini_batch)
         train_json = engine_config(ds, dtype, self.plan, cfg.max_grad_norm)
         self.actor = distributed.make_trainable(actor_model, cfg.learning_rate, train_json, steps)
         self.critic = (distributed.make_trainable(critic_model, cfg.critic_learning_rate, train_json, steps)
@@ -239,7 +249,10 @@ class PPOTrainer:
             critic = "LoRA critic, reward model = its base"
         else:
             critic = ("LoRA critic" if hasattr(self.critic.module, "disable_adapter") else "full critic") + ", frozen reward model"
-        return (f"{self.plan.world} process(es), {zero}, {actor}; {critic}; advantages: {self.cfg.advantage_estimator}; "
+        k = self.plan.samples_per_prompt
+        return (f"{self.plan.world} process(es), {zero}, {actor}; {critic}; advantages: {self.cfg.advantage_estimator}"
+                + (f" ({k} samples per prompt)" if k > 1 else "")
+                + f", loss {self.aggregation}, KL in the {self.cfg.kl_penalty}; "
                 f"rollouts: {self.engine.describe()}"
                 + ("" if self.engine_logprobs_exact else "; pi_old: " + ("vLLM's log-probs" if self.old_logprobs_from_engine
                                                                          else "an actor forward")))
@@ -361,11 +374,15 @@ class PPOTrainer:
         return rollout
 
     def step(self, prompt_texts: list[str]) -> dict:
-        """One PPO update on `prompt_texts` (this process's share): the numbered maths below."""
+        """One PPO update on `prompt_texts` (this process's share of the prompts, each sampled
+        ppo.samples_per_prompt times): the numbered maths below."""
         cfg = self.cfg
+        k = self.plan.samples_per_prompt
         t0 = time.time()
-        # 1. rollout: sample responses, score them with the reference, critic and reward model
-        rollout = self.rollout(prompt_texts)
+        # 1. rollout: each prompt k times (its samples adjacent, group = the prompt's index), the
+        #    responses scored with the reference, critic and reward model
+        rollout = self.rollout([t for t in prompt_texts for _ in range(k)])
+        group = torch.arange(len(prompt_texts), device=rollout.raw_scores.device).repeat_interleave(k)  # (B,)
         t_rollout = time.time() - t0
         mask = rollout.response_mask.float()                                   # (B, R) 1 on response tokens
         # 2. sequence scores in normalised units (reward_stats), EOS penalty, clip        (B,)
@@ -375,15 +392,16 @@ class PPOTrainer:
         if cfg.score_clip is not None:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
         check_finite("the reward model's scores", scores)
-        # 3. per-token rewards: -beta * KL_t at every token, plus the score at the last one (B, R)
+        # 3. per-token rewards: -beta * KL_t at every token, plus the score at the last one (B, R);
+        #    with ppo.kl_penalty=loss the KL is a loss term instead (5.) and the rewards are the score alone
         kl = core.kl_estimate(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask
-        rewards, non_score = core.kl_penalty_rewards(scores, kl, self.kl_ctl.value, mask)
+        rewards, non_score = core.kl_penalty_rewards(scores, kl, self.kl_ctl.value if not self.kl_in_loss else 0.0, mask)
         if cfg.whiten_rewards:
             rewards = core.masked_whiten(rewards, mask, shift_mean=False)
-        # 4. advantages (and the critic's returns) by ppo.advantage_estimator; GAE: over the
-        #    critic's values, advantages whitened                                        (B, R)
-        advantages, returns = self.estimator.compute(core.AdvantageInputs(rewards, mask, rollout.values,
-                                                                          cfg.gamma, cfg.lam))
+        # 4. advantages (and the critic's returns) by ppo.advantage_estimator: gae over the critic's
+        #    values, or a critic-free estimator over the scores of each prompt's k samples     (B, R)
+        advantages, returns = self.estimator.compute(core.AdvantageInputs(
+            rewards, mask, rollout.values, cfg.gamma, cfg.lam, scores=scores, penalties=non_score, group=group))
         check_finite("the advantages", advantages)
         # 4b. an inference engine's log-probs against pi_old: logged, and with vllm.importance_cap the
         #     policy loss of each token reweighted by min(pi_old / pi_engine, cap)                (B, R)
@@ -400,6 +418,9 @@ class PPOTrainer:
         metrics = self._metrics(rollout, mask, scores, non_score, mean_kl, stats,
                                 {"rollout": t_rollout, "update": t_update, "step": time.time() - t0})
         metrics.update(engine_stats)
+        if k > 1:
+            _, _, var = core.group_stats(scores, group)
+            metrics[PPO.ZERO_STD_GROUPS] = float(all_mean((var == 0).float().mean()))
         self._check_metrics(metrics, mean_kl)
         return metrics
 
@@ -427,6 +448,8 @@ class PPOTrainer:
         cfg, plan, timer, critic = self.cfg, self.plan, self.timer, self.critic
         self.actor.train()
         names = ["pg_loss", "pg_clipfrac", "approxkl", "entropy", "ratio", "first_ratio_dev"]
+        if self.kl_in_loss:
+            names.append("kl_loss")
         if critic is not None:
             critic.train()
             names += ["vf_loss", "vf_clipfrac"]
@@ -450,9 +473,16 @@ class PPOTrainer:
                             stats["first_ratio_dev"].append(
                                 (((logp.detach() - old_logp).exp() - 1).abs() * micro_mask).max())
                         pg_loss, pg_stats = core.policy_loss(logp, old_logp, advantages[idx], micro_mask, cfg.cliprange,
-                                                             None if is_weights is None else is_weights[idx])
-                        check_finite("the policy loss", pg_loss)
-                        self.actor.backward(pg_loss)
+                                                             None if is_weights is None else is_weights[idx],
+                                                             self.aggregation, cfg.max_new_tokens)
+                        loss = pg_loss
+                        if self.kl_in_loss:  # GRPO's form: beta * KL(pi_theta || pi_ref), aggregated like the loss
+                            kl_loss = core.aggregate(core.kl_estimate(logp, rollout.ref_logprobs[idx], cfg.kl_estimator),
+                                                     micro_mask, self.aggregation, cfg.max_new_tokens)
+                            loss = pg_loss + self.kl_ctl.value * kl_loss
+                            stats["kl_loss"].append(kl_loss.detach())
+                        check_finite("the policy loss", loss)
+                        self.actor.backward(loss)
                     with timer("optimizer"):
                         self.actor.step()
                     for k, v in (("pg_loss", pg_loss), ("pg_clipfrac", pg_stats["clipfrac"]),
@@ -495,6 +525,7 @@ class PPOTrainer:
             PPO.CLIPFRAC: mean["pg_clipfrac"],
             PPO.POLICY_ENTROPY: mean["entropy"],
             PPO.POLICY_LOSS: mean["pg_loss"],
+            **({PPO.KL_LOSS: mean["kl_loss"]} if "kl_loss" in mean else {}),
             **({PPO.VALUE_LOSS: mean["vf_loss"], PPO.VALUE_CLIPFRAC: mean["vf_clipfrac"]} if "vf_loss" in mean else {}),
             PPO.RATIO: mean["ratio"],
             PPO.RATIO_VAR: float(all_mean(stats["ratio"].var(unbiased=False))),

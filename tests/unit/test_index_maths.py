@@ -369,9 +369,14 @@ def test_prompt_stream_resumes_from_its_position():
                            episodes_per_update=32)),
     (16, 32, 8, 1, 1, dict(rollout_batch=32, mini_batch=8, micro_batch=8, grad_accum=1, num_updates=1,
                           episodes_per_update=32)),  # fewer episodes than one rollout: still one update
+    # k = 4 samples per prompt: 8 prompts -> 32 responses per process, 64 per update with 2 processes;
+    # total_episodes counts responses: ceil(200 / 64) = 4 updates
+    (200, 8, 16, 2, 2, dict(rollout_batch=8, mini_batch=16, micro_batch=8, grad_accum=2, num_updates=4,
+                           episodes_per_update=64, samples_per_prompt=4)),
 ])
 def test_plan_sizes_by_hand(total, rollout, mini, accum, world, want):
-    c = PPOStageConfig(total_episodes=total, rollout_batch_size=rollout, mini_batch_size=mini, grad_accum=accum)
+    c = PPOStageConfig(total_episodes=total, rollout_batch_size=rollout, mini_batch_size=mini, grad_accum=accum,
+                       samples_per_prompt=want.get("samples_per_prompt", 1))
     plan = Plan.make(c, world)
     assert plan == Plan(world=world, **want)
     ds = engine_config(DeepSpeedConfig(), "float32", plan, 1.0)
@@ -383,8 +388,12 @@ def test_plan_sizes_by_hand(total, rollout, mini, accum, world, want):
 def test_inconsistent_ppo_sizes_are_refused_before_a_plan_exists():
     from rlhf.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="must divide rollout_batch_size=8"):
+    with pytest.raises(ConfigError, match="must divide the responses per rollout, rollout_batch_size=8"):
         load_config(None, ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=3"])
+    # k samples per prompt: the mini-batch counts responses (8 prompts x 3 = 24: 16 does not divide it)
+    with pytest.raises(ConfigError, match="samples_per_prompt=3 = 24"):
+        load_config(None, ["ppo.rollout_batch_size=8", "ppo.samples_per_prompt=3", "ppo.mini_batch_size=16"])
+    assert load_config(None, ["ppo.rollout_batch_size=8", "ppo.samples_per_prompt=3", "ppo.mini_batch_size=12"])
     with pytest.raises(ConfigError, match="must divide mini_batch_size=4"):
         load_config(None, ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.grad_accum=3"])
 

@@ -27,8 +27,11 @@ def test_config_accepts_exactly_the_registered_estimators_and_engines(tmp_path):
     assert engines.VLLMEngine.kind == "vllm"  # built on vLLM itself in tests/vllm
     with pytest.raises(ValueError, match="unknown rollout engine 'nope'"):
         engines.build("nope", _policy(), _Tok(), max_prompt_length=8)
-    with pytest.raises(config.ConfigError, match="ppo.advantage_estimator.*must be one of gae"):
-        config.load_config(None, ["ppo.advantage_estimator=rloo"])
+    with pytest.raises(config.ConfigError, match="ppo.advantage_estimator.*must be one of gae, rloo, grpo, dr_grpo, "
+                                                 "reinforce_pp"):
+        config.load_config(None, ["ppo.advantage_estimator=ppo"])
+    assert set(config.DEFAULT_AGGREGATION) == set(core.ADVANTAGE_ESTIMATORS)
+    assert set(config.GROUP_ESTIMATORS) < set(config.ADVANTAGE_ESTIMATORS)
     with pytest.raises(config.ConfigError, match="ppo.rollout_engine.*must be one of hf, vllm"):
         config.load_config(None, ["ppo.rollout_engine=tgi"])
     assert config.load_config(None, ["ppo.rollout_engine=vllm"]).ppo.rollout_engine == "vllm"
