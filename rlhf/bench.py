@@ -56,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="ppo.logprobs_from_generation=false: one more actor forward per rollout")
     run.add_argument("--engine", choices=("hf", "vllm"), default=None,
                      help="rollout engine (ppo.rollout_engine; default: the config's): hf generate() or vLLM")
+    run.add_argument("--estimator", default=None,
+                     help="ppo.advantage_estimator (default: the config's), or `all`: each estimator in turn, each in "
+                          "a fresh process (its own peak memory), then one table")
+    run.add_argument("--samples-per-prompt", type=int, default=None,
+                     help="ppo.samples_per_prompt k (default: the config's); --batch counts prompts, so an update "
+                          "has batch x k responses")
     run.add_argument("--warmup", type=int, default=1, help="untimed updates before the timed ones")
     run.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -64,8 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(a: argparse.Namespace, world: int) -> list[str]:
-    mini = a.mini_batch or a.batch
-    per_update = a.batch * world
+    k = a.samples_per_prompt or 1
+    mini = a.mini_batch or a.batch * k
+    per_update = a.batch * k * world
     updates = max(1, math.ceil(a.episodes / per_update)) + a.warmup
     out = [f"ppo.rollout_batch_size={a.batch}", f"ppo.mini_batch_size={mini}", f"ppo.grad_accum={a.grad_accum}",
            f"ppo.max_new_tokens={a.max_new_tokens}", f"ppo.ppo_epochs={a.ppo_epochs}",
@@ -81,6 +88,10 @@ def _overrides(a: argparse.Namespace, world: int) -> list[str]:
         out.append(f"model.dtype={a.dtype}")
     if a.engine:
         out.append(f"ppo.rollout_engine={a.engine}")
+    if a.estimator:
+        out.append(f"ppo.advantage_estimator={a.estimator}")
+    if a.samples_per_prompt:
+        out.append(f"ppo.samples_per_prompt={a.samples_per_prompt}")
     return out + list(a.overrides)
 
 
@@ -226,6 +237,7 @@ def run(a: argparse.Namespace) -> dict:
         "model": described, "device": device, "processes": world, "zero_stage": cfg.deepspeed.zero_stage,
         "engine_zero_stage": trainer.ds.zero_stage,
         "dtype": cfg.model.dtype, "batch": c.rollout_batch_size, "mini_batch": c.mini_batch_size,
+        "estimator": c.advantage_estimator, "samples_per_prompt": c.samples_per_prompt, "critic": trainer.critic is not None,
         "grad_accum": c.grad_accum, "max_new_tokens": c.max_new_tokens, "ppo_epochs": c.ppo_epochs,
         "gradient_checkpointing": c.gradient_checkpointing, "logprobs_from_generation": c.logprobs_from_generation,
         "rollout_engine": c.rollout_engine, "engine": trainer.engine.describe(), "engine_startup_s": engine_startup_s,
@@ -245,7 +257,9 @@ def render(r: dict) -> str:
     zero = f"ZeRO-{r['zero_stage']}" + (f" (engines at stage {r['engine_zero_stage']}: one process, nothing to partition)"
                                          if r["engine_zero_stage"] != r["zero_stage"] else "")
     lines = [f"model: {r['model']}", f"device: {r['device']} x{r['processes']}, {zero}, {r['dtype']}",
-             f"sizes: batch {r['batch']}, mini-batch {r['mini_batch']}, {r['max_new_tokens']} new tokens, "
+             f"advantages: {r['estimator']} ({'with' if r['critic'] else 'no'} critic), {r['samples_per_prompt']} "
+             f"sample(s) per prompt",
+             f"sizes: batch {r['batch']} prompts, mini-batch {r['mini_batch']}, {r['max_new_tokens']} new tokens, "
              f"{r['ppo_epochs']} PPO epochs, gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'}",
              f"timed: {r['updates']} updates, {r['episodes']} episodes in {r['seconds']:.2f} s",
              f"rollout engine: {r['engine']}",
@@ -269,6 +283,8 @@ def bench(a: argparse.Namespace) -> int:
     from rlhf.engines import EngineUnavailable
     from rlhf.stage_io import USER_ERRORS
 
+    if a.estimator == "all":
+        return bench_estimators(a)
     try:
         r = run(a)
     except (*USER_ERRORS, EngineUnavailable) as e:
@@ -280,6 +296,63 @@ def bench(a: argparse.Namespace) -> int:
         if a.json:
             Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
     return 0
+
+
+def bench_estimators(a: argparse.Namespace) -> int:
+    """--estimator all: every advantage estimator at the same sizes and the same k (>= 2, which the
+    group estimators need), each in a fresh process so that each peak memory is its own; one table."""
+    import subprocess
+
+    from rlhf.config import ADVANTAGE_ESTIMATORS
+
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        print("[bench] error: --estimator all runs one process per estimator; under the deepspeed launcher give one "
+              "--estimator at a time", file=sys.stderr)
+        return 2
+    if (a.samples_per_prompt or 1) < 2:
+        print("[bench] error: --estimator all needs --samples-per-prompt >= 2 (rloo, grpo and dr_grpo compare the "
+              "samples of a prompt; every estimator then sees the same responses per update)", file=sys.stderr)
+        return 2
+    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]  # `rlhf bench ...` or `rlhf/bench.py ...`
+    rows = []
+    for name in ADVANTAGE_ESTIMATORS:
+        out = Path(a.json or "bench.json").with_suffix(f".{name}.json")
+        cmd = [sys.executable, str(Path(__file__).resolve()), *_without(argv, "--estimator", "--json"),
+               "--estimator", name, "--json", str(out)]
+        print(f"[bench] {name}: {' '.join(cmd[2:])}", flush=True)
+        proc = subprocess.run(cmd, env={**os.environ, "MASTER_PORT": os.environ.get("MASTER_PORT", "29500")})
+        if proc.returncode != 0:
+            return proc.returncode
+        rows.append(json.loads(out.read_text()))
+    print(render_table(rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _without(argv: list[str], *flags: str) -> list[str]:
+    """argv without the given flags and their values (`--flag v` or `--flag=v`)."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in flags:
+            skip = True
+        elif not any(x.startswith(f + "=") for f in flags):
+            out.append(x)
+    return out
+
+
+def render_table(rows: list[dict]) -> str:
+    """One line per estimator: throughput and peak memory side by side."""
+    head = f"{'estimator':<13} {'critic':<6} {'episodes/s':>10} {'tokens/s':>9} {'peak MiB':>9}  seconds per phase"
+    lines = [head]
+    for r in rows:
+        mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+        ph = ", ".join(f"{k} {v:.2f}" for k, v in r["phase_seconds"].items() if v >= 0.005)
+        lines.append(f"{r['estimator']:<13} {'yes' if r['critic'] else 'no':<6} {r['episodes_per_s']:>10.2f} "
+                     f"{r['generated_tokens_per_s']:>9.1f} {mem:>9}  {ph}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

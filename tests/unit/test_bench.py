@@ -39,3 +39,21 @@ def test_bench_reports_throughput_phases_and_memory(tmp_path):
     assert sum(r["phase_seconds"].values()) == pytest.approx(r["seconds"], rel=1e-3)
     assert r["peak_memory_mb"] > 50
     assert "episodes/s:" in proc.stdout and "seconds per phase:" in proc.stdout
+
+
+def test_estimator_flags_become_config_overrides_and_all_needs_several_samples(capsys):
+    import argparse
+
+    from rlhf import bench
+
+    ap = argparse.ArgumentParser()
+    bench.add_arguments(ap)
+    a = ap.parse_args(["--batch", "8", "--samples-per-prompt", "4", "--episodes", "64", "--estimator", "grpo"])
+    ov = bench._overrides(a, world=1)
+    # --batch counts prompts: 8 x 4 = 32 responses per update and per mini-batch; 64 timed + 1 warm-up update
+    assert {"ppo.rollout_batch_size=8", "ppo.samples_per_prompt=4", "ppo.mini_batch_size=32",
+            "ppo.advantage_estimator=grpo", "ppo.total_episodes=96"} <= set(ov)
+    assert bench._without(["--estimator", "all", "--batch=8", "--json=x", "--layers", "1"], "--estimator", "--json") \
+        == ["--batch=8", "--layers", "1"]
+    assert bench.bench(ap.parse_args(["--estimator", "all"])) == 2
+    assert "--samples-per-prompt >= 2" in capsys.readouterr().err
