@@ -1,4 +1,4 @@
-"""The `rlhf` command: demo, pipeline, status, generate, report, bench."""
+"""The `rlhf` command: demo, pipeline, status, generate, report, compare, bench."""
 from __future__ import annotations
 
 import argparse
@@ -255,6 +255,27 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return dashboard.run(Path(args.artifact_dir), project=args.project, entity=args.entity, mode=mode)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Several artifact directories' PPO runs on one over-optimisation chart (rlhf.compare)."""
+    from rlhf import compare
+
+    labels = args.labels.split(",") if args.labels is not None else None
+    if labels is not None and len(labels) != len(args.dirs):
+        print(f"error: --labels has {len(labels)} label(s) for {len(args.dirs)} director"
+              f"{'y' if len(args.dirs) == 1 else 'ies'}: give one per directory, comma-separated, in the same order",
+              file=sys.stderr)
+        return 2
+    try:
+        compare.compare([Path(d) for d in args.dirs], Path(args.out), labels)
+    except artifacts.ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 GENERATE_MAX_PROMPT_LENGTH = 512  # `rlhf generate` keeps the last this many tokens of a longer prompt
 
 
@@ -331,6 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p)
     p = sub.add_parser("report", help="(re)build DIR/report/ from DIR/metrics and the manifests")
     p.add_argument("--artifact-dir", required=True)
+    p = sub.add_parser("compare", help="several artifact directories' PPO runs on one over-optimisation chart, "
+                                       "with a table of their published policies and best-of-n")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="artifact directories with a published PPO stage (DIR/ppo)")
+    p.add_argument("--out", default="compare.png", help="the chart (default: compare.png); the table's rows go beside "
+                                                         "it as JSON (compare.json)")
+    p.add_argument("--labels", default=None, help="comma-separated legend labels, one per DIR "
+                                                  "(default: DIR's name, estimator and k)")
     p = sub.add_parser("dashboard", help="the pipeline's W&B workspace: written to DIR/report/wandb_workspace.json, "
                                          "created or updated in W&B when online")
     p.add_argument("--artifact-dir", required=True)
@@ -351,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(args)
     if args.cmd == "generate":
         return cmd_generate(args)
+    if args.cmd == "compare":
+        return cmd_compare(args)
     if args.cmd == "bench":
         from rlhf.bench import bench
 
