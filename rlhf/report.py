@@ -76,6 +76,18 @@ LABELS = {  # what the figures table calls a summary key
 SMALL = (6.4, 4.0)  # inches at 100 dpi: 640 x 400 pixels
 
 
+
+def _best_of_n_prompts_note(ev: dict, pm: dict) -> str:
+    """Which held-out prompts best-of-n and PPO's evaluation used (the chart compares them)."""
+    if not pm.get(S.BEST_OF_N) or not ev:
+        return ""
+    n_eval, n_bon = pm.get(S.EVAL_PROMPTS) or ev.get("num_prompts"), ev.get("best_of_n_prompts")
+    if n_bon is None or (n_eval is not None and n_bon >= n_eval):
+        return (f"Best-of-n and PPO's evaluation use the same {n_eval} held-out prompts: their KL-0 points (both the "
+                "SFT policy) differ by sampling noise only.")
+    return (f"Best-of-n samples the first {n_bon} held-out prompts and PPO's evaluation {n_eval}: their KL-0 points "
+            "(both the SFT policy) differ by that and by sampling noise.")
+
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
     pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -283,9 +295,7 @@ def build(artifact_dir: Path) -> Path:
         plots["overopt"].append(("score_vs_kl.png", "Over-optimisation chart. Top: the proxy reward PPO maximises; bottom: "
                              "the score it stands for (gold). A gold curve that bends down while the proxy still rises "
                              "is reward over-optimisation; best-of-n is the baseline at the same KL. "
-                             + (f"Best-of-n samples the first {ev.get('best_of_n_prompts')} held-out prompts and PPO's "
-                                f"evaluation {ev.get('num_prompts')}: their KL-0 points (both the SFT policy) differ by "
-                                "that and by sampling noise." if pm.get(S.BEST_OF_N) and ev else "")))
+                             + _best_of_n_prompts_note(ev, pm)))
     if _plot(out / "ppo_scores.png", "RM score and RLHF reward per update", "PPO update",
              [(PPO.SCORES, *_series(ppo, PPO.SCORES)),
               (PPO.RLHF_REWARD, *_series(ppo, PPO.RLHF_REWARD))]):

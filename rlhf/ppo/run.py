@@ -87,7 +87,7 @@ class PPORun:
         self._t_eval = time.time()
 
     def _best_of_n_baseline(self) -> None:
-        n_p = self.best_of_n_prompts
+        n_p = self.best_of_n_prompts or len(self.eval_prompts)
         self.best_of_n = best_of_n(self.trainer, self.eval_prompts[:n_p], self.eval_texts[:n_p], self.gold,
                                    self.best_of_n_sizes, self.eval_tokens)
         say(STAGE, "best-of-n baseline: " + ", ".join(
