@@ -68,7 +68,9 @@ SECTIONS: tuple[SectionSpec, ...] = (
     )),
     SectionSpec("PPO: optimisation", "episode", (
         _ppo("policy loss", PPO.POLICY_LOSS),
-        _ppo("value loss", PPO.VALUE_LOSS),
+        _ppo("value loss (gae)", PPO.VALUE_LOSS),
+        _ppo("KL loss term (ppo.kl_penalty=loss)", PPO.KL_LOSS),
+        _ppo("prompts whose k samples all scored the same", PPO.ZERO_STD_GROUPS),
         _ppo("clip fractions", PPO.CLIPFRAC, PPO.VALUE_CLIPFRAC),
         _ppo("entropy", PPO.ENTROPY, PPO.POLICY_ENTROPY),
         _ppo("probability ratio", PPO.RATIO),

@@ -284,6 +284,14 @@ def build(artifact_dir: Path) -> Path:
             summary[key] = m["metrics"][metric]
     if "gold_score_ppo" in summary and summary.get("gold_score_sft_std"):
         summary["gold_gain_in_sft_std"] = (summary["gold_score_ppo"] - summary["gold_score_sft"]) / summary["gold_score_sft_std"]
+    ppo_cfg = ((manifests.get("ppo") or {}).get("config") or {}).get("ppo") or {}
+    if ppo_cfg:  # what produced the PPO figures (manifests from before the estimators read as gae, k = 1)
+        summary["advantage_estimator"] = ppo_cfg.get("advantage_estimator", "gae")
+        summary["samples_per_prompt"] = ppo_cfg.get("samples_per_prompt", 1)
+    bon = ((manifests.get("ppo") or {}).get("metrics") or {}).get(S.BEST_OF_N) or []
+    if bon:  # the strongest baseline, beside PPO's published figures
+        top = max(bon, key=lambda r: r["n"])
+        summary["best_of_n_top"] = {k: top.get(k) for k in ("n", "kl", "rm_score", "gold_score")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     ppo, rm, sft = (read_metrics(artifact_dir, s) for s in ("ppo", "reward", "sft"))
@@ -319,7 +327,8 @@ def build(artifact_dir: Path) -> Path:
         plots["rm"].append(("rm_accuracy.png", "Pairwise accuracy while training."))
     if _plot(out / "losses.png", "Training losses", "step",
              [("SFT loss", *_series(sft, HF.TRAIN_LOSS)), ("RM loss", *_series(rm, HF.TRAIN_LOSS)),
-              ("PPO policy loss", *_series(ppo, PPO.POLICY_LOSS)), ("PPO value loss", *_series(ppo, PPO.VALUE_LOSS))]):
+              ("PPO policy loss", *_series(ppo, PPO.POLICY_LOSS)), ("PPO value loss", *_series(ppo, PPO.VALUE_LOSS)),
+              ("PPO KL loss term", *_series(ppo, PPO.KL_LOSS))]):
         plots["training"].append(("losses.png", "Losses of the three stages (each against its own steps)."))
 
     samples_path = artifacts.stage_dir(artifact_dir, "ppo") / artifacts.SAMPLES
@@ -356,7 +365,9 @@ def _html(artifact_dir: Path, summary: dict, plots: dict, samples: list[dict]) -
     selection = ""
     if selected is not None:
         guard = summary.get("guard_metric")
-        selection = (f"<p>Published policy: update <b>{selected}</b> of {summary.get('updates', '?')}, "
+        est, k = summary.get("advantage_estimator"), summary.get("samples_per_prompt")
+        trained = f" (advantages: <code>{e(str(est))}</code>, {k} sample(s) per prompt)" if est else ""
+        selection = (f"<p>Published policy{trained}: update <b>{selected}</b> of {summary.get('updates', '?')}, "
                      + (f"the best <code>{e(guard)}</code> among the evaluations within the KL budget"
                         if guard else "the last update")
                      + f"; stop reason: <code>{e(str(summary.get('stop_reason')))}</code>.</p>")

@@ -18,6 +18,10 @@ ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "TOKENIZE
        "RLHF_PYTHON": sys.executable}
 # the `deepspeed` script as this interpreter runs it (what launch/_stage.sh runs): no `deepspeed` on PATH needed
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
+# PPO with a critic (gae) at one sample per prompt and 32 prompts per rollout, for the tests of what
+# the critic takes part in (the demo itself runs the critic-free rloo with 4 samples of 16 prompts)
+GAE_DEMO = ["ppo.advantage_estimator=gae", "ppo.samples_per_prompt=1", "ppo.rollout_batch_size=32",
+            "ppo.mini_batch_size=16", "ppo.learning_rate=3e-4"]
 
 
 def run_stage(script: str, *overrides: str, timeout: int = 900, deepspeed_procs: int | None = None,
@@ -65,9 +69,13 @@ def _head(src, dst, n: int) -> str:
     return str(dst)
 
 
-def small_overrides(tmp_path, model_dir) -> list[str]:
-    """The demo config with a family checkpoint and a few dozen rows of each data file."""
-    return [
+def small_overrides(tmp_path, model_dir, estimator: str = "gae") -> list[str]:
+    """The demo config with a family checkpoint and a few dozen rows of each data file; PPO with
+    `estimator`: gae (one sample per prompt, 8 prompts per rollout), or a critic-free one with 2
+    samples of 4 prompts (the same 8 responses per rollout, so the same number of updates)."""
+    sizes = (["ppo.advantage_estimator=gae", "ppo.samples_per_prompt=1", "ppo.rollout_batch_size=8"] if estimator == "gae"
+             else [f"ppo.advantage_estimator={estimator}", "ppo.samples_per_prompt=2", "ppo.rollout_batch_size=4"])
+    return sizes + [
         "model.scratch=null", f"model.name_or_path={model_dir}", "model.lora.r=4", "model.lora.alpha=8",
         f"sft.train_data={_head('sft_train.jsonl', tmp_path / 'sft.jsonl', 64)}",
         f"sft.eval_data={_head('sft_eval.jsonl', tmp_path / 'sft_eval.jsonl', 16)}",
@@ -77,7 +85,7 @@ def small_overrides(tmp_path, model_dir) -> list[str]:
         "reward.epochs=1", "reward.batch_size=16", "reward.stats_samples=8", "reward.max_length=128",
         f"ppo.train_prompts={_head('prompts_train.jsonl', tmp_path / 'prompts.jsonl', 32)}",
         f"ppo.eval_prompts={_head('prompts_eval.jsonl', tmp_path / 'prompts_eval.jsonl', 8)}",
-        "ppo.total_episodes=16", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2",
+        "ppo.total_episodes=16", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2",
         "ppo.max_new_tokens=8", "ppo.max_prompt_length=96", "ppo.learning_rate=1e-2", "ppo.forward_batch_size=8",
         "sft.max_length=128", "eval.num_prompts=8", "eval.max_new_tokens=5",
         "ppo.keep_best=last",  # random-init models: publish the trained policy, not the guard's pick
@@ -102,8 +110,12 @@ def check_published(d) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(d / "sft"))
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    estimator = json.loads((d / "ppo" / "rlhf_artifact.json").read_text())["config"]["ppo"]["advantage_estimator"]
+    with_critic = estimator == "gae"
+    assert (d / "ppo" / "critic").exists() == with_critic, "a critic is published exactly when the estimator has one"
     for stage, cls in (("sft", AutoModelForCausalLM), ("reward", AutoModelForSequenceClassification),
-                       ("ppo", AutoModelForCausalLM), ("ppo/critic", AutoModelForSequenceClassification)):
+                       ("ppo", AutoModelForCausalLM), *((("ppo/critic", AutoModelForSequenceClassification),)
+                                                        if with_critic else ())):
         keys = list(_tensors(d / stage))
         assert not [k for k in keys if "lora" in k or "modules_to_save" in k or "base_model.model" in k], (stage, keys[:4])
         model = cls.from_pretrained(str(d / stage), use_safetensors=True)

@@ -420,7 +420,7 @@ class PPOTrainer:
         metrics.update(engine_stats)
         if k > 1:
             _, _, var = core.group_stats(scores, group)
-            metrics[PPO.ZERO_STD_GROUPS] = float(all_mean((var == 0).float().mean()))
+            metrics.update({PPO.ZERO_STD_GROUPS: float(all_mean((var <= 1e-12).float().mean()))})
         self._check_metrics(metrics, mean_kl)
         return metrics
 

@@ -7,12 +7,12 @@ import subprocess
 
 import pytest
 
-from conftest import DEEPSPEED, DEMO, ENV, ROOT, manifest, ok, run_stage
+from conftest import DEEPSPEED, DEMO, ENV, GAE_DEMO, ROOT, manifest, ok, run_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 SMALL = ["sft.epochs=1", "reward.epochs=1", "reward.stats_samples=64", "ppo.total_episodes=256",
-         "ppo.save_every=2", "eval.num_prompts=32"]
+         "ppo.rollout_batch_size=8", "ppo.save_every=2", "eval.num_prompts=32"]
 
 
 def _pipeline(d, *extra: str) -> subprocess.CompletedProcess:
@@ -36,16 +36,16 @@ def test_zero3_pipeline_two_processes(tmp_path):
     assert rm["metrics"]["eval_accuracy"] > 0.6 and "reward_stats" in rm
     assert (d / "reward" / "model.safetensors").stat().st_size > 100_000
     ppo = manifest(d, "ppo")
-    assert ppo["metrics"]["updates"] == 4  # 256 episodes / (32 prompts x 2 processes)
+    assert ppo["metrics"]["updates"] == 4  # 256 responses / (8 prompts x 4 samples x 2 processes)
     rows = [json.loads(ln) for ln in (d / "metrics" / "ppo.jsonl").read_text().splitlines()]
     updates = [r for r in rows if "objective/kl" in r]
     assert all(math.isfinite(r["objective/kl"]) for r in updates) and len(updates) == 4
-    # the two ranks drew different prompts: 32 each, 64 distinct ones per update over both
-    assert [r["data/distinct_prompts"] for r in updates] == [64] * 4
+    # the two ranks drew different prompts: 8 each, 16 distinct ones per update over both
+    assert [r["data/distinct_prompts"] for r in updates] == [16] * 4
     curve = ppo["metrics"]["eval_curve"]  # held-out evaluations, update 0 (the SFT policy) first
     assert curve[0]["update"] == 0 and curve[-1]["update"] == 4
     assert curve[-1]["rm_score"] > curve[0]["rm_score"], curve  # PPO raised the reward on held-out prompts
-    assert (d / "ppo" / "samples.jsonl").is_file() and (d / "ppo" / "critic" / "model.safetensors").is_file()
+    assert (d / "ppo" / "samples.jsonl").is_file() and not (d / "ppo" / "critic").exists()  # rloo: no critic
     assert "2 process(es), ZeRO-3" in (d / "logs" / "ppo.log").read_text()
 
     # the same command again: every stage is up to date and skipped
@@ -55,12 +55,14 @@ def test_zero3_pipeline_two_processes(tmp_path):
     assert again.stdout.count("up to date: skipping") == 3, again.stdout
     assert {s: manifest(d, s)["created"] for s in created} == created
 
-    # force=true reruns all three
-    forced = _pipeline(d, "force=true")
+    # force=true reruns all three; PPO now with the critic (gae, 32 prompts per rank and rollout: 4 updates)
+    forced = _pipeline(d, "force=true", *GAE_DEMO)
     ok(forced)
     assert "skipping" not in forced.stdout
     for s in created:
         assert manifest(d, s)["status"] == "complete" and manifest(d, s)["created"] != created[s]
+    assert manifest(d, "ppo")["metrics"]["updates"] == 4 and (d / "ppo" / "critic" / "model.safetensors").is_file()
+    assert "full critic" in (d / "logs" / "ppo.log").read_text()
 
 
 def test_sft_zero2_two_processes(tmp_path):
@@ -77,12 +79,13 @@ def test_lora_in_every_stage_zero3_two_processes_llama3(family_checkpoints, tmp_
     from conftest import check_published, run_pipeline, small_overrides
 
     d = tmp_path / "run"
-    proc = run_pipeline(d, small_overrides(tmp_path, family_checkpoints["llama3"]) + [
+    proc = run_pipeline(d, small_overrides(tmp_path, family_checkpoints["llama3"], "rloo") + [
         "sft.lora=true", "reward.lora=true", "ppo.lora=true", "deepspeed.zero_stage=3"], port=29644, procs=2)
     ok(proc)
-    check_published(d)
-    assert "2 process(es), ZeRO-3" in (d / "logs" / "ppo.log").read_text()
-    assert manifest(d, "ppo")["metrics"]["updates"] == 1  # 16 episodes / (8 prompts x 2 processes)
+    check_published(d)  # critic-free: no critic anywhere
+    log = (d / "logs" / "ppo.log").read_text()
+    assert "2 process(es), ZeRO-3" in log and "LoRA actor, reference = its base; no critic" in log, log[-2000:]
+    assert manifest(d, "ppo")["metrics"]["updates"] == 1  # 16 responses / (4 prompts x 2 samples x 2 processes)
 
 
 def test_zero3_generation_fetches_weights_once(family_checkpoints):

@@ -112,12 +112,12 @@ def test_lora_ppo_under_zero2(demo_run, tmp_path):
     published policy is a plain merged model that differs from SFT and scores higher."""
     import shutil
 
-    from conftest import ok, run_stage
+    from conftest import GAE_DEMO, ok, run_stage
     from safetensors.torch import load_file
 
     for stage in ("sft", "reward"):
         shutil.copytree(demo_run / stage, tmp_path / stage)
-    proc = run_stage("ppo.py", f"artifact_dir={tmp_path}", "ppo.lora=true", "deepspeed.zero_stage=2",
+    proc = run_stage("ppo.py", f"artifact_dir={tmp_path}", "ppo.lora=true", "deepspeed.zero_stage=2", *GAE_DEMO,
                      "ppo.total_episodes=256", "ppo.learning_rate=1e-3")
     ok(proc)
     assert "LoRA actor, reference = its base; LoRA critic, reward model = its base" in proc.stdout

@@ -75,7 +75,9 @@ def test_ppo_killed_after_checkpoint_resumes(demo_run, tmp_path):
     d.mkdir()
     for s in ("sft", "reward"):
         os.symlink(demo_run / s, d / s)
-    args = [f"artifact_dir={d}", "ppo.total_episodes=640", "ppo.save_every=5", "ppo.target_kl=0.5"]
+    # the demo's rloo, 4 samples of 8 prompts per update: 20 updates
+    args = [f"artifact_dir={d}", "ppo.total_episodes=640", "ppo.rollout_batch_size=8", "ppo.save_every=5",
+            "ppo.target_kl=0.5"]
     cmd = [sys.executable, str(ROOT / "launch/ppo.py"), "--config", str(DEMO), *args]
     state = d / "checkpoints" / "ppo" / "state.json"
     _kill_when(cmd, state.exists)
@@ -105,7 +107,7 @@ def test_kl_penalty_keeps_policy_close(demo_run, tmp_path):
         d.mkdir()
         for s in ("sft", "reward"):
             os.symlink(demo_run / s, d / s)
-        ok(run_stage("ppo.py", f"artifact_dir={d}", f"ppo.kl_coef={coef}", "ppo.total_episodes=640",
+        ok(run_stage("ppo.py", f"artifact_dir={d}", f"ppo.kl_coef={coef}", "ppo.total_episodes=640", "ppo.rollout_batch_size=8",
                      "eval.num_prompts=64"))
         m = manifest(d, "ppo")["metrics"]
         kls[name] = m["kl_ppo_vs_sft"]
@@ -128,3 +130,41 @@ def test_damaged_weights_reported_by_status_and_refused_by_the_next_stage(demo_r
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"the sft artifact {d / 'sft'} is damaged" in proc.stderr and "model.safetensors" in proc.stderr
     assert not (d / "reward").exists() and not (d / "checkpoints").exists()
+
+
+def test_critic_free_grpo_with_kl_in_the_loss_resumes_after_a_kill(demo_run, tmp_path):
+    """GRPO (4 samples per prompt, KL as a loss term) killed after a checkpoint: the checkpoint and
+    the published stage hold no critic, the resumed run continues the same update count, and the
+    rows carry the estimator's own metrics; then `rlhf compare` draws it beside the demo's run."""
+    d = tmp_path / "grpo"
+    d.mkdir()
+    for s in ("sft", "reward"):
+        os.symlink(demo_run / s, d / s)
+    args = [f"artifact_dir={d}", "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4", "ppo.rollout_batch_size=8",
+            "ppo.mini_batch_size=16", "ppo.total_episodes=320", "ppo.save_every=3", "ppo.kl_penalty=loss",
+            "ppo.kl_estimator=k3", "eval.num_prompts=32", "eval.best_of_n=[1,4]"]
+    cmd = [sys.executable, str(ROOT / "launch/ppo.py"), "--config", str(DEMO), *args]
+    state = d / "checkpoints" / "ppo" / "state.json"
+    _kill_when(cmd, state.exists)
+    saved = json.loads(state.read_text())
+    assert saved["engines"] == ["actor"] and not (d / "checkpoints" / "ppo" / "critic").exists()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, "MASTER_PORT": "29657"}, capture_output=True, text=True, timeout=900)
+    ok(proc)
+    assert f"resuming from update {saved['update']}" in proc.stdout
+    assert "advantages: grpo (4 samples per prompt), loss seq_mean, KL in the loss" in proc.stdout
+    m = manifest(d, "ppo")
+    assert m["metrics"]["updates"] == 10  # 320 responses / (8 prompts x 4 samples)
+    assert not (d / "ppo" / "critic").exists()
+    rows = [json.loads(ln) for ln in (d / "metrics" / "ppo.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(0, 11))
+    updates = [r for r in rows if "objective/kl" in r]
+    assert all("loss/kl_avg" in r and "rollout/zero_std_groups" in r and "loss/value_avg" not in r for r in updates)
+    assert all(r["objective/non_score_reward"] == 0 for r in updates)  # the KL is in the loss, not the reward
+    # best-of-n on the evaluation's own prompts: best-of-1 and the SFT point are the same policy there
+    bo1 = next(r for r in m["metrics"]["best_of_n"] if r["n"] == 1)
+    sft = m["metrics"]["eval_curve"][0]
+    assert abs(bo1["gold_score"] - sft["gold_score"]) < 0.35, (bo1, sft)
+    cmp = subprocess.run([sys.executable, "-m", "rlhf.cli", "compare", str(demo_run), str(d), "--out",
+                          str(tmp_path / "cmp.png")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    ok(cmp)
+    assert "grpo" in cmp.stdout and (tmp_path / "cmp.png").stat().st_size > 10_000

@@ -23,9 +23,13 @@ pytestmark = pytest.mark.slow
 SAMPLED = [("gpt2", True, 3), ("llama3", True, 3), ("qwen2", False, 2), ("pythia", False, 3), ("opt", True, 2)]
 FULL = list(itertools.product(FAMILIES, (False, True), (2, 3)))
 MATRIX = FULL if os.environ.get("RLHF_FULL_MATRIX") == "1" else SAMPLED
+# each advantage estimator on one family of the sample (LoRA and full, ZeRO-2 and ZeRO-3); gae elsewhere
+ESTIMATOR = {("gpt2", True, 3): "rloo", ("qwen2", False, 2): "grpo", ("pythia", False, 3): "dr_grpo",
+             ("opt", True, 2): "reinforce_pp"}
 
 
-@pytest.mark.parametrize("family,lora,zero", MATRIX, ids=[f"{f}-{'lora' if lo else 'full'}-z{z}" for f, lo, z in MATRIX])
+@pytest.mark.parametrize("family,lora,zero", MATRIX, ids=[f"{f}-{'lora' if lo else 'full'}-z{z}-"
+                                                         f"{ESTIMATOR.get((f, lo, z), 'gae')}" for f, lo, z in MATRIX])
 def test_family_pipeline(family_checkpoints, tmp_path, family, lora, zero):
     d = tmp_path / "run"
     flags = [f"sft.lora={str(lora).lower()}", f"reward.lora={str(lora).lower()}", f"ppo.lora={str(lora).lower()}",
@@ -38,7 +42,8 @@ def test_family_pipeline(family_checkpoints, tmp_path, family, lora, zero):
                  for a, b in zip(rows[0::2], rows[1::2])]
         (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
         flags += [f"sft.train_data={tmp_path / 'chats.jsonl'}", "sft.loss_on=all"]
-    proc = run_pipeline(d, small_overrides(tmp_path, family_checkpoints[family]) + flags, port)
+    estimator = ESTIMATOR.get((family, lora, zero), "gae")
+    proc = run_pipeline(d, small_overrides(tmp_path, family_checkpoints[family], estimator) + flags, port)
     ok(proc)
     check_published(d)
     for stage in ("sft", "reward", "ppo"):
@@ -53,6 +58,7 @@ def test_family_pipeline(family_checkpoints, tmp_path, family, lora, zero):
     # no dropout in any PPO model: the first micro-batch of every update sees the ratio pi/pi_old exactly 1
     assert all(abs(r["policy/first_ratio_dev"]) < 1e-4 for r in rows if "policy/first_ratio_dev" in r), rows
     assert ppo["metrics"]["updates"] == 2
+    assert f"advantages: {estimator}" in (d / "logs" / "ppo.log").read_text()
     assert ppo["metrics"]["response_length_ppo"] <= 5 < 8  # eval.max_new_tokens=5 (ppo.max_new_tokens=8)
     # the final evaluation describes the published update and the SFT policy as their held-out evaluations did
     curve = {p["update"]: p for p in ppo["metrics"]["eval_curve"]}

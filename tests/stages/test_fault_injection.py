@@ -38,7 +38,7 @@ def small(tmp_path) -> list[str]:
         "reward.stats_samples=16",
         f"ppo.train_prompts={_head('prompts_train.jsonl', tmp_path / 'prompts.jsonl', 64)}",
         f"ppo.eval_prompts={_head('prompts_eval.jsonl', tmp_path / 'prompts_eval.jsonl', 16)}",
-        "ppo.total_episodes=64", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2",
+        "ppo.total_episodes=64", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2",
         "ppo.max_new_tokens=8", "ppo.save_every=1", "eval.num_prompts=16",
     ]
 

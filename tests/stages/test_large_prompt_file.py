@@ -28,7 +28,7 @@ def test_160k_prompt_file_costs_what_1k_costs(demo_run, tmp_path):
                     shutil.copytree(demo_run / stage, d / stage)
             extra = [f"ppo.train_prompts={prompts}"] if prompts else []
             t = time.perf_counter()
-            ok(run_stage("ppo.py", f"artifact_dir={d}", "ppo.total_episodes=64", "eval.num_prompts=16", "force=true",
+            ok(run_stage("ppo.py", f"artifact_dir={d}", "ppo.total_episodes=64", "ppo.rollout_batch_size=8", "eval.num_prompts=16", "force=true",
                          *extra))
             timings[name].append(time.perf_counter() - t)
             assert manifest(d, "ppo")["metrics"]["updates"] == 2

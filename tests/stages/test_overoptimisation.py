@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import length_preferences, manifest, ok, run_stage
+from conftest import GAE_DEMO, length_preferences, manifest, ok, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def test_guard_publishes_the_gold_peak_of_an_exploited_reward_model(demo_run, tm
     rm = manifest(d, "reward")["metrics"]
     assert rm["spearman_gold"] < 0.3  # a proxy that does not track the gold score ...
     assert rm["warnings"] and rm["length_reward_corr_sft"] > 0.5  # ... and the RM stage said so
-    ok(run_stage("ppo.py", *common, "ppo.total_episodes=960", "ppo.kl_coef=0.001", "eval.every=2",
+    ok(run_stage("ppo.py", *common, *GAE_DEMO, "ppo.total_episodes=960", "ppo.kl_coef=0.001", "eval.every=2",
                  "eval.num_prompts=64", "eval.best_of_n=[]", "ppo.early_stop=3"))
     m = manifest(d, "ppo")["metrics"]
     curve = {p["update"]: p for p in m["eval_curve"]}

@@ -24,7 +24,7 @@ def test_pipeline_with_hh_transcripts_and_scratch_model_overrides(tmp_path, monk
     overrides = [f"artifact_dir={d}", f"reward.train_data={hh_train}", f"reward.eval_data={ROOT}/reward_data/demo/prefs_hh_eval.jsonl",
                  "model.scratch.vocab_size=320", "model.scratch.hidden_size=64", "model.scratch.num_layers=1",
                  "model.scratch.num_heads=2", "model.scratch.intermediate_size=256",
-                 "sft.epochs=1", "reward.epochs=2", "reward.stats_samples=64", "ppo.total_episodes=128",
+                 "sft.epochs=1", "reward.epochs=2", "reward.stats_samples=64", "ppo.total_episodes=128", "ppo.rollout_batch_size=8",
                  "eval.num_prompts=32"]
     proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "pipeline", str(DEMO), *overrides], cwd=tmp_path,
                           env={**ENV, "MASTER_PORT": "29677"}, capture_output=True, text=True, timeout=1500)

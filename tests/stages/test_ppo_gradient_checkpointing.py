@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import ok, run_stage
+from conftest import GAE_DEMO, ok, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def test_gradient_checkpointing_gives_the_same_updates(demo_run, tmp_path):
         d.mkdir()
         for stage in ("sft", "reward"):
             shutil.copytree(demo_run / stage, d / stage)
-        ok(run_stage("ppo.py", f"artifact_dir={d}", "ppo.total_episodes=64", "eval.num_prompts=8",
+        ok(run_stage("ppo.py", f"artifact_dir={d}", *GAE_DEMO, "ppo.total_episodes=64", "eval.num_prompts=8",
                      "deepspeed.zero_stage=2", f"ppo.gradient_checkpointing={flag}"))
         rows[flag] = [r for r in (json.loads(x) for x in (d / "metrics" / "ppo.jsonl").read_text().splitlines())
                       if "objective/kl" in r]  # the update rows (not the evaluation of update 0)

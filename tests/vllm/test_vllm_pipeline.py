@@ -83,7 +83,7 @@ def test_demo_ppo_zero3_two_processes_with_vllm_resumes_after_a_kill(vllm_demo, 
     d.mkdir()
     for stage in ("sft", "reward"):
         shutil.copytree(vllm_demo / stage, d / stage)
-    extra = ["ppo.save_every=5"]
+    extra = ["ppo.save_every=5", "ppo.total_episodes=3072"]  # 24 updates of 4 samples x 16 prompts x 2 ranks
     killed = _ppo_two_processes(d, *extra, fault="train:step@11")
     assert killed.returncode != 0, killed.stdout[-2000:]
     assert not (d / "ppo").exists()
