@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--prompts", default=None, help="prompts file (default: the config's ppo.train_prompts)")
     run.add_argument("--episodes", type=int, default=256, help="timed episodes (across processes)")
     run.add_argument("--batch", type=int, default=32, help="prompts per rollout, per process")
-    run.add_argument("--mini-batch", type=int, default=None, help="rollouts per optimizer step (default: --batch)")
+    run.add_argument("--mini-batch", type=int, default=None,
+                     help="responses per optimizer step (default: the whole rollout, --batch x k)")
     run.add_argument("--grad-accum", type=int, default=1)
     run.add_argument("--max-new-tokens", type=int, default=48)
     run.add_argument("--ppo-epochs", type=int, default=4)
@@ -69,8 +70,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="further key=value config overrides, e.g. ppo.top_k=20")
 
 
+def samples_per_prompt(a: argparse.Namespace) -> int:
+    """k: --samples-per-prompt, else the config's ppo.samples_per_prompt (after the overrides)."""
+    if a.samples_per_prompt:
+        return a.samples_per_prompt
+    from rlhf.config import load_config
+
+    probe = [o for o in a.overrides if o.startswith(("ppo.samples_per_prompt=", "ppo.advantage_estimator="))]
+    # (sizes that always divide: the bench sets its own mini-batch later)
+    return load_config(a.config, ["ppo.mini_batch_size=1", "ppo.grad_accum=1", *probe]).ppo.samples_per_prompt
+
+
 def _overrides(a: argparse.Namespace, world: int) -> list[str]:
-    k = a.samples_per_prompt or 1
+    k = samples_per_prompt(a)
     mini = a.mini_batch or a.batch * k
     per_update = a.batch * k * world
     updates = max(1, math.ceil(a.episodes / per_update)) + a.warmup
@@ -90,9 +102,7 @@ def _overrides(a: argparse.Namespace, world: int) -> list[str]:
         out.append(f"ppo.rollout_engine={a.engine}")
     if a.estimator:
         out.append(f"ppo.advantage_estimator={a.estimator}")
-    if a.samples_per_prompt:
-        out.append(f"ppo.samples_per_prompt={a.samples_per_prompt}")
-    return out + list(a.overrides)
+    return out + list(a.overrides) + [f"ppo.samples_per_prompt={k}"]
 
 
 def _models(a: argparse.Namespace, cfg: Any) -> tuple[Any, Any, dict, bool, str]:
@@ -302,45 +312,57 @@ def bench_estimators(a: argparse.Namespace) -> int:
     """--estimator all: every advantage estimator at the same sizes and the same k (>= 2, which the
     group estimators need), each in a fresh process so that each peak memory is its own; one table."""
     import subprocess
+    import tempfile
 
     from rlhf.config import ADVANTAGE_ESTIMATORS
+    from rlhf.stage_io import USER_ERRORS
+
+    def refuse(msg: str) -> int:
+        print(f"[bench] error: {msg}", file=sys.stderr)
+        return 2
 
     if os.environ.get("WORLD_SIZE", "1") != "1":
-        print("[bench] error: --estimator all runs one process per estimator; under the deepspeed launcher give one "
-              "--estimator at a time", file=sys.stderr)
-        return 2
-    if (a.samples_per_prompt or 1) < 2:
-        print("[bench] error: --estimator all needs --samples-per-prompt >= 2 (rloo, grpo and dr_grpo compare the "
-              "samples of a prompt; every estimator then sees the same responses per update)", file=sys.stderr)
-        return 2
-    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]  # `rlhf bench ...` or `rlhf/bench.py ...`
+        return refuse("--estimator all runs one process per estimator; under the deepspeed launcher give one "
+                      "--estimator at a time")
+    if any(o.startswith("ppo.advantage_estimator=") for o in a.overrides):
+        return refuse("--estimator all sets ppo.advantage_estimator itself; drop that override")
+    try:
+        k = samples_per_prompt(a)
+    except USER_ERRORS as e:
+        return refuse(str(e))
+    if k < 2:
+        return refuse("--estimator all needs --samples-per-prompt >= 2 (rloo, grpo and dr_grpo compare the samples "
+                      "of a prompt; every estimator then sees the same responses per update)")
     rows = []
-    for name in ADVANTAGE_ESTIMATORS:
-        out = Path(a.json or "bench.json").with_suffix(f".{name}.json")
-        cmd = [sys.executable, str(Path(__file__).resolve()), *_without(argv, "--estimator", "--json"),
-               "--estimator", name, "--json", str(out)]
-        print(f"[bench] {name}: {' '.join(cmd[2:])}", flush=True)
-        proc = subprocess.run(cmd, env={**os.environ, "MASTER_PORT": os.environ.get("MASTER_PORT", "29500")})
-        if proc.returncode != 0:
-            return proc.returncode
-        rows.append(json.loads(out.read_text()))
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
+        for name in ADVANTAGE_ESTIMATORS:
+            out = Path(tmp) / f"{name}.json"
+            child = argparse.Namespace(**{**vars(a), "estimator": name, "samples_per_prompt": k, "json": str(out)})
+            cmd = [sys.executable, str(Path(__file__).resolve()), *to_argv(child)]
+            print(f"[bench] {name}: {' '.join(cmd[2:])}", flush=True)
+            if subprocess.run(cmd).returncode != 0:
+                return refuse(f"the {name} run failed (its output is above)")
+            rows.append(json.loads(out.read_text()))
     print(render_table(rows))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 
-def _without(argv: list[str], *flags: str) -> list[str]:
-    """argv without the given flags and their values (`--flag v` or `--flag=v`)."""
-    out, skip = [], False
-    for x in argv:
-        if skip:
-            skip = False
-        elif x in flags:
-            skip = True
-        elif not any(x.startswith(f + "=") for f in flags):
-            out.append(x)
-    return out
+def to_argv(a: argparse.Namespace) -> list[str]:
+    """The command line that parses back to `a` (the flags that differ from their defaults)."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    out: list[str] = []
+    for action in p._actions:
+        if not action.option_strings or action.dest in ("help", "local_rank"):
+            continue
+        value = getattr(a, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        out += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+    return out + list(a.overrides)
 
 
 def render_table(rows: list[dict]) -> str:

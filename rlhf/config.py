@@ -165,7 +165,7 @@ class PPOStageConfig:
     kl_coef: float = _f(0.05, "beta: weight of the per-token KL penalty (initial value when adaptive)")
     target_kl: float | None = _f(None, "set to use the adaptive KL controller (Ziegler et al. 2019) with this target")
     kl_horizon: int = _f(10000, "adaptive controller horizon, in episodes")
-    kl_estimator: str = _f("k1", "per-token KL estimator in the reward: k1, k2 or k3")
+    kl_estimator: str = _f("k1", "per-token KL estimator: k1, k2 or k3 (in the loss, kl_penalty=loss: k2 or k3)")
     kl_budget: float = _f(10.0, "KL(PPO || SFT) per response on the held-out prompts the published policy must stay "
                                 "within (the guard selects only such updates; with early_stop, exceeding it stops)")
     keep_best: str = _f("auto", "the evaluation metric the published policy is chosen by: gold_score, rm_score, "
@@ -524,6 +524,10 @@ def _validate(cfg: Any, where: str) -> None:
             raise bad("loss_aggregation", f"must be auto, {', '.join(LOSS_AGGREGATIONS)}, got {cfg.loss_aggregation!r}")
         if cfg.kl_penalty not in ("reward", "loss"):
             raise bad("kl_penalty", f"must be reward or loss, got {cfg.kl_penalty!r}")
+        if cfg.kl_penalty == "loss" and cfg.kl_estimator == "k1":
+            raise bad("kl_estimator", "k1 as a loss term has a gradient of mean zero on the policy's own samples (it "
+                                      "would not pull towards the SFT policy); with kl_penalty=loss use k3 (GRPO's) "
+                                      "or k2")
         if cfg.whiten_rewards and cfg.advantage_estimator != "gae":
             raise bad("whiten_rewards", f"applies to gae only (advantage_estimator={cfg.advantage_estimator} "
                                         f"normalises its own advantages); set it to false")

@@ -63,7 +63,10 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         say(PPO, f"resuming from update {trainer.update} (kl_coef={trainer.kl_ctl.value:.4g})")
     tracker = Tracker(cfg.artifact_dir, PPO, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
                       resume_step=trainer.update if resumed else None, clock=clock)
-    say(PPO, f"{trainer.plan.num_updates} updates x {trainer.plan.episodes_per_update} episodes, {trainer.describe()}")
+    plan = trainer.plan
+    per_update = (f"{plan.episodes_per_update} episodes" if plan.samples_per_prompt == 1 else
+                  f"{plan.episodes_per_update} episodes ({plan.rollout_batch * plan.world} prompts x {plan.samples_per_prompt})")
+    say(PPO, f"{plan.num_updates} updates x {per_update}, {trainer.describe()}")
     ppo_run = PPORun(trainer, ckpt_dir=ckpt_dir, eval_cfg=cfg.eval, eval_prompts=eval_prompts, render=render, gold=gold)
     ppo_run.train(stream, tracker)
 

@@ -32,13 +32,17 @@ from rlhf.ppo.trainer import PPOTrainer, PromptStream
 
 out_dir, lora = Path(sys.argv[1]), sys.argv[3]
 
+SEEN = {}
+
 def rewards_to_go(x):  # a critic-free stand-in: whitened per-token rewards-to-go, no returns
+    SEEN["group"] = x.group.tolist()
     return core.masked_whiten(x.rewards.flip(1).cumsum(1).flip(1) * x.mask, x.mask), None
 
 core.ADVANTAGE_ESTIMATORS["stub"] = core.AdvantageEstimator(rewards_to_go, needs_critic=False)
 distributed.init_distributed()
 cfg = load_config(str(Path("launch/configs/demo.yaml")), ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=8",
                   "ppo.max_new_tokens=6", "ppo.ppo_epochs=1", "ppo.total_episodes=16", "ppo.forward_batch_size=8",
+                  "ppo.samples_per_prompt=2", "ppo.temperature=2.0",
                   f"ppo.lora={lora}", "model.lora.target_modules=[q_proj,v_proj]"])
 texts = [prompt_text(e.prompt) + e.completion for e in load_sft(cfg.sft.train_data).examples]
 tok = models.train_scratch_tokenizer(texts, 300)
@@ -61,7 +65,14 @@ four, trainer = trainer_for("stub")
 prompts = load_prompts(cfg.ppo.train_prompts)
 stream = PromptStream(prompts, 0, 0, 1, render=lambda p: render_prompt(tok, p, True))
 before = {k: v.clone() for k, v in trainer.actor.module.state_dict().items()}
-metrics = trainer.step(stream.next(8))
+rollout_of = trainer.rollout
+def spy(texts):  # what the rollout was asked for and what it returned, beside the groups the estimator saw
+    r = rollout_of(texts)
+    SEEN["texts"], SEEN["queries"], SEEN["responses"] = texts, r.query_ids.tolist(), r.response_ids.tolist()
+    return r
+trainer.rollout = spy
+drawn = stream.next(4)
+metrics = trainer.step(drawn)
 changed = any(not torch.equal(before[k], v) for k, v in trainer.actor.module.state_dict().items())
 trainer.save(out_dir / "ckpt", stream)
 trainer.save_models(out_dir / "published")
@@ -86,7 +97,8 @@ print(json.dumps({
     "value_metrics": sorted(k for k in metrics if k in (PPO.VALUE_LOSS, PPO.VALUE_CLIPFRAC)),
     "metrics_finite": all(v == v for v in metrics.values()), "changed": changed, "synced": synced, "stale": stale,
     "state_engines": json.loads((out_dir / "ckpt" / "state.json").read_text())["engines"], "refused": refused,
-    "describe": trainer.describe(), "reference_is_base": trainer.reference_is_actor_base,
+    "describe": trainer.describe(), "reference_is_base": trainer.reference_is_actor_base, "drawn": drawn,
+    "seen": SEEN, "zero_std_groups": metrics.get(PPO.ZERO_STD_GROUPS),
     "published_keys": sorted(__import__("safetensors.torch", fromlist=["load_file"]).load_file(
         str(out_dir / "published" / "model.safetensors")))}))
 """
@@ -105,7 +117,14 @@ def test_an_estimator_without_a_critic_builds_steps_saves_and_publishes_no_criti
     assert (ckpt / "actor").is_dir() and not (ckpt / "critic").exists()
     assert out["state_engines"] == ["actor"]
     assert (published / "model.safetensors").is_file() and not (published / "critic").exists()
-    assert "no critic" in out["describe"] and "advantages: stub" in out["describe"]
+    assert "no critic" in out["describe"] and "advantages: stub (2 samples per prompt)" in out["describe"]
+    # each drawn prompt rolled out twice, side by side, and the estimator told which responses share one
+    seen = out["seen"]
+    assert seen["texts"] == [t for t in out["drawn"] for _ in range(2)]
+    assert seen["group"] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(seen["queries"][i] == seen["queries"][i + 1] for i in range(0, 8, 2))
+    assert any(seen["responses"][i] != seen["responses"][i + 1] for i in range(0, 8, 2)), "k samples, not k copies"
+    assert 0 <= out["zero_std_groups"] <= 1
     # LoRA: the reference is the actor's base, and the published policy is merged (no adapter keys)
     assert out["reference_is_base"] == (lora == "true")
     assert "model.embed_tokens.weight" in out["published_keys"]

@@ -24,7 +24,7 @@ def test_one_process_without_offload_runs_unpartitioned_engines():
 def test_bench_reports_throughput_phases_and_memory(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "bench", "--hidden", "32", "--layers", "1", "--heads", "2",
-                           "--intermediate", "64", "--episodes", "16", "--batch", "8", "--max-new-tokens", "6",
+                           "--intermediate", "64", "--episodes", "16", "--batch", "2", "--max-new-tokens", "6",
                            "--ppo-epochs", "1", "--zero-stage", "2", "--json", str(out)],
                           cwd=ROOT, env={**ENV, "MASTER_PORT": "29741"}, capture_output=True, text=True, timeout=600)
     ok(proc)
@@ -53,7 +53,15 @@ def test_estimator_flags_become_config_overrides_and_all_needs_several_samples(c
     # --batch counts prompts: 8 x 4 = 32 responses per update and per mini-batch; 64 timed + 1 warm-up update
     assert {"ppo.rollout_batch_size=8", "ppo.samples_per_prompt=4", "ppo.mini_batch_size=32",
             "ppo.advantage_estimator=grpo", "ppo.total_episodes=96"} <= set(ov)
-    assert bench._without(["--estimator", "all", "--batch=8", "--json=x", "--layers", "1"], "--estimator", "--json") \
-        == ["--batch=8", "--layers", "1"]
-    assert bench.bench(ap.parse_args(["--estimator", "all"])) == 2
+    # without the flag k is the config's (the demo's 4; a key=value override wins over the file)
+    plain = ap.parse_args(["--batch", "2", "--episodes", "16"])
+    assert bench.samples_per_prompt(plain) == 4 and "ppo.total_episodes=24" in bench._overrides(plain, world=1)
+    assert bench.samples_per_prompt(ap.parse_args(["ppo.advantage_estimator=gae", "ppo.samples_per_prompt=1"])) == 1
+    # the children of --estimator all parse back to the same settings
+    child = ap.parse_args(["--layers", "1", "--gradient-checkpointing", "--estimator", "rloo", "ppo.top_k=5"])
+    again = ap.parse_args(bench.to_argv(child))
+    assert vars(again) == vars(child)
+    assert bench.bench(ap.parse_args(["--estimator", "all", "ppo.advantage_estimator=gae"])) == 2
+    assert "drop that override" in capsys.readouterr().err
+    assert bench.bench(ap.parse_args(["--estimator", "all", "--samples-per-prompt", "1"])) == 2
     assert "--samples-per-prompt >= 2" in capsys.readouterr().err

@@ -140,3 +140,34 @@ def test_auto_aggregation_is_each_papers():
     assert agg("ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=4") == "seq_sum"
     assert agg("ppo.advantage_estimator=reinforce_pp") == "token_mean"
     assert agg("ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4", "ppo.loss_aggregation=token_mean") == "token_mean"
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_kl_as_a_loss_term_pulls_the_policy_towards_the_reference(estimator):
+    """ppo.kl_penalty=loss: minimising the aggregated per-token estimate on the policy's own samples
+    (as the trainer does, through the sampled tokens' log-probs) brings KL(pi || ref) down."""
+    torch.manual_seed(0)
+    ref = torch.log_softmax(torch.tensor([2.0, 0.5, 0.0, -1.0, -2.0]), -1)
+    theta = torch.tensor([-2.0, -1.0, 0.0, 0.5, 2.0], requires_grad=True)
+
+    def true_kl() -> float:
+        logp = torch.log_softmax(theta.detach(), -1)
+        return float((logp.exp() * (logp - ref)).sum())
+
+    start = true_kl()
+    opt = torch.optim.SGD([theta], lr=0.5)
+    for _ in range(60):
+        logp = torch.log_softmax(theta, -1)
+        tokens = torch.multinomial(logp.detach().exp(), 4 * 64, replacement=True).view(4, 64)  # 4 responses
+        kl = core.kl_estimate(logp[tokens], ref[tokens], estimator)
+        loss = core.aggregate(kl, torch.ones(4, 64), "seq_mean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert start > 2 and true_kl() < 0.1 * start, (start, true_kl())
+
+
+def test_k1_in_the_loss_is_refused():
+    with pytest.raises(ConfigError, match="ppo.kl_estimator.*k3"):
+        load_config(None, ["ppo.kl_penalty=loss"])
+    assert load_config(None, ["ppo.kl_penalty=loss", "ppo.kl_estimator=k3"]).ppo.kl_penalty == "loss"

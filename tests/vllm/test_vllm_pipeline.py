@@ -140,7 +140,7 @@ def test_bench_with_the_vllm_engine(tmp_path, old_logprobs):
     vllm.old_logprobs=engine pi_old is vLLM's own (no actor forward in the rollout's scoring)."""
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "bench", "--engine", "vllm", "--hidden", "64", "--layers",
-                           "1", "--heads", "2", "--intermediate", "128", "--episodes", "16", "--batch", "8",
+                           "1", "--heads", "2", "--intermediate", "128", "--episodes", "16", "--batch", "2",
                            "--max-new-tokens", "6", "--ppo-epochs", "1", "--zero-stage", "2", "--json", str(out),
                            "vllm.kv_cache_gb=0.0625", f"vllm.old_logprobs={old_logprobs}"],
                           cwd=ROOT, env={**ENV, "MASTER_PORT": "29754"}, capture_output=True, text=True, timeout=600)
