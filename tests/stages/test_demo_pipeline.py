@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 PPO_METRICS = ["objective/kl", "objective/kl_coef", "objective/entropy", "objective/non_score_reward",
                "objective/rlhf_reward", "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg",
-               "policy/entropy_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio",
+               "policy/entropy_avg", "loss/policy_avg", "val/ratio", "rollout/zero_std_groups",
                "val/ratio_var", "val/num_eos_tokens", "lr", "episode", "time/rollout", "time/update",
                "throughput/episodes_per_s", "throughput/tokens_per_s"]
 
@@ -54,11 +54,16 @@ def test_ppo_raises_reward_within_kl_budget(demo_run):
     assert m["gold_score_ppo"] >= m["gold_score_sft"] + 0.5 * m["gold_score_sft_std"], m
     assert m["win_rate_gold"] > 0.6, m
     assert m["within_kl_budget"] and m["kl_ppo_vs_sft"] <= m["kl_budget"]
+    # the demo's rloo beats best-of-16 on the same held-out prompts (measured: 0.96 against 0.91; the
+    # tolerance allows for the guard's noisy pick, it fails the old demo's 0.82)
+    best16 = next(b for b in m["best_of_n"] if b["n"] == 16)
+    assert m["gold_score_ppo"] >= best16["gold_score"] - 0.03, (m["gold_score_ppo"], best16)
     every = [json.loads(ln) for ln in (demo_run / "metrics" / "ppo.jsonl").read_text().splitlines()]
     rows = [r for r in every if "objective/kl" in r]  # one per update; row 0 is the SFT policy's evaluation
     assert len(rows) == m["updates"]
     for name in PPO_METRICS:
         assert all(isinstance(r[name], (int, float)) and math.isfinite(r[name]) for r in rows), name
+    assert not any("loss/value_avg" in r or "val/clipfrac_avg" in r for r in rows)  # rloo: no critic
     # held-out evaluation during training: at update 0 and every eval.every updates, all five metrics
     evals = [r for r in every if "eval/rm_score" in r]
     assert len(evals) >= 6 and evals[0]["step"] == 0 and evals[-1]["step"] == m["updates"]
