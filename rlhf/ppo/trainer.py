@@ -415,12 +415,9 @@ class PPOTrainer:
         self.kl_ctl.update(mean_kl, self.plan.episodes_per_update)
         self.update += 1
         self._weights_changed()
-        metrics = self._metrics(rollout, mask, scores, non_score, mean_kl, stats,
+        metrics = self._metrics(rollout, mask, scores, group, non_score, mean_kl, stats,
                                 {"rollout": t_rollout, "update": t_update, "step": time.time() - t0})
         metrics.update(engine_stats)
-        if k > 1:
-            _, _, var = core.group_stats(scores, group)
-            metrics.update({PPO.ZERO_STD_GROUPS: float(all_mean((var <= 1e-12).float().mean()))})
         self._check_metrics(metrics, mean_kl)
         return metrics
 
@@ -505,8 +502,8 @@ class PPOTrainer:
                     stats["vf_clipfrac"].append(vf_stats["clipfrac"].detach())
         return {k: torch.stack(v).float() for k, v in stats.items()}
 
-    def _metrics(self, rollout: Rollout, mask: torch.Tensor, scores: torch.Tensor, non_score: torch.Tensor,
-                 mean_kl: float, stats: dict[str, torch.Tensor], seconds: dict[str, float]) -> dict:
+    def _metrics(self, rollout: Rollout, mask: torch.Tensor, scores: torch.Tensor, group: torch.Tensor,
+                 non_score: torch.Tensor, mean_kl: float, stats: dict[str, torch.Tensor], seconds: dict[str, float]) -> dict:
         """The update's metrics, averaged over processes (names follow TRL's PPO trainer)."""
         plan = self.plan
         names = [k for k in stats if k != "first_ratio_dev"]
@@ -527,6 +524,8 @@ class PPOTrainer:
             PPO.POLICY_LOSS: mean["pg_loss"],
             **({PPO.KL_LOSS: mean["kl_loss"]} if "kl_loss" in mean else {}),
             **({PPO.VALUE_LOSS: mean["vf_loss"], PPO.VALUE_CLIPFRAC: mean["vf_clipfrac"]} if "vf_loss" in mean else {}),
+            **({PPO.ZERO_STD_GROUPS: float(all_mean((core.group_stats(scores, group)[2] <= 1e-12).float().mean()))}
+               if plan.samples_per_prompt > 1 else {}),
             PPO.RATIO: mean["ratio"],
             PPO.RATIO_VAR: float(all_mean(stats["ratio"].var(unbiased=False))),
             PPO.FIRST_RATIO_DEV: float(all_mean(stats["first_ratio_dev"].max())),
