@@ -231,6 +231,7 @@ def build_manifest(stage: str, config: dict, parents: list[Artifact], tokenizer_
         "duration_s": round(clock.total(), 1),   # every invocation of the stage (killed and resumed ones too)
         "invocations": clock.count(),
         "config": config,
+        "identity": stage_identity(config, stage, data),
         "parents": [p.parent_ref() for p in parents],
         "tokenizer": tokenizer_fp,
         "data": data,
@@ -291,18 +292,132 @@ def stage_config(config: dict, stage: str) -> dict:
     return out
 
 
+# config values that name a local file or directory (besides the keys marked path=True in rlhf.config,
+# which reads them relative to the config file): what they hold counts, not where they lie
+_CONTENT_KEYS = ("model.name_or_path",)
+_content_ids: dict[tuple, str] = {}
+
+
+def content_id(value: Any) -> Any:
+    """What a path-valued config entry stands for wherever it lies: a published artifact's manifest
+    hash, a local file's sha256 or a local directory's (every file's relative name and content);
+    `file.py:function` as its file's id and the function's name; hub ids and absent paths as given.
+    Each file is hashed once per process while its size and mtime stay the same."""
+    if not isinstance(value, str) or not value:
+        return value
+    head, colon, func = value.rpartition(":") if ".py:" in value else (value, "", "")
+    p = Path(head).expanduser()
+    try:
+        if p.is_dir() and (p / MANIFEST).is_file():
+            ident = "artifact:" + _cached_sha256(p / MANIFEST)
+        elif p.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(x for x in p.rglob("*") if x.is_file()):
+                h.update(f"{f.relative_to(p).as_posix()}\0{_cached_sha256(f)}\n".encode())
+            ident = "dir:" + h.hexdigest()
+        elif p.is_file():
+            ident = "file:" + _cached_sha256(p)
+        else:
+            return value
+    except OSError:
+        return value
+    return ident + colon + func
+
+
+def _cached_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _content_ids:
+        _content_ids[key] = sha256_file(path)
+    return _content_ids[key]
+
+
+def stage_identity(config: dict, stage: str, data: dict | None = None) -> dict:
+    """What decides whether a published stage can be reused, independent of where the checkout, the
+    data and the artifact directory lie: the stage config (stage_config) with every path-valued
+    entry replaced by its content_id, and each input file's sha256 (hub datasets by name)."""
+    from rlhf.config import path_keys
+
+    cfg = json.loads(json.dumps(stage_config(config, stage), default=str))
+    for dotted in (*path_keys(), *_CONTENT_KEYS):
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = content_id(node[leaf])
+    out = {"config": cfg}
+    if data is not None:
+        out["data"] = {k: "file:" + v["sha256"] if (v or {}).get("sha256") else (v or {}).get("path")
+                       for k, v in data.items()}
+    return out
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def _shown(v: Any) -> str:
+    s = json.dumps(v, default=str) if not isinstance(v, str) else v
+    if s.startswith(("file:", "dir:", "artifact:")):  # content ids: the hash's head, a function's name kept
+        kind, rest = s.split(":", 1)
+        digest, colon, func = rest.partition(":")
+        return f"{kind} {digest[:12]}{colon}{func}"
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def why_rebuild(artifact_dir: str | Path, stage: str, config: dict, parents: list[Artifact],
+                data: dict | None = None) -> list[str]:
+    """Why DIR/<stage> cannot be reused for this run, one short reason each; [] when it is complete
+    and built from the same stage identity (stage_identity: the config with inputs by content, the
+    input files' content) and the same parents."""
+    d = stage_dir(artifact_dir, stage)
+    m = read_manifest(d)
+    if m is None:
+        return ["not built yet" if not d.exists() else f"{d} has no readable {MANIFEST}"]
+    if m.get("status") != "complete" or m.get("stage") != stage:
+        return [f"{d} is not a complete {stage} artifact"]
+    damaged = damaged_files(d, m)
+    if damaged:
+        return [f"{d} is damaged ({damaged[0]})"]
+    reasons = []
+    if "identity" in m:
+        ours, theirs = stage_identity(config, stage, data), m["identity"]
+        if data is None:
+            theirs = {"config": theirs.get("config")}
+        a, b = _flat(theirs), _flat(ours)
+        changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        # an input file that changed is named by its config key; data.* names it only when that key did not
+        named = {b.get(k) for k in changed if not k.startswith("data.")}
+        for key in changed:
+            if key.startswith("data.") and b.get(key) in named:
+                continue
+            reasons.append(f"{key.replace('config.', '', 1).replace('data.', 'input file ', 1)}: "
+                           f"{_shown(a.get(key))} -> {_shown(b.get(key))}")
+    else:  # published by an older version: compared as it was then, paths included
+        if sha256_json(stage_config(m.get("config", {}), stage)) != sha256_json(stage_config(config, stage)):
+            reasons.append("the stage config differs (published by an older version, which compared paths too)")
+        if data is not None and m.get("data") != data:
+            reasons.append("the input files differ")
+    theirs = {(p["stage"], p["manifest_sha256"]) for p in m.get("parents", [])}
+    ours = {(p.stage, sha256_file(p.path / MANIFEST)) for p in parents}
+    if theirs != ours:
+        changed = sorted({s for s, _ in theirs ^ ours})
+        reasons.append(f"its parent{'s' if len(changed) > 1 else ''} {', '.join(changed)} "
+                       f"{'were' if len(changed) > 1 else 'was'} rebuilt since")
+    return reasons
+
+
 def is_up_to_date(artifact_dir: str | Path, stage: str, config: dict, parents: list[Artifact],
                   data: dict | None = None) -> bool:
     """True when DIR/<stage> is complete and built from the same stage config, the same parents
-    and (when `data` is given: a `data_fingerprint`) the same input files."""
-    m = read_manifest(stage_dir(artifact_dir, stage))
-    if m is None or m.get("status") != "complete" or m.get("stage") != stage or damaged_files(stage_dir(artifact_dir, stage), m):
-        return False
-    same_cfg = sha256_json(stage_config(m.get("config", {}), stage)) == sha256_json(stage_config(config, stage))
-    same_data = data is None or m.get("data") == data
-    theirs = {(p["stage"], p["manifest_sha256"]) for p in m.get("parents", [])}
-    ours = {(p.stage, sha256_file(p.path / MANIFEST)) for p in parents}
-    return same_cfg and same_data and theirs == ours
+    and (when `data` is given: a `data_fingerprint`) the same input files (why_rebuild)."""
+    return not why_rebuild(artifact_dir, stage, config, parents, data)
 
 
 def prepare_checkpoints(artifact_dir: str | Path, stage: str, config: dict,
@@ -313,7 +428,7 @@ def prepare_checkpoints(artifact_dir: str | Path, stage: str, config: dict,
     state is partitioned per process): ArtifactError saying how to go on. Call on rank 0 only."""
     ckpt = checkpoint_dir(artifact_dir, stage)
     marker = ckpt / "stage_config.json"
-    want = sha256_json(stage_config(config, stage) if data is None else {"config": stage_config(config, stage), "data": data})
+    want = sha256_json(stage_identity(config, stage, data))
     if ckpt.exists():
         try:
             have = json.loads(marker.read_text()) if marker.is_file() else {}

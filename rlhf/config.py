@@ -672,3 +672,15 @@ def describe(cls: type = PipelineConfig, prefix: str = "") -> list[tuple[str, st
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
     return rows
+
+
+def path_keys(cls: type = PipelineConfig, prefix: str = "") -> list[str]:
+    """Every dotted key whose value is a local path read relative to the config file (path=True)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_of(_hints(cls)[f.name])
+        if sub is not None:
+            keys.extend(path_keys(sub, f"{prefix}{f.name}."))
+        elif f.metadata.get("path"):
+            keys.append(prefix + f.name)
+    return keys

@@ -25,7 +25,13 @@ def say(stage: str, msg: str) -> None:
 
 def skip_if_up_to_date(artifact_dir: str, stage: str, config: dict, parents: list, force: bool,
                        data: dict | None = None) -> artifacts.Artifact | None:
-    if force or not artifacts.is_up_to_date(artifact_dir, stage, config, parents, data):
+    if force:
+        return None
+    reasons = artifacts.why_rebuild(artifact_dir, stage, config, parents, data)
+    if reasons:
+        if artifacts.stage_dir(artifact_dir, stage).exists():
+            shown = "; ".join(reasons[:4]) + (f"; and {len(reasons) - 4} more" if len(reasons) > 4 else "")
+            say(stage, f"rebuilding {artifacts.stage_dir(artifact_dir, stage)}: {shown}")
         return None
     say(stage, f"{artifacts.stage_dir(artifact_dir, stage)} is complete and up to date: skipping (force=true reruns it)")
     if distributed.is_main():  # a run killed between publish and clean-up left these

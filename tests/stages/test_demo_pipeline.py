@@ -112,6 +112,41 @@ def test_rerun_skips_complete_stage(demo_run):
     assert "up to date: skipping" in proc.stdout
 
 
+def test_moved_checkout_and_artifact_dir_skip_every_stage(demo_run, tmp_path):
+    """Up-to-date checks go by content: the config and its data copied to a new place, the artifact
+    directory copied elsewhere, and `rlhf pipeline` reuses all three stages; a changed data file
+    rebuilds from the stage that reads it, saying why."""
+    import shutil
+
+    from conftest import ROOT, run_pipeline
+
+    checkout = tmp_path / "moved checkout"
+    shutil.copytree(ROOT / "launch" / "configs", checkout / "launch" / "configs")
+    shutil.copytree(ROOT / "reward_data", checkout / "reward_data", ignore=shutil.ignore_patterns("__pycache__"))
+    art = tmp_path / "moved artifacts"
+    shutil.copytree(demo_run, art, ignore=shutil.ignore_patterns("report", "wandb", "logs"))
+    config = checkout / "launch" / "configs" / "demo.yaml"
+    proc = run_pipeline(art, [], port=29657, config=config)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("up to date: skipping") == 3, proc.stdout
+    assert "rebuilding" not in proc.stdout
+    # a changed reward-data file: SFT is still reused, the reward stage says what changed
+    prefs = checkout / "reward_data" / "demo" / "prefs_eval.jsonl"
+    prefs.write_text("".join(prefs.read_text().splitlines(keepends=True)[:-1]))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "rm.py"), "--config", str(config),
+                             f"artifact_dir={art}"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:  # the reason comes before any training; the rebuild itself is not waited for
+            seen.append(line)
+            if "rebuilding" in line or "skipping" in line:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert f"[reward] rebuilding {art / 'reward'}: reward.eval_data: file " in "".join(seen), "".join(seen)[-3000:]
+
+
 def test_lora_ppo_under_zero2(demo_run, tmp_path):
     """LoRA PPO: the reference is the actor's base and the reward model the critic's base; the
     published policy is a plain merged model that differs from SFT and scores higher."""

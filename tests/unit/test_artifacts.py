@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -204,6 +205,73 @@ def test_not_up_to_date_when_stage_key_changes(tmp_path):
     later["run_name"] = "other"
     later["force"] = True
     assert A.is_up_to_date(tmp_path, SFT, later, [])
+
+
+def _moved_inputs(root: Path) -> dict:
+    """A config whose inputs (data, a gold scorer, a local model directory) lie under `root`."""
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    (root / "data" / "gold.py").write_text("def score(p, r):\n    return 0.0\n")
+    (root / "base").mkdir()
+    (root / "base" / "config.json").write_text('{"model_type": "llama"}')
+    cfg = config()
+    cfg["sft"]["train_data"] = str(root / "data" / "train.jsonl")
+    cfg["eval"]["gold_scorer"] = str(root / "data" / "gold.py") + ":score"
+    cfg["model"]["name_or_path"] = str(root / "base")
+    return cfg
+
+
+def test_up_to_date_after_moving_checkout_data_and_artifact_dir(tmp_path):
+    """Up to date is decided by content: the same files and artifacts under other paths skip."""
+    cfg = _moved_inputs(tmp_path / "old")
+    data = A.data_fingerprint({"train_data": cfg["sft"]["train_data"]})
+    manifest = A.build_manifest(SFT, cfg, [], TOK_FP, data=data, metrics={}, clock=A.StageClock(None, time.time()))
+    sft = A.publish(tmp_path / "old" / "art", SFT, stage_files(tmp_path / "old" / "art", SFT), manifest)
+    publish(tmp_path / "old" / "art", PPO, cfg, parents=[sft])
+    shutil.copytree(tmp_path / "old", tmp_path / "new")
+    shutil.rmtree(tmp_path / "old")
+    moved = _moved_inputs(tmp_path / "fresh")  # the keys as a config in the new place resolves them
+    for key, value in (("sft", "train_data"), ("eval", "gold_scorer"), ("model", "name_or_path")):
+        moved[key][value] = cfg[key][value].replace(str(tmp_path / "old"), str(tmp_path / "new"))
+    new_data = A.data_fingerprint({"train_data": moved["sft"]["train_data"]})
+    art = tmp_path / "new" / "art"
+    assert A.why_rebuild(art, SFT, moved, [], new_data) == []
+    assert A.why_rebuild(art, PPO, moved, [A.load(art / "sft", SFT)]) == []
+    # a changed file under the same name is a change, named by its key
+    (tmp_path / "new" / "data" / "gold.py").write_text("def score(p, r):\n    return 1.0\n")
+    reasons = A.why_rebuild(art, PPO, moved, [A.load(art / "sft", SFT)])
+    assert len(reasons) == 1 and reasons[0].startswith("eval.gold_scorer: file ") and reasons[0].endswith(":score")
+    (tmp_path / "new" / "base" / "config.json").write_text('{"model_type": "qwen2"}')
+    (tmp_path / "new" / "data" / "train.jsonl").write_text('{"prompt": "a", "completion": "c"}\n')
+    changed = A.data_fingerprint({"train_data": moved["sft"]["train_data"]})
+    reasons = A.why_rebuild(art, SFT, moved, [], changed)
+    assert [r.split(":")[0] for r in reasons] == ["model.name_or_path", "sft.train_data"], reasons
+    # the checkpoints of an interrupted run are kept across a move too (same identity)
+    assert A.sha256_json(A.stage_identity(cfg, SFT, data)) != A.sha256_json(A.stage_identity(moved, SFT, changed))
+
+
+def test_why_rebuild_names_the_key_and_the_parent(tmp_path):
+    cfg = config()
+    assert A.why_rebuild(tmp_path, SFT, cfg, []) == ["not built yet"]
+    sft = publish(tmp_path, SFT, cfg)
+    publish(tmp_path, REWARD, cfg, parents=[sft])
+    changed = copy.deepcopy(cfg)
+    changed["sft"]["learning_rate"] = 1e-4
+    assert A.why_rebuild(tmp_path, SFT, changed, []) == [f"sft.learning_rate: {cfg['sft']['learning_rate']} -> 0.0001"]
+    sft2 = publish(tmp_path, SFT, cfg, text="other weights")
+    assert A.why_rebuild(tmp_path, REWARD, cfg, [sft2]) == ["its parent sft was rebuilt since"]
+
+
+def test_manifest_of_an_older_version_is_compared_with_paths(tmp_path):
+    cfg = config()
+    publish(tmp_path, SFT, cfg)
+    m = json.loads((tmp_path / "sft" / MANIFEST).read_text())
+    del m["identity"]
+    (tmp_path / "sft" / MANIFEST).write_text(json.dumps(m))
+    assert A.why_rebuild(tmp_path, SFT, cfg, []) == []
+    changed = copy.deepcopy(cfg)
+    changed["sft"]["train_data"] = "/elsewhere/train.jsonl"
+    assert A.why_rebuild(tmp_path, SFT, changed, [])[0].startswith("the stage config differs")
 
 
 def test_reward_stale_when_sft_key_or_parent_changes(tmp_path):
