@@ -41,12 +41,29 @@ def init_distributed() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if not torch.cuda.is_available():
+        skip_cpu_comm_op()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     else:
         share_cpu_threads()
         _accelerate_state_for_cpu_deepspeed()
+
+
+# DeepSpeed's shared-memory all-reduce for CPU ranks (deepspeed/comm/torch.py: build_shm_op)
+CPU_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_cpu_comm_op() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op when it starts on CPU. Only
+    its `inference_all_reduce` (tensor-parallel inference, which this pipeline never runs) uses the
+    op; training's collectives go through torch.distributed (gloo) either way. Building it needs a
+    C++ compiler and ninja, and costs ~30 s on a machine's first launch; marked unavailable,
+    DeepSpeed starts without it, as it does on machines where the op is not supported."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[CPU_COMM_OP] = False
 
 
 def share_cpu_threads() -> int:

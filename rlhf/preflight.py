@@ -8,6 +8,7 @@ driver (`rlhf pipeline`, `rlhf demo`) before its first stage starts. It checks
 - the parent artifacts a stage needs and that this run does not build: complete;
 - `deepspeed.config_file`: a JSON object whose `zero_optimization` DeepSpeed accepts;
 - `model.dtype`: supported by this machine's accelerator;
+- `deepspeed.offload`: DeepSpeed's CPU Adam prebuilt, or a C++ compiler and ninja to build it;
 - `ppo.rollout_engine=vllm` (reward and PPO stages): vLLM importable, else the install command;
 - local model directories (`model.name_or_path`, `reward.model`): config.json, safetensors
   weights, tokenizer files, and model code that runs only with `model.trust_remote_code`;
@@ -50,6 +51,9 @@ def check(cfg: PipelineConfig, stages: Any) -> None:
     if cfg.deepspeed.config_file:
         check_deepspeed_file(cfg.deepspeed)
     check_dtype(cfg.model.dtype, stages)
+    if cfg.deepspeed.offload:
+        check_compiled_op("cpu_adam", "deepspeed.offload=true", "DeepSpeed's CPU Adam (the optimizer under offload)",
+                          "DS_BUILD_CPU_ADAM=1", "or set deepspeed.offload=false")
     check_rollout_engine(cfg, stages)
     if SFT in stages:
         check_policy_source(cfg)
@@ -134,6 +138,37 @@ def check_deepspeed_file(ds: Any) -> None:
         problems = "; ".join(f"zero_optimization.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
                              for err in e.errors())
         raise ConfigError(f"deepspeed.config_file={ds.config_file}: DeepSpeed refuses it ({problems})") from None
+
+
+def compiled_op_problem(op: str, what: str, build_flag: str) -> str | None:
+    """Why DeepSpeed cannot compile its C++ op `op` on first use here (no compiler, no ninja), or
+    None: it was built at install time, or it can be. Said before any work, instead of the
+    compiler's traceback from deep inside the engine's start."""
+    import shutil
+
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if installed_ops.get(op):
+        return None
+    cxx = os.environ.get("CXX", "c++")
+    missing = []
+    if shutil.which(cxx) is None:
+        missing.append(f"a C++ compiler ({cxx!r}{', from CXX,' if 'CXX' in os.environ else ''} is not on PATH)")
+    if not is_ninja_available():
+        missing.append("ninja (`pip install ninja`)")
+    if not missing:
+        return None
+    return (f"{what} is C++ that DeepSpeed compiles on first use, and this machine lacks {' and '.join(missing)}. "
+            "Install a compiler (Debian/Ubuntu: `apt-get install g++`; Fedora/RHEL: `dnf install gcc-c++`; conda: "
+            f"`conda install -c conda-forge cxx-compiler`), or install DeepSpeed with the op prebuilt "
+            f"(`{build_flag} pip install --no-cache-dir --force-reinstall --no-deps deepspeed`, on a machine with one)")
+
+
+def check_compiled_op(op: str, key: str, what: str, build_flag: str, alternative: str) -> None:
+    problem = compiled_op_problem(op, what, build_flag)
+    if problem:
+        raise ConfigError(f"{key}: {problem}, {alternative}")
 
 
 def dtype_problem(dtype: str, stages: list[str], cuda: bool, bf16: bool) -> str | None:
