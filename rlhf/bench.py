@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "launch" / "configs" / "demo.yaml"
+from rlhf.install import DEMO_CONFIG
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 from rlhf import artifacts
 from rlhf.metric_names import HEADLINE
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "launch" / "configs" / "demo.yaml"
+from rlhf.install import DEMO_CONFIG, LAUNCH_DIR, demo_artifact_dir, install_hint
+
 STAGE_LAUNCHERS = {"sft": "sft.sh", "reward": "rm.sh", "ppo": "ppo.sh"}  # launch/: what a user runs per stage
 PYTHON_ENV = "RLHF_PYTHON"  # the interpreter launch/_stage.sh runs `-m deepspeed.launcher.runner` with
 
@@ -59,7 +59,7 @@ def run_pipeline(config: str, overrides: list[str]) -> int:
     # the stages run this interpreter's DeepSpeed (_stage_env); find_spec imports nothing
     if importlib.util.find_spec("deepspeed") is None:
         print(f"error: DeepSpeed is not installed for {sys.executable}, which runs the stages; install it with "
-              f"`{sys.executable} -m pip install -e {ROOT}`", file=sys.stderr)
+              f"{install_hint('deepspeed')}", file=sys.stderr)
         return 2
     art_dir = Path(cfg.artifact_dir)
     lock = DirLock(art_dir, "rlhf pipeline")
@@ -98,7 +98,7 @@ def _stage_command(launcher: str, config: str, overrides: list[str], lock_token:
     launch/_stage.sh is the one place the deepspeed command is built (NUM_GPUS, HOSTFILE,
     MASTER_PORT), with the interpreter _stage_env names. --lock-token lets the stage's rank 0 use the
     driver's lock, on any node."""
-    return ["bash", str(ROOT / "launch" / launcher), str(config), "--lock-token", lock_token, *overrides]
+    return ["bash", str(LAUNCH_DIR / launcher), str(config), "--lock-token", lock_token, *overrides]
 
 
 def _stage_env() -> dict[str, str]:
@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlhf", description="Three-stage RLHF pipeline: SFT -> reward model -> PPO.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in demo task (CPU is enough)")
-    p.add_argument("--artifact-dir", default=None, help="where artifacts go (default: the demo config's)")
+    p.add_argument("--artifact-dir", default=None, help="where artifacts go (default: artifacts/demo in the checkout, "
+                                                        "or in the current directory when rlhf is installed)")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides")
     p = sub.add_parser("pipeline", help="SFT -> RM -> PPO under the deepspeed launcher")
     p.add_argument("config")
@@ -371,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "dashboard":
         return cmd_dashboard(args)
     if args.cmd == "demo":
-        overrides = list(args.overrides) + ([f"artifact_dir={Path(args.artifact_dir).resolve()}"] if args.artifact_dir else [])
+        art = Path(args.artifact_dir) if args.artifact_dir else demo_artifact_dir()
+        overrides = list(args.overrides) + ([f"artifact_dir={art.resolve()}"] if art is not None else [])
         return run_pipeline(str(DEMO_CONFIG), overrides)
     if args.cmd == "pipeline":
         return run_pipeline(args.config, args.overrides)
