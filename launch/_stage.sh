@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Shared by sft.sh / rm.sh / ppo.sh: run one stage under the deepspeed launcher.
-#   NUM_GPUS   processes on this node (GPUs, or CPU processes on a machine without GPUs); default 1
+#   NUM_GPUS   processes on this node (GPUs, or CPU processes on a machine without GPUs); default:
+#              every GPU torch sees (CUDA_VISIBLE_DEVICES limits them), as DeepSpeed's launcher does;
+#              1 on a machine without GPUs
 #   HOSTFILE   a deepspeed hostfile for multi-node runs (DIR must be on a shared filesystem)
 #   MASTER_PORT  rendezvous port; default 29500
 #   RLHF_PYTHON  the interpreter whose DeepSpeed runs the stage; default python3 (else python) on PATH.
@@ -15,12 +17,15 @@ if [ $# -lt 1 ]; then
 fi
 config="$1"; shift
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${RLHF_PYTHON:-$(command -v python3 || command -v python || echo python3)}"
 args=(--master_port "${MASTER_PORT:-29500}")
 if [ -n "${HOSTFILE:-}" ]; then
   args+=(--hostfile "$HOSTFILE")
   [ -n "${NUM_GPUS:-}" ] && args+=(--num_gpus "$NUM_GPUS")
 else
-  args+=(--num_gpus "${NUM_GPUS:-1}")
+  if [ -z "${NUM_GPUS:-}" ]; then
+    NUM_GPUS="$("$python" -c 'import torch; print(torch.cuda.device_count() or 1)' 2>/dev/null || echo 1)"
+  fi
+  args+=(--num_gpus "$NUM_GPUS")
 fi
-python="${RLHF_PYTHON:-$(command -v python3 || command -v python || echo python3)}"
 exec "$python" -m deepspeed.launcher.runner "${args[@]}" "$here/$stage_py" --config "$config" "$@"

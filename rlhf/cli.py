@@ -22,6 +22,13 @@ STAGE_LAUNCHERS = {"sft": "sft.sh", "reward": "rm.sh", "ppo": "ppo.sh"}  # launc
 PYTHON_ENV = "RLHF_PYTHON"  # the interpreter launch/_stage.sh runs `-m deepspeed.launcher.runner` with
 
 
+LAUNCHER_ENV = """\
+environment (read by each stage's launcher, launch/_stage.sh):
+  NUM_GPUS     processes per node: default every visible GPU (CUDA_VISIBLE_DEVICES limits them), 1 without GPUs
+  HOSTFILE     a DeepSpeed hostfile for a multi-node run (the artifact directory on a shared filesystem)
+  MASTER_PORT  the rendezvous port (default 29500); give concurrent runs different ones
+  RLHF_PYTHON  the interpreter whose DeepSpeed runs the stages (default: the one running rlhf)"""
+
 TAIL_LINES = 15         # lines shown of a failed stage's output that holds no traceback
 TRACEBACK_LINES = 40    # most lines shown of a failed stage's traceback
 KEPT_LINES = 400        # lines of a stage's output kept in memory for that
@@ -323,11 +330,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlhf", description="Three-stage RLHF pipeline: SFT -> reward model -> PPO.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("demo", help="run the whole pipeline on the built-in demo task (CPU is enough)")
+    p = sub.add_parser("demo", help="run the whole pipeline on the built-in demo task (CPU is enough)",
+                       epilog=LAUNCHER_ENV, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact-dir", default=None, help="where artifacts go (default: artifacts/demo in the checkout, "
                                                         "or in the current directory when rlhf is installed)")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides")
-    p = sub.add_parser("pipeline", help="SFT -> RM -> PPO under the deepspeed launcher")
+    p = sub.add_parser("pipeline", help="SFT -> RM -> PPO under the deepspeed launcher",
+                       epilog=LAUNCHER_ENV, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p = sub.add_parser("status", help="each stage: complete / damaged / partial / missing, with key metrics")

@@ -171,6 +171,15 @@ def distinct_count(items: list) -> int:
     """How many distinct items all processes hold together (collective)."""
     return len(set().union(*all_gather_objects(sorted(set(items)))))
 
+def describe_devices() -> str:
+    """What the ranks run on, for a stage's first line: 'CPU' or 'GPU (NVIDIA H100 ...)' and how many
+    nodes (from the launcher's LOCAL_WORLD_SIZE / WORLD_SIZE)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()) or 1)
+    nodes = max(1, world_size() // max(local, 1))
+    kind = f"GPU ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "CPU"
+    return f"{kind}{f', {nodes} nodes' if nodes > 1 else ''}"
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -117,6 +117,8 @@ def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -
         cfg = load_config(args.config, args.overrides)
         preflight.check(cfg, [stage])  # inputs, parents, DeepSpeed JSON, dtype, artifact_dir: before any work
         distributed.init_distributed()
+        say(stage, f"{distributed.world_size()} process(es) on {distributed.describe_devices()}; "
+                   f"artifact directory {cfg.artifact_dir}")
         lock = _take_lock(cfg.artifact_dir, stage, args.lock_token)
         run(cfg)
     except USER_ERRORS as e:

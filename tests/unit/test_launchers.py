@@ -18,9 +18,12 @@ BARE_PATH = "/usr/bin:/bin"  # neither this interpreter's bin directory nor pyen
 
 
 def fake_python(path: Path) -> Path:
-    """An 'interpreter' that prints the arguments it was given, one a line."""
+    """An 'interpreter' that prints the arguments it was given, one a line; asked for the GPU count
+    (`-c ...`), it answers FAKE_GPUS (1 when unset, as the launcher's probe prints on a machine
+    without GPUs), or fails when FAKE_GPUS=fail."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+    path.write_text("#!/bin/sh\nif [ \"$1\" = -c ]; then [ \"$FAKE_GPUS\" = fail ] && exit 1; echo \"${FAKE_GPUS:-1}\"; "
+                    "exit 0; fi\nprintf '%s\\n' \"$@\"\n")
     path.chmod(0o755)
     return path
 
@@ -35,6 +38,9 @@ def launch(launcher: str, env: dict[str, str]) -> list[str]:
 @pytest.mark.parametrize("launcher, script", [("sft.sh", "sft.py"), ("rm.sh", "rm.py"), ("ppo.sh", "ppo.py")])
 @pytest.mark.parametrize("settings, flags", [
     ({}, ["--master_port", "29500", "--num_gpus", "1"]),
+    ({"FAKE_GPUS": "8"}, ["--master_port", "29500", "--num_gpus", "8"]),  # every visible GPU by default
+    ({"FAKE_GPUS": "fail"}, ["--master_port", "29500", "--num_gpus", "1"]),  # torch cannot tell: one process
+    ({"FAKE_GPUS": "8", "NUM_GPUS": "2"}, ["--master_port", "29500", "--num_gpus", "2"]),
     ({"NUM_GPUS": "2", "MASTER_PORT": "29777"}, ["--master_port", "29777", "--num_gpus", "2"]),
     ({"HOSTFILE": "hosts"}, ["--master_port", "29500", "--hostfile", "hosts"]),  # the hostfile's slots decide
     ({"HOSTFILE": "hosts", "NUM_GPUS": "4"}, ["--master_port", "29500", "--hostfile", "hosts", "--num_gpus", "4"]),
