@@ -134,18 +134,78 @@ def _run_stage(cmd: list[str], output: "StageOutput") -> int:
     return rc
 
 
+# a tqdm progress bar's text: "[desc: ] 45%|####  | 108/240 [00:12<00:15, 8.1it/s, kl=2.1, score=0.9]"
+_BAR = re.compile(r"^(?:(?P<desc>[^|]*?):\s*)?\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*"
+                  r"\[(?P<elapsed>[\d:]+)<(?P<left>[\d:?]+)(?:,\s*(?P<rate>[^,\]]*))?(?:,\s*(?P<post>[^\]]*))?\]")
+PROGRESS_STEP = 10       # percent between progress lines on a console that is not a terminal
+PROGRESS_EVERY_S = 60.0  # ... or seconds, whichever comes first
+
+
+class Progress:
+    """One line of progress for a stage's main loop, made from the tqdm bars in its output: the bar
+    of the stage's training loop (iterations, not data-preparation bars counting examples; the
+    largest total seen, so an evaluation bar inside it does not take over). On a terminal the line
+    is redrawn in place; elsewhere (a CI log, a file) it is printed every PROGRESS_STEP percent or
+    PROGRESS_EVERY_S seconds."""
+
+    def __init__(self, stage: str, live: bool | None = None, clock: Any = time.monotonic):
+        self.stage, self.clock = stage, clock
+        self.live = sys.stdout.isatty() if live is None else live
+        self.total = 0
+        self.shown = False        # a live line is on the screen
+        self.last_pct, self.last_t = -PROGRESS_STEP, None
+
+    def feed(self, line: str) -> bool:
+        """Take a line of the stage's output; True when it was a progress bar's."""
+        m = _BAR.search(line.strip())
+        if m is None:
+            return False
+        rate, desc = m["rate"] or "", (m["desc"] or "").strip()
+        if not (rate.endswith("it/s") or rate.endswith("s/it") or rate == "") or desc not in ("", self.stage):
+            return True  # a data-preparation bar (examples/s, a description): not the stage's loop
+        n, total = int(m["n"]), int(m["total"])
+        if total < self.total:
+            return True
+        self.total = total
+        pct = 100 * n // max(total, 1)
+        text = f"[{self.stage}] {pct}% ({n}/{total}), {m['elapsed']} elapsed"
+        if m["left"] != "?" and n < total:
+            text += f", ~{m['left']} left"
+        if m["post"]:
+            text += f" ({m['post']})"
+        now = self.clock()
+        if self.live:
+            print("\r\033[K   " + text, end="", flush=True)
+            self.shown = True
+        elif pct >= self.last_pct + PROGRESS_STEP or (n == total and self.last_pct < 100) or (
+                self.last_t is not None and now - self.last_t >= PROGRESS_EVERY_S):
+            print("   " + text, flush=True)
+            self.last_pct, self.last_t = pct, now
+        if self.last_t is None:
+            self.last_t = now
+        return True
+
+    def clear(self) -> None:
+        """Take the live line off the screen before another line is printed."""
+        if self.shown:
+            print("\r\033[K", end="", flush=True)
+            self.shown = False
+
+
 class StageOutput:
     """A stage's output as the pipeline driver handles it: appended to DIR/logs/<stage>.log (an
     interrupted and a resumed run stay in one log); the stage's own `[<stage>] ...` lines and error
-    lines echoed to the console; the last KEPT_LINES kept for a failure report. When the log cannot
-    be written (disk full, a read-only directory, ...) that is said once, and from then on every
-    line goes to the console instead, so nothing the stage says is lost."""
+    lines echoed to the console, with one line of progress (Progress); the last KEPT_LINES kept
+    for a failure report. When the log cannot be written (disk full, a read-only directory, ...)
+    that is said once, and from then on every line goes to the console instead, so nothing the
+    stage says is lost."""
 
-    def __init__(self, stage: str, log_path: Path):
+    def __init__(self, stage: str, log_path: Path, live: bool | None = None):
         self.stage, self.log_path = stage, log_path
         self.lines: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
         self.said_error = False   # the stage printed its own "[<stage>] error: ..." line
         self.log_failed = False
+        self.progress = Progress(stage, live)
         self._file = None
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,10 +227,17 @@ class StageOutput:
         self.write_log(line + "\n")
         own = line.startswith(f"[{self.stage}]")
         self.said_error |= own and " error: " in line
+        if not self.log_failed and self.progress.feed(line):
+            return
         if self.log_failed or own or (line.startswith("[") and "error" in line.lower() and not _RANK_PREFIX.match(line)):
+            self.progress.clear()
             print("   " + line.rstrip(), flush=True)
 
     def close(self) -> None:
+        self.progress.clear()
+        self._close_log()
+
+    def _close_log(self) -> None:
         if self._file is not None:
             try:
                 self._file.close()
