@@ -1,11 +1,17 @@
 """DIR/report/: summary.json, PNG plots made from the manifests and DIR/metrics/*.jsonl, and index.html.
 
+index.html is one self-contained file (the plots inside it as data: URIs; the PNGs stay beside it)
+that opens with a verdict paragraph (`verdict`, also summary.json's "verdict"): the score gain, the
+win rate, the KL against its budget and best-of-n at the same KL, in summary.json's figures.
+
 Plots: the over-optimisation chart (score_vs_kl.png: proxy and gold score against sqrt(KL) for
-PPO's held-out evaluations and the best-of-n baseline, the published update marked), the reward
-model's diagnostics (rm_calibration.png, rm_reward_hist.png, rm_length.png) and the training
-curves (ppo_scores.png, ppo_kl.png, rm_accuracy.png, losses.png)."""
+PPO's held-out evaluations and the best-of-n baseline, the published update marked), the same
+evaluations against the update (eval_vs_update.png), the reward model's diagnostics
+(rm_calibration.png, rm_reward_hist.png, rm_length.png) and the training curves (ppo_scores.png,
+ppo_kl.png with beta on its own axis, rm_accuracy.png, losses.png with a panel per loss)."""
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -59,10 +65,10 @@ LABELS = {  # what the figures table calls a summary key
     "gold_score_ppo": "gold score, PPO (published policy)",
     "gold_score_sft_std": "gold score std over SFT samples",
     "gold_gain_in_sft_std": "gold gain, in SFT standard deviations",
-    "rm_score_sft": "RM score, SFT",
-    "rm_score_ppo": "RM score, PPO",
-    "kl_ppo_vs_sft": "KL(PPO || SFT) per response",
-    "kl_budget": "KL budget (ppo.kl_budget)",
+    "rm_score_sft": "RM score (raw reward-model output), SFT",
+    "rm_score_ppo": "RM score (raw reward-model output), PPO",
+    "kl_ppo_vs_sft": "KL(PPO || SFT), nats per response",
+    "kl_budget": "KL budget (ppo.kl_budget), nats per response",
     "win_rate_rm": "win rate of PPO over SFT, under the RM",
     "win_rate_gold": "win rate of PPO over SFT, under gold",
     "response_length_sft": "response length (tokens), SFT",
@@ -121,6 +127,41 @@ def _plot(path: Path, title: str, xlabel: str, lines: list[tuple[str, list, list
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def kl_plot(path: Path, kl: tuple[list, list], coef: tuple[list, list]) -> bool:
+    """KL per response against the update (left axis) and the KL coefficient (right axis: another unit)."""
+    if not kl[0]:
+        return False
+    fig, ax = _pyplot().subplots(figsize=SMALL, dpi=100)
+    ax.plot(*kl, color="C0", label="objective/kl (KL to SFT)")
+    ax.set_xlabel("PPO update")
+    ax.set_ylabel("KL to SFT [nats per response]", color="C0")
+    ax.grid(alpha=0.3)
+    if coef[0]:
+        right = ax.twinx()
+        right.plot(*coef, color="C1", ls="--", label="objective/kl_coef (beta)")
+        right.set_ylabel("KL coefficient beta", color="C1")
+        right.set_ylim(bottom=0)
+    ax.set_title("KL to the SFT policy and the KL coefficient per update")
+    return _save(fig, path)
+
+
+def losses_plot(path: Path, series: list[tuple[str, str, tuple[list, list]]]) -> bool:
+    """One panel per loss that was logged (their units and scales differ), in a grid of two columns."""
+    series = [s for s in series if s[2][0]]
+    if not series:
+        return False
+    rows = (len(series) + 1) // 2
+    fig, axes = _pyplot().subplots(rows, 2, figsize=(9.6, 2.6 * rows + 0.4), dpi=100, squeeze=False)
+    for ax, (title, xlabel, (x, y)) in zip(axes.flat, series):
+        ax.plot(x, y, lw=1.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
     return _save(fig, path)
 
 
@@ -183,6 +224,98 @@ def overoptimisation_plot(path: Path, ppo_metrics: dict, ppo_rows: list[dict]) -
     axes[-1, 0].set_xlabel("sqrt(KL(policy || SFT)) per response  [sqrt(nats)]")
     axes[0, 0].legend(fontsize=7.5, loc="best")
     return _save(fig, path)
+
+
+def eval_curve_plot(path: Path, ppo_metrics: dict) -> bool:
+    """PPO's held-out evaluations against the update: RM score (raw), gold score and KL, one panel
+    each, the published update marked: where the gold score turns while the RM score still rises."""
+    curve = [p for p in ppo_metrics.get(S.EVAL_CURVE) or [] if _num(p.get("update"))]
+    panels = [(k, lab) for k, lab in (("rm_score", "RM score (raw)"), ("gold_score", "gold score"),
+                                      ("kl", "KL to SFT [nats/response]"))
+              if any(_num(p.get(k)) for p in curve)]
+    if len(curve) < 2 or not panels:
+        return False
+    selected = ppo_metrics.get(S.SELECTED_UPDATE)
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7.2, 1.9 + 1.6 * len(panels)), dpi=100, squeeze=False)
+    for ax, (key, label) in zip(axes[:, 0], panels):
+        pts = [(p["update"], p[key]) for p in curve if _num(p.get(key))]
+        ax.plot([u for u, _ in pts], [v for _, v in pts], "-o", ms=3, color={"rm_score": "C0", "gold_score": "C2"}.get(key, "C4"))
+        if selected is not None:
+            ax.axvline(selected, color="C3", ls="--", lw=1, label=f"published (update {selected})")
+        if key == "kl" and _num(ppo_metrics.get(S.KL_BUDGET)):
+            ax.axhline(ppo_metrics[S.KL_BUDGET], color="grey", ls=":", lw=1.2, label=f"KL budget ({ppo_metrics[S.KL_BUDGET]:g})")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title("Held-out evaluations during PPO")
+    axes[0, 0].legend(fontsize=8, loc="best")
+    if panels[-1][0] == "kl" and _num(ppo_metrics.get(S.KL_BUDGET)):
+        axes[-1, 0].legend(fontsize=8, loc="best")
+    axes[-1, 0].set_xlabel("PPO update (0 = the SFT policy)")
+    return _save(fig, path)
+
+
+def best_of_n_at_kl(bon: list[dict], kl: float, key: str) -> float | None:
+    """The best-of-n baseline's `key` at KL `kl`, interpolated linearly between the two n whose
+    analytic KL brackets it; None outside the range of n that was run."""
+    pts = sorted((b["kl"], b[key]) for b in bon if _num(b.get("kl")) and _num(b.get(key)))
+    for (k0, v0), (k1, v1) in zip(pts, pts[1:]):
+        if k0 <= kl <= k1:
+            return v0 if k1 == k0 else v0 + (v1 - v0) * (kl - k0) / (k1 - k0)
+    return None
+
+
+def _g(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def verdict(summary: dict) -> str:
+    """The report's first paragraph: what PPO did, in the figures of summary.json: the score gain
+    (gold when there is a gold scorer, else the RM's), the win rate, the KL against its budget, and
+    best-of-n at the same KL (or its largest n when PPO's KL lies beyond it)."""
+    stages = summary.get("stages", {})
+    if not _num(summary.get("kl_ppo_vs_sft")):
+        done = [s for s, state in stages.items() if state == "complete"]
+        if not done:
+            return "No stage has published a result yet."
+        rm = (f" The reward model ranks {summary['rm_eval_accuracy']:.1%} of the held-out pairs correctly."
+              if _num(summary.get("rm_eval_accuracy")) else "")
+        return f"Complete: {', '.join(done)}; PPO has not published a policy yet.{rm}"
+    gold = _num(summary.get("gold_score_ppo")) and _num(summary.get("gold_score_sft"))
+    key, name = ("gold_score", "gold score") if gold else ("rm_score", "RM score (raw)")
+    before, after = summary[f"{key}_sft"], summary[f"{key}_ppo"]
+    kl = summary["kl_ppo_vs_sft"]
+    est = summary.get("advantage_estimator")
+    k = summary.get("samples_per_prompt", 1)
+    how = f" ({est}, {k} sample{'s' if k != 1 else ''} per prompt)" if est else ""
+    verb = "raised" if after > before else "lowered" if after < before else "left"
+    text = f"PPO{how} {verb} the {name} from {_g(before)} (SFT) to {_g(after)}"
+    if gold and _num(summary.get("gold_gain_in_sft_std")):
+        text += f", {summary['gold_gain_in_sft_std']:+.2f} SFT standard deviations"
+    text += f", at a KL to the SFT policy of {_g(kl)} nats per response"
+    if _num(summary.get("kl_budget")):
+        text += f" (budget {_g(summary['kl_budget'])})"
+    text += "."
+    win = summary.get("win_rate_gold" if gold else "win_rate_rm")
+    if _num(win):
+        text += f" It beats the SFT policy on {win:.0%} of the held-out prompts under the {'gold scorer' if gold else 'reward model'}"
+        text += (f" ({summary['win_rate_rm']:.0%} under the reward model)." if gold and _num(summary.get("win_rate_rm"))
+                 else ".")
+    at = summary.get("best_of_n_at_ppo_kl") or {}
+    top = summary.get("best_of_n_top") or {}
+    if _num(at.get(key)):
+        diff = after - at[key]
+        text += (f" Best-of-n of SFT samples at the same KL scores {_g(at[key])} (interpolated): PPO is "
+                 f"{'ahead by' if diff >= 0 else 'behind by'} {_g(abs(diff))}.")
+    elif _num(top.get(key)) and _num(top.get("kl")):
+        diff = after - top[key]
+        text += (f" Best-of-{top['n']}, the strongest baseline run, scores {_g(top[key])} at KL {_g(top['kl'])}: "
+                 f"PPO is {'ahead by' if diff >= 0 else 'behind by'} {_g(abs(diff))}"
+                 f"{' with more KL' if kl > top['kl'] else ' with less KL'}.")
+    if _num(at.get(key)) and after < at[key] or (not _num(at.get(key)) and _num(top.get(key)) and after < top[key]
+                                                 and kl >= top.get("kl", 0)):
+        text += " Best-of-n gets more for less KL here: see the README's \"What to tune first\"."
+    return text
 
 
 # ----------------------------------------------------------------- reward-model diagnostics
@@ -292,6 +425,11 @@ def build(artifact_dir: Path) -> Path:
     if bon:  # the strongest baseline, beside PPO's published figures
         top = max(bon, key=lambda r: r["n"])
         summary["best_of_n_top"] = {k: top.get(k) for k in ("n", "kl", "rm_score", "gold_score")}
+    if bon and _num(summary.get("kl_ppo_vs_sft")):  # the baseline where PPO's published policy is
+        at = {k: best_of_n_at_kl(bon, summary["kl_ppo_vs_sft"], k) for k in ("rm_score", "gold_score")}
+        if any(v is not None for v in at.values()):
+            summary["best_of_n_at_ppo_kl"] = {"kl": summary["kl_ppo_vs_sft"], **at}
+    summary["verdict"] = verdict(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     ppo, rm, sft = (read_metrics(artifact_dir, s) for s in ("ppo", "reward", "sft"))
@@ -304,13 +442,18 @@ def build(artifact_dir: Path) -> Path:
                              "the score it stands for (gold). A gold curve that bends down while the proxy still rises "
                              "is reward over-optimisation; best-of-n is the baseline at the same KL. "
                              + _best_of_n_prompts_note(ev, pm)))
+    if eval_curve_plot(out / "eval_vs_update.png", pm):
+        plots["overopt"].append(("eval_vs_update.png", "The same held-out evaluations against the update: the gold "
+                                 "score turning down while the RM score still rises is the over-optimisation turn."))
     if _plot(out / "ppo_scores.png", "RM score and RLHF reward per update", "PPO update",
-             [(PPO.SCORES, *_series(ppo, PPO.SCORES)),
-              (PPO.RLHF_REWARD, *_series(ppo, PPO.RLHF_REWARD))]):
-        plots["ppo"].append(("ppo_scores.png", "Training rollouts: normalised RM score and the KL-penalised reward."))
-    if _plot(out / "ppo_kl.png", "KL to the SFT policy and KL coefficient per update", "PPO update",
-             [(PPO.KL, *_series(ppo, PPO.KL)), (PPO.KL_COEF, *_series(ppo, PPO.KL_COEF))]):
-        plots["ppo"].append(("ppo_kl.png", "Training rollouts: KL per response and the KL coefficient."))
+             [(f"{PPO.SCORES} (normalised RM score)", *_series(ppo, PPO.SCORES)),
+              (f"{PPO.RLHF_REWARD} (score - beta x KL)", *_series(ppo, PPO.RLHF_REWARD))],
+             ylabel="normalised RM units"):
+        plots["ppo"].append(("ppo_scores.png", "Training rollouts: the normalised RM score PPO maximises (the raw "
+                             "score standardised with the reward stage's statistics) and the KL-penalised reward."))
+    if kl_plot(out / "ppo_kl.png", _series(ppo, PPO.KL), _series(ppo, PPO.KL_COEF)):
+        plots["ppo"].append(("ppo_kl.png", "Training rollouts: KL per response (left axis, nats) and the KL "
+                             "coefficient beta (right axis)."))
     if calibration_plot(out / "rm_calibration.png", rmm.get("calibration_bins") or [], rmm.get(S.CALIBRATION_ECE)):
         plots["rm"].append(("rm_calibration.png", "Reliability diagram: bars on the diagonal mean P(chosen > rejected) "
                             "is calibrated; below it, over-confident."))
@@ -325,15 +468,17 @@ def build(artifact_dir: Path) -> Path:
     rm_lines.append(("held-out accuracy", ex, ey))
     if _plot(out / "rm_accuracy.png", "Reward model pairwise accuracy", "RM optimizer step", rm_lines):
         plots["rm"].append(("rm_accuracy.png", "Pairwise accuracy while training."))
-    if _plot(out / "losses.png", "Training losses", "step",
-             [("SFT loss", *_series(sft, HF.TRAIN_LOSS)), ("RM loss", *_series(rm, HF.TRAIN_LOSS)),
-              ("PPO policy loss", *_series(ppo, PPO.POLICY_LOSS)), ("PPO value loss", *_series(ppo, PPO.VALUE_LOSS)),
-              ("PPO KL loss term", *_series(ppo, PPO.KL_LOSS))]):
-        plots["training"].append(("losses.png", "Losses of the three stages (each against its own steps)."))
+    if losses_plot(out / "losses.png",
+                   [("SFT loss (cross-entropy, nats/token)", "SFT optimizer step", _series(sft, HF.TRAIN_LOSS)),
+                    ("RM loss (Bradley-Terry, nats/pair)", "RM optimizer step", _series(rm, HF.TRAIN_LOSS)),
+                    ("PPO policy loss", "PPO update", _series(ppo, PPO.POLICY_LOSS)),
+                    ("PPO value loss", "PPO update", _series(ppo, PPO.VALUE_LOSS)),
+                    ("PPO KL loss term (before beta)", "PPO update", _series(ppo, PPO.KL_LOSS))]):
+        plots["training"].append(("losses.png", "Losses of the three stages, one panel each (each against its own steps)."))
 
     samples_path = artifacts.stage_dir(artifact_dir, "ppo") / artifacts.SAMPLES
     samples = [json.loads(ln) for ln in samples_path.read_text().splitlines()[:20]] if samples_path.is_file() else []
-    (out / "index.html").write_text(_html(artifact_dir, summary, plots, samples))
+    (out / "index.html").write_text(_html(artifact_dir, summary, plots, samples, out))
     return out
 
 
@@ -347,12 +492,20 @@ def _fmt(v, digits: int = 4) -> str:
     return html.escape(str(v))
 
 
-def _figures(plots: list[tuple[str, str]]) -> str:
-    return "".join(f'<figure><img src="{p}" alt="{p}"><figcaption>{html.escape(c)}</figcaption></figure>'
-                   for p, c in plots)
+def _figures(plots: list[tuple[str, str]], where: Path | None = None) -> str:
+    """The plots as figures whose images are inside the page (data: URIs), so index.html is one
+    self-contained file; the PNGs stay beside it. `where`: the directory holding them."""
+    out = []
+    for p, c in plots:
+        src = p
+        if where is not None and (where / p).is_file():
+            src = "data:image/png;base64," + base64.b64encode((where / p).read_bytes()).decode("ascii")
+        out.append(f'<figure><img src="{src}" alt="{html.escape(p)}" title="{html.escape(p)}">'
+                   f'<figcaption>{html.escape(c)} <span class="file">({html.escape(p)})</span></figcaption></figure>')
+    return "".join(out)
 
 
-def _html(artifact_dir: Path, summary: dict, plots: dict, samples: list[dict]) -> str:
+def _html(artifact_dir: Path, summary: dict, plots: dict, samples: list[dict], where: Path | None = None) -> str:
     e = html.escape
     stages = " · ".join(f"{e(s)}: <b>{e(str(v))}</b>" for s, v in summary["stages"].items())
     figures = "".join(f"<tr><td>{e(LABELS.get(k, k))}</td><td><code>{e(k)}</code></td><td>{_fmt(v)}</td></tr>"
@@ -377,16 +530,17 @@ def _html(artifact_dir: Path, summary: dict, plots: dict, samples: list[dict]) -
         f"<td>{_fmt(_sqrt_kl(p['kl']) if _num(p.get('kl')) else None)}</td><td>{_fmt(p.get('rm_score'))}</td>"
         f"<td>{_fmt(p.get('gold_score'))}</td><td>{_fmt(p.get('response_length'))}</td><td>{_fmt(p.get('eos_rate'))}</td></tr>"
         for p in curve)
-    curve_table = ("<h3>Held-out evaluations during PPO</h3><table><tr><th>update</th><th>KL</th><th>sqrt KL</th>"
-                   "<th>RM score</th><th>gold score</th><th>length</th><th>EOS rate</th></tr>" + curve_rows + "</table>"
+    curve_table = ("<h3>Held-out evaluations during PPO</h3><table><tr><th>update</th><th>KL [nats/response]</th>"
+                   "<th>sqrt KL</th><th>RM score (raw)</th><th>gold score</th><th>length [tokens]</th><th>EOS rate</th>"
+                   "</tr>" + curve_rows + "</table>"
                    if curve else "")
     bon = summary.get("best_of_n") or []
     bon_table = ("<h3>Best-of-n baseline (SFT samples, the RM's favourite of n)</h3><table><tr><th>n</th>"
-                 "<th>KL (analytic)</th><th>RM score</th><th>gold score</th></tr>"
+                 "<th>KL (analytic) [nats/response]</th><th>RM score (raw)</th><th>gold score</th></tr>"
                  + "".join(f"<tr><td>{b.get('n')}</td><td>{_fmt(b.get('kl'))}</td><td>{_fmt(b.get('rm_score'))}</td>"
                            f"<td>{_fmt(b.get('gold_score'))}</td></tr>" for b in bon) + "</table>" if bon else "")
-    ppo_html = (f"""{selection}<div class="row">{_figures(plots['overopt'])}<div>{curve_table}{bon_table}</div></div>
-<h3>Training rollouts</h3>{_figures(plots['ppo'])}""" if selection or plots["overopt"] or plots["ppo"]
+    ppo_html = (f"""{selection}<div class="row">{_figures(plots['overopt'], where)}<div>{curve_table}{bon_table}</div></div>
+<h3>Training rollouts</h3>{_figures(plots['ppo'], where)}""" if selection or plots["overopt"] or plots["ppo"]
                 else "<p>No PPO results yet.</p>")
     has_gold = any("gold_score" in s for s in samples)
     sample_rows = "".join(
@@ -398,19 +552,21 @@ def _html(artifact_dir: Path, summary: dict, plots: dict, samples: list[dict]) -
     samples_html = (f"<p>The first {len(samples)} held-out prompts of <code>ppo/samples.jsonl</code>: the published "
                     f"policy{f' (update {selected})' if selected is not None else ''} and the SFT policy, sampled "
                     f"with the same seed.</p><table><tr><th>prompt</th><th>SFT response</th><th>PPO response</th>"
-                    f"<th>RM SFT</th><th>RM PPO</th>{gold_heads}</tr>{sample_rows}</table>"
+                    f"<th>RM SFT (raw)</th><th>RM PPO (raw)</th>{gold_heads}</tr>{sample_rows}</table>"
                     if samples else "<p>No samples (no <code>ppo/samples.jsonl</code>).</p>")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>RLHF report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1500px;color:#222}}table{{border-collapse:collapse;margin:0.5em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px;vertical-align:top}}th{{background:#f3f3f3}}
 tr.sel td{{background:#fff3c4;font-weight:bold}}figure{{display:inline-block;margin:0.5em;vertical-align:top;max-width:740px}}
 figcaption{{font-size:13px;color:#555;max-width:720px}}.warn{{background:#fff0f0;border-left:4px solid #c33;padding:6px 10px}}
-code{{font-size:13px}}.row{{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}}</style></head>
+code{{font-size:13px}}.verdict{{font-size:17px;max-width:1100px;background:#f4f8ff;border-left:4px solid #36c;padding:8px 12px}}
+.file{{color:#999}}.row{{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}}</style></head>
 <body><h1>RLHF report</h1><p><code>{e(str(artifact_dir))}</code></p>
+<p class="verdict">{e(summary.get("verdict", ""))}</p>
 <p>Stages: {stages}</p>{warnings}
 <h2>Key figures</h2><table><tr><th>figure</th><th>summary.json key</th><th>value</th></tr>{figures}</table>
 <h2>PPO: over-optimisation and the published policy</h2>{ppo_html}
-<h2>Reward model diagnostics</h2>{_figures(plots['rm'])}
-<h2>Training curves</h2>{_figures(plots['training'])}
+<h2>Reward model diagnostics</h2>{_figures(plots['rm'], where)}
+<h2>Training curves</h2>{_figures(plots['training'], where)}
 <h2>Samples from the published policy</h2>{samples_html}
 </body></html>"""

@@ -97,9 +97,11 @@ def test_status_and_report(demo_run):
         assert k in summary
     from PIL import Image
 
-    for png in ("ppo_scores.png", "ppo_kl.png", "rm_accuracy.png", "losses.png"):
+    for png in ("ppo_scores.png", "ppo_kl.png", "rm_accuracy.png"):
         with Image.open(demo_run / "report" / png) as im:
             assert im.size == (640, 400)
+    with Image.open(demo_run / "report" / "losses.png") as im:  # SFT, RM and policy loss: 2 rows of 2 panels
+        assert im.size == (960, 560)
     with Image.open(demo_run / "report" / "score_vs_kl.png") as im:  # two panels: proxy and gold score
         assert im.size == (720, 640)
 

@@ -60,8 +60,14 @@ def test_summary_and_plots(art):
         with Image.open(out / png) as im:
             assert im.size == size, png
     page = (out / "index.html").read_text()
-    for png in ("score_vs_kl.png", "rm_calibration.png", "rm_reward_hist.png", "rm_length.png"):
-        assert f'src="{png}"' in page
+    import base64
+    import re
+
+    for png in ("score_vs_kl.png", "eval_vs_update.png", "rm_calibration.png", "rm_reward_hist.png", "rm_length.png",
+                "ppo_kl.png", "ppo_scores.png", "rm_accuracy.png"):
+        # one self-contained file: each image inside the page, byte for byte the PNG beside it
+        assert f'src="data:image/png;base64,{base64.b64encode((out / png).read_bytes()).decode()}"' in page, png
+    assert not re.search(r'src="(?!data:)', page)  # nothing the page loads from elsewhere
     assert "<tr class=sel><td>8</td>" in page           # the published update, highlighted in the curve table
     assert "PPO stopped early (no_improvement)" in page
     assert "p &lt;b&gt;" in page and "Samples from the published policy" in page
@@ -97,3 +103,38 @@ def test_report_with_nothing_published(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["stages"] == {"sft": "missing", "reward": "missing", "ppo": "missing"}
     assert "No samples" in (out / "index.html").read_text()
+
+
+def test_verdict_states_the_summary_figures(art):
+    """The verdict paragraph at the top of the page: gold before and after, the gain in SFT standard
+    deviations, the KL and its budget, and best-of-n at PPO's KL, each as summary.json has it."""
+    m = json.loads((art / "ppo" / "rlhf_artifact.json").read_text())
+    m["metrics"].update(win_rate_gold=0.8, win_rate_rm=0.9, kl_ppo_vs_sft=0.4, gold_score_ppo=0.35)
+    (art / "ppo" / "rlhf_artifact.json").write_text(json.dumps(m))
+    out = report.build(art)
+    s = json.loads((out / "summary.json").read_text())
+    # PPO's KL 0.4 lies between n=2 (0.193) and n=4 (0.636): gold 0.25 + (0.3 - 0.25) * (0.4 - 0.193) / 0.443
+    at = 0.25 + 0.05 * (0.4 - 0.193) / (0.636 - 0.193)
+    assert s["best_of_n_at_ppo_kl"]["gold_score"] == pytest.approx(at)
+    v = s["verdict"]
+    assert v.startswith("PPO raised the gold score from 0.2 (SFT) to 0.35, +0.30 SFT standard deviations, at a KL "
+                        "to the SFT policy of 0.4 nats per response (budget 10).")
+    assert "beats the SFT policy on 80% of the held-out prompts under the gold scorer (90% under the reward model)" in v
+    assert f"at the same KL scores {at:.3g} (interpolated): PPO is ahead by {0.35 - at:.3g}." in v
+    page = (out / "index.html").read_text()
+    assert page.index('<p class="verdict">') < page.index("<h2>")  # the first thing after the title
+    # beyond the largest n's KL: compared with that n, and said when PPO is behind
+    m["metrics"].update(kl_ppo_vs_sft=2.5, gold_score_ppo=0.28)
+    (art / "ppo" / "rlhf_artifact.json").write_text(json.dumps(m))
+    s = json.loads((report.build(art) / "summary.json").read_text())
+    assert "best_of_n_at_ppo_kl" not in s
+    assert "Best-of-4, the strongest baseline run, scores 0.3 at KL 0.636: PPO is behind by 0.02 with more KL." in s["verdict"]
+    assert "What to tune first" in s["verdict"]
+
+
+def test_verdict_without_ppo(tmp_path):
+    _write(tmp_path, "sft", {})
+    _write(tmp_path, "reward", {"eval_accuracy": 0.75})
+    s = json.loads((report.build(tmp_path) / "summary.json").read_text())
+    assert s["verdict"] == ("Complete: sft, reward; PPO has not published a policy yet. The reward model ranks "
+                            "75.0% of the held-out pairs correctly.")
