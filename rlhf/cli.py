@@ -322,6 +322,41 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if damaged_any else 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """`rlhf config`: every key, its default and its help; `rlhf config CONFIG [k=v ...]`: each key's
+    resolved value (as the stages will see it), marked where it differs from the default."""
+    from rlhf.config import describe
+
+    try:
+        return _print_config(args, describe())
+    except BrokenPipeError:  # `rlhf config | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
+
+
+def _print_config(args: argparse.Namespace, rows: list) -> int:
+    from rlhf.config import ConfigError, load_config
+
+    if args.grep:
+        rows = [r for r in rows if args.grep.lower() in r[0].lower()]
+    if args.config is None:
+        for key, default, help_text in rows:
+            print(f"{key} = {default}\n    {help_text}")
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides).to_dict()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for key, default, _ in rows:
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        mark = "" if repr(node) == default else "   # default " + default
+        print(f"{key} = {json.dumps(node, default=str)}{mark}")
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from rlhf import dashboard
 
@@ -406,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
                        epilog=LAUNCHER_ENV, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("config", help="every config key with its default and meaning; with CONFIG, that config's "
+                                      "values once resolved and checked (overrides applied, paths made absolute)")
+    p.add_argument("config", nargs="?", default=None, help="a pipeline YAML (omit to list the keys)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--grep", default=None, help="only keys containing this text (e.g. kl)")
     p = sub.add_parser("status", help="each stage: complete / damaged / partial / missing, with key metrics")
     p.add_argument("--artifact-dir", required=True)
     p.add_argument("--verify", action="store_true",
@@ -453,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_pipeline(str(DEMO_CONFIG), overrides)
     if args.cmd == "pipeline":
         return run_pipeline(args.config, args.overrides)
+    if args.cmd == "config":
+        return cmd_config(args)
     if args.cmd == "status":
         return cmd_status(args)
     if args.cmd == "generate":

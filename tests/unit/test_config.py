@@ -276,3 +276,16 @@ def test_vllm_section_is_validated():
             load_config(None, [override])
     with pytest.raises(ConfigError, match="vllm.importance_cap.*needs vllm.old_logprobs=actor"):
         load_config(None, ["vllm.old_logprobs=engine", "vllm.importance_cap=2"])
+
+
+def test_rlhf_config_lists_keys_and_resolves_a_config(capsys):
+    from rlhf import cli
+
+    assert cli.main(["config", "--grep", "kl_coef"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ppo.kl_coef = 0.05\n    beta: weight of the per-token KL penalty")
+    demo = str(REPO / "launch" / "configs" / "demo.yaml")
+    assert cli.main(["config", demo, "ppo.kl_coef=0.2", "--grep", "ppo.kl_coef"]) == 0
+    assert capsys.readouterr().out == "ppo.kl_coef = 0.2   # default 0.05\n"
+    assert cli.main(["config", demo, "ppo.kl_coeff=0.2"]) == 2
+    assert "did you mean 'ppo.kl_coef'" in capsys.readouterr().err
