@@ -77,6 +77,7 @@ LABELS = {  # what the figures table calls a summary key
     "eos_rate_ppo": "EOS rate, PPO",
     "updates": "PPO updates run",
     "selected_update": "PPO update published",
+    "samples_per_prompt": "PPO samples per prompt (ppo.samples_per_prompt)",
 }
 
 SMALL = (6.4, 4.0)  # inches at 100 dpi: 640 x 400 pixels
@@ -519,7 +520,7 @@ def _html(artifact_dir: Path, summary: dict, plots: dict, samples: list[dict], w
     if selected is not None:
         guard = summary.get("guard_metric")
         est, k = summary.get("advantage_estimator"), summary.get("samples_per_prompt")
-        trained = f" (advantages: <code>{e(str(est))}</code>, {k} sample(s) per prompt)" if est else ""
+        trained = f" (advantages: <code>{e(str(est))}</code>, {k} sample{'s' if k != 1 else ''} per prompt)" if est else ""
         selection = (f"<p>Published policy{trained}: update <b>{selected}</b> of {summary.get('updates', '?')}, "
                      + (f"the best <code>{e(guard)}</code> among the evaluations within the KL budget"
                         if guard else "the last update")
