@@ -186,7 +186,7 @@ class PPOStageConfig:
     critic_lora: bool = _f(True, "with ppo.lora: the critic is also base + adapter; when it starts from the reward "
                                  "model, the reward model is that base with the adapter disabled (one copy of its weights)")
     save_every: int = _f(10, "PPO updates between resumable checkpoints")
-    sample_every: int = _f(10, "updates between sample tables on W&B")
+    sample_every: int = _f(10, "updates between additions to the W&B run's samples table (8 held-out prompts each)")
     max_grad_norm: float = _f(1.0, "gradient clipping")
     forward_batch_size: int = _f(32, "rows per chunk in inference-only forward passes")
     gradient_checkpointing: bool = _f(False, "recompute the actor's and critic's activations in the update's backward "

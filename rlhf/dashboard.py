@@ -2,9 +2,10 @@
 
 One workspace per W&B project ("RLHF pipeline"), a section per stage: PPO reward, KL,
 held-out evaluation and optimisation panels against `episode` (rlhf.tracking defines every PPO
-metric on that axis), the reward model's loss, accuracy and diagnostics, and SFT's losses. Runs
-are grouped by the W&B group (the config's run_name: one group per pipeline run), then by job
-type (the stage), so a pipeline's SFT and RM runs stay apart in the `train/loss` panels both log.
+metric on that axis), the reward model's loss, accuracy and diagnostics, the report's charts
+(images) and tables (held-out evaluations, best-of-n, the samples during training and the final
+ones), and SFT's losses. Runs are not grouped (a group's runs would be drawn as their mean): each
+run is one line, named <run_name>-<stage>.
 
 `rlhf dashboard --artifact-dir DIR` writes the definition to DIR/report/wandb_workspace.json
 (always) and, when W&B is online, creates the workspace or updates the one it made before.
@@ -32,7 +33,8 @@ class Panel:
     stage: str            # the stage whose metrics file logs `keys` (sft, reward, ppo)
     title: str
     keys: tuple[str, ...]
-    kind: str = "line"    # line: history against the section's x axis; scalar: the run's last value
+    kind: str = "line"    # line: history against the section's x axis; scalar: the run's last value;
+                          # media: logged images (the report's charts); table: a logged W&B table
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,20 @@ SECTIONS: tuple[SectionSpec, ...] = (
         Panel("reward", "Pearson(reward, length), SFT samples", (Summary.LENGTH_REWARD_CORR_SFT,), "scalar"),
         Panel("reward", "Spearman(RM, gold), SFT samples", (Summary.SPEARMAN_GOLD,), "scalar"),
     )),
+    SectionSpec("Report: charts and tables (end of each stage)", "Step", (
+        Panel("ppo", "over-optimisation: score against sqrt(KL), PPO and best-of-n", ("report/score_vs_kl",), "media"),
+        Panel("ppo", "held-out evaluations against the update", ("report/eval_vs_update",), "media"),
+        Panel("ppo", "held-out evaluations (table)", ("report/eval_curve",), "table"),
+        Panel("ppo", "best-of-n baseline (table)", ("report/best_of_n",), "table"),
+        Panel("ppo", "final samples: published policy beside SFT", ("final_samples",), "table"),
+        Panel("ppo", "samples during training (update is a column)", ("samples",), "table"),
+        Panel("reward", "RM reliability diagram", ("report/rm_calibration",), "media"),
+        Panel("reward", "RM rewards: chosen vs rejected", ("report/rm_reward_hist",), "media"),
+        Panel("reward", "RM reward against length", ("report/rm_length",), "media"),
+        Panel("reward", "RM calibration bins (table)", ("report/rm_calibration_data",), "table"),
+        Panel("reward", "RM reward histogram (table)", ("report/rm_reward_hist_data",), "table"),
+        Panel("reward", "RM reward and length points (table)", ("report/rm_length_data",), "table"),
+    )),
     SectionSpec("SFT", "Step", (
         Panel("sft", "SFT train loss (SFT runs)", (HF.TRAIN_LOSS,)),
         Panel("sft", "SFT held-out loss", (HF.EVAL_LOSS,)),
@@ -98,12 +114,14 @@ SECTIONS: tuple[SectionSpec, ...] = (
 )
 
 
-def panel_keys() -> dict[str, set[str]]:
-    """{stage: every metric key a panel plots} — what the stages must log."""
+def panel_keys(kinds: tuple[str, ...] = ("line", "scalar")) -> dict[str, set[str]]:
+    """{stage: every key a panel of `kinds` shows}: the line and scalar panels' metrics are what the
+    stages log to DIR/metrics/<stage>.jsonl; the media and table panels' keys are W&B-only."""
     out: dict[str, set[str]] = {}
     for section in SECTIONS:
         for p in section.panels:
-            out.setdefault(p.stage, set()).update(p.keys)
+            if p.kind in kinds:
+                out.setdefault(p.stage, set()).update(p.keys)
     return out
 
 
@@ -121,6 +139,10 @@ def build_workspace(entity: str, project: str, name: str = WORKSPACE_NAME) -> An
         for p in s.panels:
             if p.kind == "scalar":
                 panels.append(wr.ScalarChart(title=p.title, metric=p.keys[0]))
+            elif p.kind == "media":
+                panels.append(wr.MediaBrowser(title=p.title, media_keys=list(p.keys), num_columns=1))
+            elif p.kind == "table":
+                panels.append(wr.WeavePanelSummaryTable(table_name=p.keys[0]))
             else:
                 panels.append(wr.LinePlot(title=p.title, x=s.x, y=list(p.keys), title_x=s.x))
         sections.append(ws.Section(name=s.name, panels=panels, is_open=s.is_open,
@@ -128,7 +150,9 @@ def build_workspace(entity: str, project: str, name: str = WORKSPACE_NAME) -> An
     return ws.Workspace(
         entity=entity, project=project, name=name, sections=sections,
         settings=ws.WorkspaceSettings(x_axis="Step", max_runs=30),
-        runset_settings=ws.RunsetSettings(groupby=[ws.Metric("Group"), ws.Metric("JobType")]),
+        # no grouping: W&B draws a group's mean, so two pipelines under one run_name (or a stage run
+        # twice) would show as one averaged line; each run is its own line, named <run_name>-<stage>
+        runset_settings=ws.RunsetSettings(groupby=[]),
     )
 
 

@@ -404,6 +404,67 @@ def length_plot(path: Path, points: dict, corr: float | None, corr_sft: float | 
     return _save(fig, path)
 
 
+# ----------------------------------------------------------------- per stage (also for W&B)
+
+def stage_charts(stage: str, metrics: dict, out: Path) -> dict[str, Path]:
+    """The report's charts made from one stage's published metrics alone, written into `out`:
+    {name: PNG}. The PPO stage and the reward stage log them to W&B (rlhf.tracking.Tracker.charts)."""
+    out = Path(out)
+    made: dict[str, Path] = {}
+    if stage == "ppo":
+        charts = (("score_vs_kl", lambda p: overoptimisation_plot(p, metrics, [])),
+                  ("eval_vs_update", lambda p: eval_curve_plot(p, metrics)))
+    elif stage == "reward":
+        charts = (("rm_calibration", lambda p: calibration_plot(p, metrics.get("calibration_bins") or [],
+                                                                metrics.get(S.CALIBRATION_ECE))),
+                  ("rm_reward_hist", lambda p: reward_hist_plot(p, metrics.get("reward_histogram") or {})),
+                  ("rm_length", lambda p: length_plot(p, metrics.get("length_reward_points") or {},
+                                                      metrics.get(S.LENGTH_REWARD_CORR),
+                                                      metrics.get(S.LENGTH_REWARD_CORR_SFT))))
+    else:
+        charts = ()
+    for name, draw in charts:
+        if draw(out / f"{name}.png"):
+            made[name] = out / f"{name}.png"
+    return made
+
+
+def stage_tables(stage: str, metrics: dict) -> dict[str, tuple[list[str], list[list]]]:
+    """The data behind the report's charts and tables of one stage: {name: (columns, rows)}; a
+    chart's data is named after the chart with `_data` (W&B keys: images and tables apart)."""
+    tables: dict[str, tuple[list[str], list[list]]] = {}
+    if stage == "ppo":
+        curve = metrics.get(S.EVAL_CURVE) or []
+        if curve:
+            cols = ["update", "kl", "sqrt_kl", "rm_score", "gold_score", "response_length", "eos_rate"]
+            tables["eval_curve"] = (cols, [[p.get("update"), p.get("kl"), _sqrt_kl(p["kl"]) if _num(p.get("kl")) else None,
+                                            p.get("rm_score"), p.get("gold_score"), p.get("response_length"),
+                                            p.get("eos_rate")] for p in curve])
+        bon = metrics.get(S.BEST_OF_N) or []
+        if bon:
+            tables["best_of_n"] = (["n", "kl", "sqrt_kl", "rm_score", "gold_score"],
+                                   [[b.get("n"), b.get("kl"), _sqrt_kl(b["kl"]) if _num(b.get("kl")) else None,
+                                     b.get("rm_score"), b.get("gold_score")] for b in bon])
+    elif stage == "reward":
+        bins = metrics.get("calibration_bins") or []
+        if bins:
+            tables["rm_calibration_data"] = (["lo", "hi", "pairs", "confidence", "accuracy"],
+                                        [[b.get("lo"), b.get("hi"), b.get("count"), b.get("confidence"), b.get("accuracy")]
+                                         for b in bins])
+        hist = metrics.get("reward_histogram") or {}
+        edges = hist.get("edges") or []
+        if len(edges) > 1:
+            tables["rm_reward_hist_data"] = (["lo", "hi", "chosen", "rejected"],
+                                        [[a, b, c, r] for a, b, c, r in zip(edges, edges[1:], hist.get("chosen") or [],
+                                                                             hist.get("rejected") or [])])
+        pts = metrics.get("length_reward_points") or {}
+        rows = [[src, x, y] for src in ("held_out", "sft") for x, y in
+                zip((pts.get(src) or {}).get("length") or [], (pts.get(src) or {}).get("reward") or [])]
+        if rows:
+            tables["rm_length_data"] = (["source", "length", "reward"], rows)
+    return tables
+
+
 # ----------------------------------------------------------------- the report
 
 def build(artifact_dir: Path) -> Path:
@@ -455,15 +516,13 @@ def build(artifact_dir: Path) -> Path:
     if kl_plot(out / "ppo_kl.png", _series(ppo, PPO.KL), _series(ppo, PPO.KL_COEF)):
         plots["ppo"].append(("ppo_kl.png", "Training rollouts: KL per response (left axis, nats) and the KL "
                              "coefficient beta (right axis)."))
-    if calibration_plot(out / "rm_calibration.png", rmm.get("calibration_bins") or [], rmm.get(S.CALIBRATION_ECE)):
-        plots["rm"].append(("rm_calibration.png", "Reliability diagram: bars on the diagonal mean P(chosen > rejected) "
-                            "is calibrated; below it, over-confident."))
-    if reward_hist_plot(out / "rm_reward_hist.png", rmm.get("reward_histogram") or {}):
-        plots["rm"].append(("rm_reward_hist.png", "The further apart, the better the RM separates the pairs."))
-    if length_plot(out / "rm_length.png", rmm.get("length_reward_points") or {}, rmm.get(S.LENGTH_REWARD_CORR),
-                   rmm.get(S.LENGTH_REWARD_CORR_SFT)):
-        plots["rm"].append(("rm_length.png", "Up to 512 points per source; lines: least-squares fits. A steep line means the RM pays for length, "
-                            "and PPO will learn to change length."))
+    captions = {"rm_calibration": "Reliability diagram: bars on the diagonal mean P(chosen > rejected) is calibrated; "
+                                  "below it, over-confident.",
+                "rm_reward_hist": "The further apart, the better the RM separates the pairs.",
+                "rm_length": "Up to 512 points per source; lines: least-squares fits. A steep line means the RM pays "
+                             "for length, and PPO will learn to change length."}
+    for name, png in stage_charts("reward", rmm, out).items():
+        plots["rm"].append((png.name, captions[name]))
     rm_lines = [("train accuracy", *_series(rm, HF.TRAIN_ACCURACY))]
     ex, ey = _series(rm, HF.EVAL_ACCURACY)
     rm_lines.append(("held-out accuracy", ex, ey))

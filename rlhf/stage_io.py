@@ -79,6 +79,7 @@ def finish(artifact_dir: str, stage: str, staged: Path, ckpt_dir: Path, tracker:
         art = artifacts.publish(artifact_dir, stage, staged,
                                 artifacts.build_manifest(stage, metrics=metrics, clock=clock, **manifest))
         faults.point("publish:done")
+        tracker.charts(stage, metrics)
         tracker.summary(metrics)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     tracker.finish()

@@ -32,6 +32,10 @@ def wandb_mode(configured: str | None) -> str:
     return "offline"
 
 
+SAMPLES_TABLE = "samples"            # PPO's samples during training: one table, the update a column
+SAMPLE_COLUMNS = ("update", "prompt", "response", "rm_score")
+FINAL_SAMPLES_TABLE = "final_samples"  # the published policy beside the SFT policy (ppo/samples.jsonl)
+
 # W&B x axes per stage: {stage: {metric glob: step metric}}. Every PPO row carries `episode`
 # (episodes done so far), so every PPO panel shares that axis, whatever the number of processes.
 STEP_METRICS = {"ppo": {"*": "episode"}}
@@ -45,6 +49,7 @@ class Tracker:
         self.path = artifacts.metrics_path(artifact_dir, stage)
         self.clock = clock
         self._run = None
+        self._sample_rows: list[list] = []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +91,36 @@ class Tracker:
             import wandb
 
             self._run.log({name: wandb.Table(columns=columns, data=rows)})
+
+    def samples(self, update: int, rows: list[list], columns: tuple[str, ...] = SAMPLE_COLUMNS) -> None:
+        """PPO's samples of the held-out prompts at `update`, added to the run's one `samples` table
+        (the update is a column; each log holds every row so far, so W&B's table panel shows the
+        latest with all updates in it)."""
+        if self._run is None:
+            return
+        self._sample_rows.extend(rows)
+        self.table(SAMPLES_TABLE, list(columns), self._sample_rows)
+
+    def charts(self, stage: str, metrics: dict) -> None:
+        """What the HTML report draws from this stage's published metrics, into W&B at the end of
+        the stage: the report's charts as images (`report/<chart>`) and their data as tables
+        (`report/<table>`), so the W&B run holds all the report does (rlhf.report renders both)."""
+        if self._run is None:
+            return
+        import tempfile
+
+        import wandb
+
+        from rlhf import report
+
+        with tempfile.TemporaryDirectory() as tmp:
+            logged = {}
+            for name, path in report.stage_charts(stage, metrics, Path(tmp)).items():
+                logged[f"report/{name}"] = wandb.Image(str(path))
+            for name, (columns, rows) in report.stage_tables(stage, metrics).items():
+                logged[f"report/{name}"] = wandb.Table(columns=columns, data=rows)
+            if logged:
+                self._run.log(logged)
 
     def summary(self, metrics: dict) -> None:
         if self._run is not None:

@@ -15,7 +15,7 @@ from rlhf.ppo.run import PPORun
 from rlhf.ppo.trainer import CRITIC_DIR, PPOTrainer, PromptStream
 from rlhf.scoring import load_gold_scorer, reward_stats_sampling
 from rlhf.stage_io import finish, open_checkpoints, say, skip_if_up_to_date
-from rlhf.tracking import Tracker
+from rlhf.tracking import FINAL_SAMPLES_TABLE, Tracker
 
 
 def run(cfg: PipelineConfig) -> artifacts.Artifact:
@@ -77,6 +77,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     if distributed.is_main():
         with (staged / artifacts.SAMPLES).open("w") as f:
             f.writelines(json.dumps(row) + "\n" for row in samples)
+        columns = [c for c in FINAL_SAMPLE_COLUMNS if any(c in row for row in samples)]
+        tracker.table(FINAL_SAMPLES_TABLE, columns, [[row.get(c) for c in columns] for row in samples])
     critic = {"critic": None} if trainer.critic is None else {
         "critic": f"{CRITIC_DIR}/", "critic_value_scale": {"mean": trainer.value_scale[0], "std": trainer.value_scale[1],
                                                            "meaning": "values in PPO units = (head output - mean) / std"}}
@@ -84,6 +86,10 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                   HEADLINE[PPO], config=config, parents=[sft, rm_art], tokenizer_fp=tok_fp, data=data,
                   reward_stats=reward_stats, model={"base": str(sft.path), "lora": "merged" if ppo_cfg.lora else None,
                                                     "use_chat_template": sft.use_chat_template, **critic})
+
+
+# ppo/samples.jsonl's fields, in the order of W&B's final_samples table
+FINAL_SAMPLE_COLUMNS = ("prompt", "sft_response", "response", "rm_score_sft", "rm_score", "gold_score_sft", "gold_score")
 
 
 def _check_reward_stats(reward_stats: dict, ppo_cfg, rm_path) -> None:

@@ -76,8 +76,8 @@ class PPORun:
             bar.update(1)
             bar.set_postfix(score=f"{metrics[PPO.SCORES]:.3f}", kl=f"{metrics[PPO.KL]:.3f}")
             if trainer.update % self.sample_every == 0 and self.eval_prompts:
-                tracker.table(f"samples/update_{trainer.update}", ["update", "prompt", "response", "rm_score"],
-                              sample_rows(trainer, self.eval_prompts[:8], self.eval_texts[:8], self.eval_tokens))
+                tracker.samples(trainer.update, sample_rows(trainer, self.eval_prompts[:8], self.eval_texts[:8],
+                                                            self.eval_tokens))
             if trainer.update % self.save_every == 0 and trainer.update < plan.num_updates and self.stop_reason is None:
                 self._checkpoint(stream)
             self.last_metrics = metrics

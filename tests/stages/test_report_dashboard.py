@@ -80,3 +80,38 @@ def test_length_driven_reward_model_is_flagged(demo_run, tmp_path):
     assert m["length_reward_corr"] >= 0.7, m["length_reward_corr"]
     assert m["warnings"] and "PPO" in m["warnings"][0] and "longer" in m["warnings"][0]
     assert "[reward] warning: Pearson(reward, response length)" in proc.stdout
+
+
+def test_wandb_run_holds_the_reports_charts_and_tables(demo_run):
+    """The demo's W&B offline runs, read back: every chart of the HTML report as an image and its data
+    as a table, one growing `samples` table with the update as a column, the final samples as a
+    table, and a workspace panel for each of them."""
+    from rlhf import dashboard
+    from wandb_run import runs_by_stage
+
+    runs = runs_by_stage(demo_run)
+    assert {"sft", "reward", "ppo"} <= set(runs)
+    kinds = {"media": "image-file", "table": "table-file"}
+    for kind, wandb_type in kinds.items():
+        for stage, keys in dashboard.panel_keys((kind,)).items():
+            for key in keys:
+                logged = [row[f"{key}/_type"] for row in runs[stage]["history"] if f"{key}/_type" in row]
+                assert logged and set(logged) == {wandb_type}, (stage, key, logged)
+                path = [row[f"{key}/path"] for row in runs[stage]["history"] if f"{key}/path" in row][-1]
+                assert (runs[stage]["dir"] / "files" / path).stat().st_size > 100, path
+    # the report's images are the HTML report's charts, drawn from the same figures
+    ppo_rows = runs["ppo"]["history"]
+    assert not any(k.startswith("samples/update_") for k in runs["ppo"]["keys"])  # one table, not one per update
+    sample_logs = [row["samples/path"] for row in ppo_rows if "samples/path" in row]
+    assert len(sample_logs) >= 2
+    table = json.loads((runs["ppo"]["dir"] / "files" / sample_logs[-1]).read_text())
+    assert table["columns"] == ["update", "prompt", "response", "rm_score"]
+    assert len({row[0] for row in table["data"]}) == len(sample_logs)  # every logged update's rows, in the last one
+    final = json.loads((runs["ppo"]["dir"] / "files" / [row["final_samples/path"] for row in ppo_rows
+                                                          if "final_samples/path" in row][-1]).read_text())
+    published = [json.loads(ln) for ln in (demo_run / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert final["columns"][:3] == ["prompt", "sft_response", "response"] and len(final["data"]) == len(published)
+    assert [r[2] for r in final["data"]] == [p["response"] for p in published]
+    curve = json.loads((runs["ppo"]["dir"] / "files" / [row["report/eval_curve/path"] for row in ppo_rows
+                                                          if "report/eval_curve/path" in row][-1]).read_text())
+    assert [r[0] for r in curve["data"]] == [p["update"] for p in manifest(demo_run, "ppo")["metrics"]["eval_curve"]]
