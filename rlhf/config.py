@@ -84,6 +84,11 @@ class DeepSpeedConfig:
     zero_stage: int = _f(2, "ZeRO stage: 0, 1, 2 or 3")
     offload: bool = _f(False, "offload optimizer state (and parameters under ZeRO-3) to CPU memory")
     config_file: str | None = _f(None, "a DeepSpeed JSON to use as the base (values derived from this config still win)", path=True)
+    global_batch_sizes: bool = _f(False, "false: sft.batch_size, reward.batch_size, ppo.rollout_batch_size and "
+                                         "ppo.mini_batch_size count per process (the global batch grows with the "
+                                         "process count); true: they count over all processes, each divided by the "
+                                         "process count at the start of a stage, so a config means the same batches "
+                                         "and optimizer steps on any number of processes")
     zero3_gather_for_generation: bool = _f(True, "under ZeRO-3, gather the whole policy once per generate() call (fast; "
                                                   "it must fit on one device); false: fetch it layer by layer at every "
                                                   "decode step (slow, for policies too big for one device)")
@@ -684,3 +689,31 @@ def path_keys(cls: type = PipelineConfig, prefix: str = "") -> list[str]:
         elif f.metadata.get("path"):
             keys.append(prefix + f.name)
     return keys
+
+
+# the batch sizes deepspeed.global_batch_sizes=true makes global: (section, key)
+GLOBAL_BATCH_KEYS = (("sft", "batch_size"), ("reward", "batch_size"), ("ppo", "rollout_batch_size"),
+                     ("ppo", "mini_batch_size"))
+
+
+def per_process(cfg: PipelineConfig, processes: int) -> PipelineConfig:
+    """`cfg` with the batch sizes each process uses: as given (deepspeed.global_batch_sizes false), or
+    the global ones divided by `processes`; ConfigError when one does not divide, or when a
+    divided size breaks grad_accum's divisibility."""
+    if not cfg.deepspeed.global_batch_sizes or processes == 1:
+        return cfg
+    sections = {}
+    for section, key in GLOBAL_BATCH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if value % processes:
+            raise ConfigError(f"{section}.{key}={value} counts over all processes (deepspeed.global_batch_sizes: true) "
+                              f"and must divide by the {processes} processes of this run: make it a multiple of "
+                              f"{processes}, or run on a number of processes that divides it")
+        sections.setdefault(section, {})[key] = value // processes
+    out = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **vals)
+                                      for name, vals in sections.items()})
+    if out.ppo.mini_batch_size % out.ppo.grad_accum:
+        raise ConfigError(f"ppo.grad_accum={out.ppo.grad_accum} must divide the per-process mini-batch, "
+                          f"ppo.mini_batch_size={cfg.ppo.mini_batch_size} / {processes} processes = "
+                          f"{out.ppo.mini_batch_size}")
+    return out

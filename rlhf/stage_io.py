@@ -103,7 +103,7 @@ def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -
     import argparse
 
     from rlhf import preflight
-    from rlhf.config import load_config
+    from rlhf.config import load_config, per_process
     from rlhf.locking import TOKEN_ENV
 
     ap = argparse.ArgumentParser(prog=f"launch/{stage}.py", description=f"Run the {stage} stage.")
@@ -118,6 +118,7 @@ def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -
         cfg = load_config(args.config, args.overrides)
         preflight.check(cfg, [stage])  # inputs, parents, DeepSpeed JSON, dtype, artifact_dir: before any work
         distributed.init_distributed()
+        per_process(cfg, distributed.world_size())  # global batch sizes that do not divide: said before any work
         say(stage, f"{distributed.world_size()} process(es) on {distributed.describe_devices()}; "
                    f"artifact directory {cfg.artifact_dir}")
         lock = _take_lock(cfg.artifact_dir, stage, args.lock_token)

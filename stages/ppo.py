@@ -6,7 +6,7 @@ import time
 
 from rlhf import artifacts, distributed, models
 from rlhf.artifacts import PPO, REWARD, SFT
-from rlhf.config import PipelineConfig, require
+from rlhf.config import PipelineConfig, per_process, require
 from rlhf.data import load_prompts, render_prompt
 from rlhf.generation import Sampling
 from rlhf.metric_names import HEADLINE
@@ -20,7 +20,7 @@ from rlhf.tracking import FINAL_SAMPLES_TABLE, Tracker
 
 def run(cfg: PipelineConfig) -> artifacts.Artifact:
     started = time.time()
-    ppo_cfg, model_cfg = cfg.ppo, cfg.model
+    ppo_cfg, model_cfg = per_process(cfg, distributed.world_size()).ppo, cfg.model
     config = cfg.to_dict()
 
     # 1. inputs ---------------------------------------------------------------------------

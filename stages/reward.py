@@ -7,7 +7,7 @@ from datasets import Dataset
 
 from rlhf import artifacts, distributed, engines, faults, models
 from rlhf.artifacts import REWARD, SFT
-from rlhf.config import ConfigError, PipelineConfig, require
+from rlhf.config import ConfigError, PipelineConfig, per_process, require
 from rlhf.data import load_preferences, prompt_text, render_prompt, render_response
 from rlhf.generation import Sampling
 from rlhf.hf_training import TrackerCallback, last_checkpoint, train_loss, trainer_kwargs
@@ -23,7 +23,7 @@ from rlhf.tracking import Tracker
 
 def run(cfg: PipelineConfig) -> artifacts.Artifact:
     started = time.time()
-    reward_cfg, model_cfg = cfg.reward, cfg.model
+    reward_cfg, model_cfg = per_process(cfg, distributed.world_size()).reward, cfg.model
     config = cfg.to_dict()
 
     # 1. inputs ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from trl import SFTConfig, SFTTrainer
 
 from rlhf import artifacts, distributed, models
 from rlhf.artifacts import SFT
-from rlhf.config import ConfigError, PipelineConfig, require
+from rlhf.config import ConfigError, PipelineConfig, per_process, require
 from rlhf.data import load_sft, prompt_text, render_prompt, render_response
 from rlhf.metric_names import HEADLINE
 from rlhf.metric_names import Summary as S
@@ -21,7 +21,7 @@ from rlhf.tracking import Tracker
 
 def run(cfg: PipelineConfig) -> artifacts.Artifact:
     started = time.time()
-    sft_cfg, model_cfg = cfg.sft, cfg.model
+    sft_cfg, model_cfg = per_process(cfg, distributed.world_size()).sft, cfg.model
     config = cfg.to_dict()
 
     # 1. inputs ---------------------------------------------------------------------------

@@ -289,3 +289,22 @@ def test_rlhf_config_lists_keys_and_resolves_a_config(capsys):
     assert capsys.readouterr().out == "ppo.kl_coef = 0.2   # default 0.05\n"
     assert cli.main(["config", demo, "ppo.kl_coeff=0.2"]) == 2
     assert "did you mean 'ppo.kl_coef'" in capsys.readouterr().err
+
+
+def test_global_batch_sizes_divide_by_the_process_count():
+    from rlhf.config import per_process
+
+    base = ["ppo.rollout_batch_size=16", "ppo.samples_per_prompt=4", "ppo.mini_batch_size=32", "sft.batch_size=32",
+            "reward.batch_size=32"]
+    per = load_config(None, base)
+    assert per_process(per, 2) is per  # per-process sizes (the default) are used as given
+    glob = load_config(None, [*base, "deepspeed.global_batch_sizes=true"])
+    two = per_process(glob, 2)
+    assert (two.sft.batch_size, two.reward.batch_size, two.ppo.rollout_batch_size, two.ppo.mini_batch_size) == (16, 16, 8, 16)
+    assert two.ppo.samples_per_prompt == 4 and two.ppo.total_episodes == glob.ppo.total_episodes  # already global
+    assert per_process(glob, 1) is glob
+    with pytest.raises(ConfigError, match=r"sft.batch_size=32 counts over all processes .* 3 processes"):
+        per_process(glob, 3)
+    accum = load_config(None, [*base, "deepspeed.global_batch_sizes=true", "ppo.grad_accum=32"])
+    with pytest.raises(ConfigError, match=r"ppo.grad_accum=32 must divide the per-process mini-batch"):
+        per_process(accum, 2)
