@@ -24,6 +24,11 @@ GAE_DEMO = ["ppo.advantage_estimator=gae", "ppo.samples_per_prompt=1", "ppo.roll
             "ppo.mini_batch_size=16", "ppo.learning_rate=3e-4"]
 
 
+# the multi-process tests count their batch sizes per process (their step and update counts say so);
+# the demo config itself counts them over all processes (deepspeed.global_batch_sizes: true)
+PER_PROCESS = ["deepspeed.global_batch_sizes=false"]
+
+
 def run_stage(script: str, *overrides: str, timeout: int = 900, deepspeed_procs: int | None = None,
               port: int = 29611) -> subprocess.CompletedProcess:
     """`python launch/<script> --config demo.yaml ...`, or under `deepspeed --num_gpus N`."""
@@ -89,6 +94,7 @@ def small_overrides(tmp_path, model_dir, estimator: str = "gae") -> list[str]:
         "ppo.max_new_tokens=8", "ppo.max_prompt_length=96", "ppo.learning_rate=1e-2", "ppo.forward_batch_size=8",
         "sft.max_length=128", "eval.num_prompts=8", "eval.max_new_tokens=5",
         "ppo.keep_best=last",  # random-init models: publish the trained policy, not the guard's pick
+        *PER_PROCESS,
     ]
 
 

@@ -44,7 +44,8 @@ def _head(name: str, dst, n: int) -> str:
     return str(dst)
 
 
-def test_sft_on_two_nodes(tmp_path):
+@pytest.mark.parametrize("global_sizes", [False, True], ids=["per-process-batch", "global-batch"])
+def test_sft_on_two_nodes(tmp_path, global_sizes):
     d = tmp_path / "shared"  # the artifact directory both nodes see
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
@@ -53,6 +54,7 @@ def test_sft_on_two_nodes(tmp_path):
         f"sft.train_data={_head('sft_train.jsonl', tmp_path / 'sft.jsonl', TRAIN_ROWS)}",
         f"sft.eval_data={_head('sft_eval.jsonl', tmp_path / 'sft_eval.jsonl', EVAL_ROWS)}",
         "sft.epochs=1", f"sft.batch_size={BATCH}", "sft.save_steps=8", "sft.logging_steps=4",
+        f"deepspeed.global_batch_sizes={str(global_sizes).lower()}",
     ]
     port = _free_port()
 
@@ -89,11 +91,12 @@ def test_sft_on_two_nodes(tmp_path):
     assert "2 process(es), ZeRO-3" in outs[0], outs[0][-3000:]
     assert "[sft] model:" not in outs[1], outs[1][-3000:]
 
-    # one complete artifact, trained over 2 processes: a global batch of 2 x BATCH halves the steps
+    # one complete artifact, trained over 2 processes: per-process batches make a global batch of
+    # 2 x BATCH and halve the steps; global batch sizes give each process BATCH / 2 and one process's steps
     m = manifest(d, "sft")
     assert m["status"] == "complete" and m["stage"] == "sft" and m["config"]["deepspeed"]["zero_stage"] == 3
     assert m["metrics"]["train_examples"] == TRAIN_ROWS
-    assert m["metrics"]["train_steps"] == TRAIN_ROWS // (2 * BATCH)  # 32 in one process
+    assert m["metrics"]["train_steps"] == TRAIN_ROWS // (BATCH if global_sizes else 2 * BATCH)  # 32 in one process
     assert m["metrics"]["eval_loss"] < m["metrics"]["eval_loss_initial"]
     assert (d / "metrics" / "sft.jsonl").read_text().strip()  # rank 0 logged the run
 

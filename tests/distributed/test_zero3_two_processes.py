@@ -7,12 +7,12 @@ import subprocess
 
 import pytest
 
-from conftest import DEEPSPEED, DEMO, ENV, GAE_DEMO, ROOT, manifest, ok, run_stage
+from conftest import DEEPSPEED, DEMO, ENV, GAE_DEMO, PER_PROCESS, ROOT, manifest, ok, run_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 SMALL = ["sft.epochs=1", "reward.epochs=1", "reward.stats_samples=64", "ppo.total_episodes=256",
-         "ppo.rollout_batch_size=8", "ppo.save_every=2", "eval.num_prompts=32"]
+         "ppo.rollout_batch_size=8", "ppo.save_every=2", "eval.num_prompts=32", *PER_PROCESS]
 
 
 def _pipeline(d, *extra: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from conftest import DEEPSPEED, DEMO, ENV, ROOT, manifest, ok  # noqa: E402
+from conftest import DEEPSPEED, DEMO, ENV, PER_PROCESS, ROOT, manifest, ok  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -70,7 +70,7 @@ def test_demo_with_the_vllm_engine_one_process(vllm_demo):
 
 def _ppo_two_processes(d, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
     cmd = [*DEEPSPEED, "--num_gpus", "2", "--master_port", "29752", str(ROOT / "launch" / "ppo.py"),
-           "--config", str(DEMO), f"artifact_dir={d}", "deepspeed.zero_stage=3", *VLLM, *extra]
+           "--config", str(DEMO), f"artifact_dir={d}", "deepspeed.zero_stage=3", *PER_PROCESS, *VLLM, *extra]
     env = {**ENV, **({"RLHF_FAULT": fault} if fault else {})}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
 
