@@ -97,7 +97,7 @@ def data_fingerprint(sources: dict[str, str | None]) -> dict:
         if src is None:
             continue
         p = Path(src)
-        out[key] = {"path": str(src), "sha256": sha256_file(p) if p.is_file() else None}
+        out[key] = {"path": str(src), "sha256": _cached_sha256(p) if p.is_file() else None}
     return out
 
 
