@@ -446,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", default=None, help="a pipeline YAML (omit to list the keys)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--grep", default=None, help="only keys containing this text (e.g. kl)")
+    p = sub.add_parser("plan", help="memory per process of each stage, estimated from a config before anything "
+                                    "is launched", description=(__import__("rlhf.plan").plan.__doc__ or "").split("\n\n")[0])
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--processes", type=int, default=int(os.environ.get("NUM_GPUS") or 1),
+                   help="processes the stages will run on (default: NUM_GPUS, else 1)")
     p = sub.add_parser("status", help="each stage: complete / damaged / partial / missing, with key metrics")
     p.add_argument("--artifact-dir", required=True)
     p.add_argument("--verify", action="store_true",
@@ -495,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_pipeline(args.config, args.overrides)
     if args.cmd == "config":
         return cmd_config(args)
+    if args.cmd == "plan":
+        from rlhf import plan
+
+        return plan.main(args)
     if args.cmd == "status":
         return cmd_status(args)
     if args.cmd == "generate":

@@ -1,0 +1,204 @@
+"""`rlhf plan CONFIG [key=value ...] [--processes N]`: memory per process of each stage, estimated from
+the config alone before anything is launched (nothing is loaded or trained: the model is built on
+PyTorch's meta device to count its parameters).
+
+What is counted, per process (N processes, ZeRO stage z, bytes per parameter w of model.dtype):
+- trained models (SFT's policy; the reward model; PPO's actor and, with gae, the critic): weights
+  P*w, gradients P*w, AdamW state 8*P (two fp32 moments) plus a 4*P fp32 master copy when w < 4;
+  ZeRO divides the optimizer state by N from stage 1, the gradients from stage 2 and the weights at
+  stage 3; deepspeed.offload moves the optimizer state (and, at stage 3, the weights) to CPU memory.
+  With LoRA only the adapter's parameters have gradients and optimizer state;
+- frozen models (PPO's reference unless LoRA, and its reward model): weights, divided by N at stage 3;
+- activations of one micro-batch: per layer 34*s*b*h bytes at 16 bits (Korthikanti et al. 2022,
+  "Reducing Activation Recomputation in Large Transformer Models", without sequence parallelism and
+  without their 5*a*s^2*b attention-matrix term: the SDPA/flash kernels transformers uses keep no
+  s x s matrix), twice that in float32, or 2*s*b*h*w per layer plus one layer's full set with
+  gradient checkpointing; and the fp32 logits, their log-softmax and its gradient: 12*b*s*V;
+- PPO's inference forwards (log-probabilities of a rollout, ppo.forward_batch_size rows at a time):
+  the fp32 logits and log-softmax of one chunk, 8*b*s*V;
+- PPO's generation: the KV cache of a rollout (2 * layers * kv_heads * head_dim * w per token of
+  prompts x samples x (prompt + new tokens)) and, at ZeRO-3 with zero3_gather_for_generation, the
+  whole policy gathered on each process.
+
+Not counted: the CUDA context and kernels' workspaces (~0.5-1 GiB per GPU), the allocator's
+fragmentation, DeepSpeed's communication buffers. Treat the totals as estimates to within ~1.5x;
+`rlhf bench` measures PPO's peak on the real machine."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+GIB = 1024 ** 3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs of a model: parameters and the sizes activations scale with."""
+    params: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def model_shape(cfg: Any) -> Shape:
+    """The policy's Shape: from model.scratch's sizes, or from the config.json of model.name_or_path
+    (a local directory, or a hub id already in the local Hugging Face cache: nothing is downloaded).
+    The parameters are counted on a model built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    if cfg.model.scratch is not None:
+        s = cfg.model.scratch
+        conf = LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+                           num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
+                           num_key_value_heads=s.num_heads, max_position_embeddings=s.max_position_embeddings,
+                           tie_word_embeddings=True)
+    else:
+        try:
+            conf = AutoConfig.from_pretrained(cfg.model.name_or_path, local_files_only=True,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise PlanError(f"model.name_or_path={cfg.model.name_or_path}: its config.json is neither in that directory "
+                            f"nor in the local Hugging Face cache ({str(e).splitlines()[0]}); `rlhf plan` downloads "
+                            "nothing: fetch it once (e.g. `huggingface-cli download "
+                            f"{cfg.model.name_or_path} config.json`) and run again") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf, trust_remote_code=cfg.model.trust_remote_code)
+    params = sum(p.numel() for p in model.parameters())
+    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+    heads = text.num_attention_heads
+    return Shape(params=params, hidden=text.hidden_size, layers=text.num_hidden_layers, heads=heads,
+                 kv_heads=getattr(text, "num_key_value_heads", None) or heads, vocab=text.vocab_size)
+
+
+class PlanError(ValueError):
+    """The estimate cannot be made; the message says why and what to do."""
+
+
+def lora_params(shape: Shape, r: int, targets: int = 2) -> int:
+    """An adapter of rank r on `targets` square projections per layer (peft's default for Llama-style
+    models: q_proj and v_proj): r * (h + h) parameters each."""
+    return shape.layers * targets * r * 2 * shape.hidden
+
+
+def trained(shape: Shape, w: int, zero: int, n: int, offload: bool, trainable: int) -> dict[str, float]:
+    """Bytes per process of one trained model: weights, gradients, optimizer state (GPU and CPU)."""
+    opt = trainable * (8 + (4 if w < 4 else 0))
+    weights = shape.params * w / (n if zero >= 3 else 1)
+    grads = trainable * w / (n if zero >= 2 else 1)
+    opt = opt / (n if zero >= 1 else 1)
+    out = {"weights": weights, "gradients": grads, "optimizer": 0.0 if offload else opt,
+           "cpu": opt if offload else 0.0}
+    if offload and zero >= 3:
+        out["cpu"] += weights
+        out["weights"] = 0.0
+    return out
+
+
+def frozen(shape: Shape, w: int, zero: int, n: int) -> float:
+    return shape.params * w / (n if zero >= 3 else 1)
+
+
+def activations(shape: Shape, w: int, batch: int, seq: int, checkpointing: bool, logits: bool = True) -> float:
+    """Bytes of one micro-batch's activations kept for the backward pass (module docstring)."""
+    h, L = shape.hidden, shape.layers
+    full_layer = 34 * seq * batch * h * (w / 2)
+    body = (2 * seq * batch * h * w * L + full_layer) if checkpointing else full_layer * L
+    return body + (12 * batch * seq * shape.vocab if logits else 0)
+
+
+def estimate(cfg: Any, processes: int, shape: Shape | None = None) -> dict[str, dict[str, float]]:
+    """{stage: {item: bytes per process}} for sft, reward and ppo; `cfg` a PipelineConfig whose batch
+    sizes are read per process (global ones divided by `processes`)."""
+    from rlhf.config import per_process
+    from rlhf.ppo.core import advantage_estimator
+
+    shape = shape or model_shape(cfg)
+    pp = per_process(cfg, processes)
+    n, zero, off = processes, cfg.deepspeed.zero_stage, cfg.deepspeed.offload
+    w = DTYPE_BYTES[cfg.model.dtype]
+    r = cfg.model.lora.r
+    out: dict[str, dict[str, float]] = {}
+
+    s = pp.sft
+    m = trained(shape, w, zero, n, off, lora_params(shape, r) if s.lora else shape.params)
+    m["activations"] = activations(shape, w, s.batch_size, s.max_length, s.gradient_checkpointing)
+    out["sft"] = m
+
+    rw = pp.reward
+    m = trained(shape, w, zero, n, off, lora_params(shape, r) if rw.lora else shape.params)
+    m["activations"] = activations(shape, w, 2 * rw.batch_size, rw.max_length, rw.gradient_checkpointing, logits=False)
+    out["reward"] = m
+
+    p = pp.ppo
+    seq = p.max_prompt_length + p.max_new_tokens
+    micro = max(1, p.mini_batch_size // p.grad_accum)
+    actor = trained(shape, w, zero, n, off, lora_params(shape, r) if p.lora else shape.params)
+    m = {k: v for k, v in actor.items()}
+    if not p.lora:
+        m["reference"] = frozen(shape, w, zero, n)
+    critic = advantage_estimator(p.advantage_estimator).needs_critic
+    if not (critic and p.lora and p.critic_lora and p.critic_from_reward):  # else the critic's base is the RM
+        m["reward model"] = frozen(shape, w, zero, n)
+    if critic:
+        c = trained(shape, w, zero, n, off, lora_params(shape, r) if (p.lora and p.critic_lora) else shape.params)
+        for k in ("weights", "gradients", "optimizer", "cpu"):
+            m[k] += c[k]
+    train = activations(shape, w, micro, seq, p.gradient_checkpointing)
+    if critic:
+        train += activations(shape, w, micro, seq, p.gradient_checkpointing, logits=False)
+    rollouts = p.rollout_batch_size * p.samples_per_prompt
+    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * w * rollouts * seq
+    gathered = shape.params * w * (1 - 1 / n) if zero >= 3 and cfg.deepspeed.zero3_gather_for_generation else 0.0
+    scoring = 8 * min(p.forward_batch_size, rollouts) * seq * shape.vocab
+    m["activations"] = max(train, kv + gathered, scoring)
+    m["generation (KV cache + gathered policy)"] = kv + gathered
+    out["ppo"] = m
+    return out
+
+
+GPU_ITEMS = ("weights", "gradients", "optimizer", "reference", "reward model", "activations")
+
+
+def render(cfg: Any, processes: int, shape: Shape, est: dict[str, dict[str, float]]) -> str:
+    w = DTYPE_BYTES[cfg.model.dtype]
+    lines = [f"model: {shape.params / 1e6:.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, vocabulary "
+             f"{shape.vocab}), {cfg.model.dtype} ({w} bytes/parameter); {processes} process(es), ZeRO-"
+             f"{cfg.deepspeed.zero_stage}{', CPU offload' if cfg.deepspeed.offload else ''}",
+             "estimated memory per process, GiB (the peak of activations, generation and scoring; see `rlhf plan --help`):",
+             f"  {'stage':7s} {'weights':>8s} {'grads':>8s} {'optim':>8s} {'frozen':>8s} {'peak act':>9s} "
+             f"{'TOTAL':>8s} {'CPU':>7s}"]
+    for stage, m in est.items():
+        froz = m.get("reference", 0.0) + m.get("reward model", 0.0)
+        total = sum(m.get(k, 0.0) for k in GPU_ITEMS)
+        lines.append(f"  {stage:7s} {m['weights'] / GIB:8.2f} {m['gradients'] / GIB:8.2f} {m['optimizer'] / GIB:8.2f} "
+                     f"{froz / GIB:8.2f} {m['activations'] / GIB:9.2f} {total / GIB:8.2f} {m['cpu'] / GIB:7.2f}")
+    gen = est["ppo"]["generation (KV cache + gathered policy)"]
+    lines.append(f"  (ppo: generation alone {gen / GIB:.2f} GiB: KV cache of a rollout"
+                 f"{' + the gathered policy' if cfg.deepspeed.zero_stage >= 3 else ''})")
+    lines.append("Not counted: CUDA context (~0.5-1 GiB), fragmentation, communication buffers; estimates to "
+                 "~1.5x. `rlhf bench` measures PPO's peak on this machine.")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    from rlhf.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        shape = model_shape(cfg)
+        est = estimate(cfg, args.processes, shape)
+    except (ConfigError, PlanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render(cfg, args.processes, shape, est))
+    return 0
