@@ -450,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "is launched", description=(__import__("rlhf.plan").plan.__doc__ or "").split("\n\n")[0])
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.add_argument("--processes", type=int, default=int(os.environ.get("NUM_GPUS") or 1),
-                   help="processes the stages will run on (default: NUM_GPUS, else 1)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="processes the stages will run on (default: NUM_GPUS, else every visible GPU, else 1: "
+                        "what the launchers start)")
     p = sub.add_parser("status", help="each stage: complete / damaged / partial / missing, with key metrics")
     p.add_argument("--artifact-dir", required=True)
     p.add_argument("--verify", action="store_true",

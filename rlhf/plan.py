@@ -193,12 +193,22 @@ def render(cfg: Any, processes: int, shape: Shape, est: dict[str, dict[str, floa
 def main(args: argparse.Namespace) -> int:
     from rlhf.config import ConfigError, load_config
 
+    processes = args.processes or default_processes()
     try:
         cfg = load_config(args.config, args.overrides)
         shape = model_shape(cfg)
-        est = estimate(cfg, args.processes, shape)
+        est = estimate(cfg, processes, shape)
     except (ConfigError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(render(cfg, args.processes, shape, est))
+    print(render(cfg, processes, shape, est))
     return 0
+
+
+def default_processes() -> int:
+    """What launch/_stage.sh starts per node: NUM_GPUS, else every GPU torch sees, else 1."""
+    import os
+
+    import torch
+
+    return int(os.environ.get("NUM_GPUS") or 0) or torch.cuda.device_count() or 1
