@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--grep", default=None, help="only keys containing this text (e.g. kl)")
     p = sub.add_parser("plan", help="memory per process of each stage, estimated from a config before anything "
-                                    "is launched", description=(__import__("rlhf.plan").plan.__doc__ or "").split("\n\n")[0])
+                                    "is launched (what is counted: the docstring of rlhf/plan.py)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--processes", type=int, default=None,

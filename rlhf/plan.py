@@ -174,7 +174,8 @@ def render(cfg: Any, processes: int, shape: Shape, est: dict[str, dict[str, floa
     lines = [f"model: {shape.params / 1e6:.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, vocabulary "
              f"{shape.vocab}), {cfg.model.dtype} ({w} bytes/parameter); {processes} process(es), ZeRO-"
              f"{cfg.deepspeed.zero_stage}{', CPU offload' if cfg.deepspeed.offload else ''}",
-             "estimated memory per process, GiB (the peak of activations, generation and scoring; see `rlhf plan --help`):",
+             "estimated memory per process, GiB (the peak of activations, generation and scoring; what is counted: "
+             "the README, `rlhf plan`):",
              f"  {'stage':7s} {'weights':>8s} {'grads':>8s} {'optim':>8s} {'frozen':>8s} {'peak act':>9s} "
              f"{'TOTAL':>8s} {'CPU':>7s}"]
     for stage, m in est.items():

@@ -52,8 +52,10 @@ def check(cfg: PipelineConfig, stages: Any) -> None:
         check_deepspeed_file(cfg.deepspeed)
     check_dtype(cfg.model.dtype, stages)
     if cfg.deepspeed.offload:
-        check_compiled_op("cpu_adam", "deepspeed.offload=true", "DeepSpeed's CPU Adam (the optimizer under offload)",
-                          "DS_BUILD_CPU_ADAM=1", "or set deepspeed.offload=false")
+        problem = compiled_op_problem("cpu_adam", "DeepSpeed's CPU Adam (the optimizer under offload)",
+                                      "DS_BUILD_CPU_ADAM=1")
+        if problem:
+            raise ConfigError(f"deepspeed.offload=true: {problem}, or set deepspeed.offload=false")
     check_rollout_engine(cfg, stages)
     if SFT in stages:
         check_policy_source(cfg)
@@ -163,12 +165,6 @@ def compiled_op_problem(op: str, what: str, build_flag: str) -> str | None:
             "Install a compiler (Debian/Ubuntu: `apt-get install g++`; Fedora/RHEL: `dnf install gcc-c++`; conda: "
             f"`conda install -c conda-forge cxx-compiler`), or install DeepSpeed with the op prebuilt "
             f"(`{build_flag} pip install --no-cache-dir --force-reinstall --no-deps deepspeed`, on a machine with one)")
-
-
-def check_compiled_op(op: str, key: str, what: str, build_flag: str, alternative: str) -> None:
-    problem = compiled_op_problem(op, what, build_flag)
-    if problem:
-        raise ConfigError(f"{key}: {problem}, {alternative}")
 
 
 def dtype_problem(dtype: str, stages: list[str], cuda: bool, bf16: bool) -> str | None:

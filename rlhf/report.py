@@ -406,13 +406,15 @@ def length_plot(path: Path, points: dict, corr: float | None, corr_sft: float | 
 
 # ----------------------------------------------------------------- per stage (also for W&B)
 
-def stage_charts(stage: str, metrics: dict, out: Path) -> dict[str, Path]:
-    """The report's charts made from one stage's published metrics alone, written into `out`:
-    {name: PNG}. The PPO stage and the reward stage log them to W&B (rlhf.tracking.Tracker.charts)."""
+def stage_charts(stage: str, metrics: dict, out: Path, ppo_rows: list[dict] = ()) -> dict[str, Path]:
+    """The report's charts of one stage's published metrics, written into `out`: {name: PNG}. `build`
+    draws the report's with them, and the reward and PPO stages log them to W&B
+    (rlhf.tracking.Tracker.charts). `ppo_rows`: DIR/metrics/ppo.jsonl, which the over-optimisation
+    chart falls back to when there are no held-out evaluations."""
     out = Path(out)
     made: dict[str, Path] = {}
     if stage == "ppo":
-        charts = (("score_vs_kl", lambda p: overoptimisation_plot(p, metrics, [])),
+        charts = (("score_vs_kl", lambda p: overoptimisation_plot(p, metrics, list(ppo_rows))),
                   ("eval_vs_update", lambda p: eval_curve_plot(p, metrics)))
     elif stage == "reward":
         charts = (("rm_calibration", lambda p: calibration_plot(p, metrics.get("calibration_bins") or [],
@@ -498,15 +500,20 @@ def build(artifact_dir: Path) -> Path:
     pm = (manifests.get("ppo") or {}).get("metrics", {})
     rmm = (manifests.get("reward") or {}).get("metrics", {})
     plots: dict[str, list[tuple[str, str]]] = {"overopt": [], "ppo": [], "rm": [], "training": []}
-    if overoptimisation_plot(out / "score_vs_kl.png", pm, ppo):
-        ev = ((manifests.get("ppo") or {}).get("config") or {}).get("eval") or {}
-        plots["overopt"].append(("score_vs_kl.png", "Over-optimisation chart. Top: the proxy reward PPO maximises; bottom: "
-                             "the score it stands for (gold). A gold curve that bends down while the proxy still rises "
-                             "is reward over-optimisation; best-of-n is the baseline at the same KL. "
-                             + _best_of_n_prompts_note(ev, pm)))
-    if eval_curve_plot(out / "eval_vs_update.png", pm):
-        plots["overopt"].append(("eval_vs_update.png", "The same held-out evaluations against the update: the gold "
-                                 "score turning down while the RM score still rises is the over-optimisation turn."))
+    ev = ((manifests.get("ppo") or {}).get("config") or {}).get("eval") or {}
+    captions = {"score_vs_kl": "Over-optimisation chart. Top: the proxy reward PPO maximises; bottom: the score it "
+                               "stands for (gold). A gold curve that bends down while the proxy still rises is reward "
+                               "over-optimisation; best-of-n is the baseline at the same KL. "
+                               + _best_of_n_prompts_note(ev, pm),
+                "eval_vs_update": "The same held-out evaluations against the update: the gold score turning down "
+                                  "while the RM score still rises is the over-optimisation turn.",
+                "rm_calibration": "Reliability diagram: bars on the diagonal mean P(chosen > rejected) is calibrated; "
+                                  "below it, over-confident.",
+                "rm_reward_hist": "The further apart, the better the RM separates the pairs.",
+                "rm_length": "Up to 512 points per source; lines: least-squares fits. A steep line means the RM pays "
+                             "for length, and PPO will learn to change length."}
+    for name, png in stage_charts("ppo", pm, out, ppo).items():
+        plots["overopt"].append((png.name, captions[name]))
     if _plot(out / "ppo_scores.png", "RM score and RLHF reward per update", "PPO update",
              [(f"{PPO.SCORES} (normalised RM score)", *_series(ppo, PPO.SCORES)),
               (f"{PPO.RLHF_REWARD} (score - beta x KL)", *_series(ppo, PPO.RLHF_REWARD))],
@@ -516,11 +523,6 @@ def build(artifact_dir: Path) -> Path:
     if kl_plot(out / "ppo_kl.png", _series(ppo, PPO.KL), _series(ppo, PPO.KL_COEF)):
         plots["ppo"].append(("ppo_kl.png", "Training rollouts: KL per response (left axis, nats) and the KL "
                              "coefficient beta (right axis)."))
-    captions = {"rm_calibration": "Reliability diagram: bars on the diagonal mean P(chosen > rejected) is calibrated; "
-                                  "below it, over-confident.",
-                "rm_reward_hist": "The further apart, the better the RM separates the pairs.",
-                "rm_length": "Up to 512 points per source; lines: least-squares fits. A steep line means the RM pays "
-                             "for length, and PPO will learn to change length."}
     for name, png in stage_charts("reward", rmm, out).items():
         plots["rm"].append((png.name, captions[name]))
     rm_lines = [("train accuracy", *_series(rm, HF.TRAIN_ACCURACY))]
