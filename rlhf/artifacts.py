@@ -528,6 +528,24 @@ def leftovers(artifact_dir: str | Path, stage: str) -> list[Path]:
     return [p for p in [staging_dir(d, stage), *sorted(d.glob(f".{stage}.old-*"))] if p.exists()]
 
 
+def origin(manifest: dict | None) -> str | None:
+    """Where a published stage's model came from, in words: "imported from SRC (...)" for a model
+    the pipeline did not train (sft.import_model, reward.import_model), "trained from BASE" for
+    one it trained; None for a manifest without a model."""
+    if not manifest:
+        return None
+    imported, model = manifest.get("imported"), manifest.get("model") or {}
+    if imported:
+        held = imported.get("content") or imported.get("revision")
+        details = [imported.get("kind"), _shown(held) if held else None,
+                   "its own tokenizer, scored on text" if model.get("own_tokenizer") else None]
+        return f"imported from {imported.get('source')} (" + ", ".join(d for d in details if d) + ")"
+    if manifest.get("stage") == PPO:
+        return None
+    base = model.get("base")
+    return f"trained from {base}" if base else None
+
+
 def stage_state(artifact_dir: str | Path, stage: str) -> str:
     """complete / damaged (complete manifest, files missing or of the wrong size) / partial
     (resumable state or an unfinished publish exists) / missing."""

@@ -303,6 +303,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                                 if isinstance(m["metrics"].get(k), (int, float)))
             runs = m.get("invocations", 1)
             line += f"  ({m.get('duration_s', 0):.0f}s{f' over {runs} runs' if runs > 1 else ''})  {figures}"
+            if m.get("imported"):
+                line += f"  {artifacts.origin(m)}"
             if "files" not in m:
                 line += "  (no file checksums: published by an older version)"
             elif args.verify:

@@ -105,6 +105,10 @@ class WandbConfig:
 class SFTStageConfig:
     train_data: str | None = _f(None, "SFT pairs: {prompt, completion} or {messages}; local file or datasets id", path=True)
     eval_data: str | None = _f(None, "held-out SFT pairs (same format)", path=True)
+    import_model: str | None = _f(None, "a policy you already have (hub id or local dir of a causal LM), used as the SFT "
+                                        "policy instead of training one: copied into DIR/sft in model.dtype and recorded "
+                                        "as imported; the sft.* training keys and model.name_or_path are then not used",
+                                  path=True)
     epochs: float = _f(2.0, "passes over the training data")
     learning_rate: float = _f(1e-3, "peak learning rate")
     lr_scheduler: str = _f("cosine", "learning-rate schedule (transformers names)")
@@ -128,6 +132,11 @@ class RewardStageConfig:
     train_data: str | None = _f(None, "preferences or rankings; see reward_data/README.md", path=True)
     eval_data: str | None = _f(None, "held-out preferences (same formats)", path=True)
     model: str | None = _f(None, "initial model; default: the SFT artifact", path=True)
+    import_model: str | None = _f(None, "a reward model you already have (hub id or local dir of a one-output "
+                                        "sequence-classification model, any tokenizer and chat template), used instead "
+                                        "of training one: copied into DIR/reward, its reward_stats measured on the SFT "
+                                        "policy's samples as PPO draws them (prompts: reward.eval_data, else "
+                                        "ppo.train_prompts); reward.train_data is then not read", path=True)
     epochs: float = _f(1.0, "passes over the training pairs")
     learning_rate: float = _f(1e-3, "peak learning rate")
     lr_scheduler: str = _f("cosine", "learning-rate schedule")

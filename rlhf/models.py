@@ -134,6 +134,12 @@ def body_and_head(model: Any) -> tuple[Any, Any] | None:
     return (body, head) if body is not None and head is not None else None
 
 
+def has_score_head(model: Any) -> bool:
+    """Whether a sequence-classification model has the `score` head every stage reads per token
+    (decoder families); encoders such as DeBERTa classify a pooled first token instead."""
+    return getattr(unwrap(model), "score", None) is not None and body_and_head(model) is not None
+
+
 def token_values(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) scalar head applied at every position of a sequence-classification model

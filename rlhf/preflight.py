@@ -57,9 +57,16 @@ def check(cfg: PipelineConfig, stages: Any) -> None:
         if problem:
             raise ConfigError(f"deepspeed.offload=true: {problem}, or set deepspeed.offload=false")
     check_rollout_engine(cfg, stages)
-    if SFT in stages:
+    if SFT in stages and cfg.sft.import_model:
+        check_model_dir(cfg.sft.import_model, "sft.import_model", cfg.model.trust_remote_code)
+    elif SFT in stages:
         check_policy_source(cfg)
-    if REWARD in stages and cfg.reward.model:
+    if REWARD in stages and cfg.reward.import_model:
+        check_model_dir(cfg.reward.import_model, "reward.import_model", cfg.model.trust_remote_code)
+        if cfg.reward.eval_data is None and cfg.ppo.train_prompts is None:
+            raise ConfigError("reward.import_model: its reward_stats are measured on prompts from reward.eval_data, "
+                              "else ppo.train_prompts; set one of them")
+    elif REWARD in stages and cfg.reward.model:
         check_model_dir(cfg.reward.model, "reward.model", cfg.model.trust_remote_code)
     sft_data = check_data(cfg, stages)
     if cfg.eval.gold_scorer and (REWARD in stages or PPO in stages):
@@ -289,7 +296,7 @@ def check_data(cfg: PipelineConfig, stages: list[str]) -> dict[str, Any]:
     """Parse every local data file the stages read, as they will read it. Returns the SFT data
     ({"train": SFTData, "eval": SFTData}) when the SFT stage is checked, for check_sft_lengths."""
     out: dict[str, Any] = {}
-    if SFT in stages:
+    if SFT in stages and not cfg.sft.import_model:
         c = cfg.sft
         skip = dict(max_skipped_fraction=c.max_skipped_fraction, skip_key="sft.max_skipped_fraction")
         out["train"] = _load("sft.train_data", require(c.train_data, "sft.train_data", "the SFT training file"),
@@ -298,8 +305,9 @@ def check_data(cfg: PipelineConfig, stages: list[str]) -> dict[str, Any]:
     if REWARD in stages:
         c = cfg.reward
         skip = dict(max_skipped_fraction=c.max_skipped_fraction, skip_key="reward.max_skipped_fraction")
-        _load("reward.train_data", require(c.train_data, "reward.train_data", "the preference training file"),
-              lambda src: load_preferences(src, c.pair_weighting, **skip))
+        if not c.import_model:
+            _load("reward.train_data", require(c.train_data, "reward.train_data", "the preference training file"),
+                  lambda src: load_preferences(src, c.pair_weighting, **skip))
         _load("reward.eval_data", c.eval_data, lambda src: load_preferences(src, "uniform", **skip))
     if PPO in stages:
         c = cfg.ppo

@@ -493,6 +493,9 @@ def build(artifact_dir: Path) -> Path:
         at = {k: best_of_n_at_kl(bon, summary["kl_ppo_vs_sft"], k) for k in ("rm_score", "gold_score")}
         if any(v is not None for v in at.values()):
             summary["best_of_n_at_ppo_kl"] = {"kl": summary["kl_ppo_vs_sft"], **at}
+    origins = {s: artifacts.origin(manifests.get(s)) for s in (artifacts.SFT, artifacts.REWARD)}
+    if any(origins.values()):  # where the policy and the reward model came from
+        summary["models"] = {s: o for s, o in origins.items() if o}
     summary["verdict"] = verdict(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
@@ -577,6 +580,9 @@ def _html(artifact_dir: Path, summary: dict, plots: dict, samples: list[dict], w
     if summary.get("stop_reason") not in (None, "completed"):
         warn.append(f"PPO stopped early ({summary['stop_reason']}) after update {summary.get('updates')}.")
     warnings = "".join(f'<p class="warn">{e(w)}</p>' for w in warn)
+    names = {"sft": "Policy (SFT)", "reward": "Reward model"}
+    models = ("<p>" + "<br>".join(f"{names[s]}: {e(o)}" for s, o in summary["models"].items()) + "</p>"
+              if summary.get("models") else "")
     selection = ""
     if selected is not None:
         guard = summary.get("guard_metric")
@@ -625,7 +631,7 @@ code{{font-size:13px}}.verdict{{font-size:17px;max-width:1100px;background:#f4f8
 .file{{color:#999}}.row{{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}}</style></head>
 <body><h1>RLHF report</h1><p><code>{e(str(artifact_dir))}</code></p>
 <p class="verdict">{e(summary.get("verdict", ""))}</p>
-<p>Stages: {stages}</p>{warnings}
+<p>Stages: {stages}</p>{models}{warnings}
 <h2>Key figures</h2><table><tr><th>figure</th><th>summary.json key</th><th>value</th></tr>{figures}</table>
 <h2>PPO: over-optimisation and the published policy</h2>{ppo_html}
 <h2>Reward model diagnostics</h2>{_figures(plots['rm'], where)}

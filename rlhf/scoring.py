@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from rlhf import distributed
 from rlhf.config import load_function
 from rlhf.generation import Generated, decode_responses
-from rlhf.models import token_values
-from rlhf.tokenization import encode_pair, last_index, pad_batch
+from rlhf.models import has_score_head, token_values
+from rlhf.tokenization import encode_pair, encode_prompt, fit, last_index, pad_batch
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -38,7 +38,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) scalar reward read at each row's last attended token (rows may be left- and
     right-padded, as PPO's query|response rows are): training, evaluation and reward_stats score
-    through this function, and PPO's packed scoring reads the same position."""
+    through this function, and PPO's packed scoring reads the same position.
+
+    An imported reward model without a `score` head (an encoder such as DeBERTa, read at its
+    first token by its own classifier) is scored by its own forward; its rows are always
+    right-padded (TextBridge)."""
+    if not has_score_head(model):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
     values = token_values(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))  # (B, T)
     return values.gather(1, last_index(attention_mask)[:, None]).squeeze(1)
 
@@ -55,6 +61,58 @@ def score_texts(model: Any, tokenizer: Any, prompt_texts: list[str], responses: 
         ids, mask = pad_batch(seqs[s:s + batch_size], tokenizer.pad_token_id, "right", device)
         out.extend(reward_scores(model, ids, mask).tolist())
     return out
+
+
+class TextBridge:
+    """Scores the policy's responses with a reward model that has its own tokenizer (and chat
+    template), as TRL's GRPO trainer scores with a reward model of another vocabulary: each
+    response is decoded with the policy's tokenizer and the pair (prompt, response) encoded for
+    the reward model exactly as the reward stage encodes a preference pair with that tokenizer
+    (rlhf.data.render_prompt / render_response, rlhf.tokenization), with the reward model's EOS
+    where the policy's response ended with its own, and none where sampling was cut off.
+
+    The prompt is the row's original prompt (a string or messages), looked up by the rendered
+    text the policy saw (`remember`, called by whatever renders the prompts); a rendered text it
+    has not seen is taken as a plain string prompt. Rows are cut to `max_length` tokens (the
+    reward model's positions) as rlhf.tokenization.fit cuts a pair."""
+
+    def __init__(self, policy_tokenizer: Any, reward_tokenizer: Any, use_chat_template: bool,
+                 max_length: int | None = None):
+        self.policy_tok, self.rm_tok = policy_tokenizer, reward_tokenizer
+        self.use_chat_template, self.max_length = use_chat_template, max_length
+        self.pad_id = reward_tokenizer.pad_token_id if reward_tokenizer.pad_token_id is not None \
+            else reward_tokenizer.eos_token_id
+        self.sources: dict[str, Any] = {}
+
+    def remember(self, rendered: str, prompt: Any) -> str:
+        self.sources[rendered] = prompt
+        return rendered
+
+    def encode_one(self, prompt: Any, response: str, ended: bool) -> list[int]:
+        """The reward model's ids of (prompt, response), EOS appended when `ended`."""
+        from rlhf.data import render_prompt, render_response
+
+        p = encode_prompt(self.rm_tok, render_prompt(self.rm_tok, prompt, self.use_chat_template))
+        r = self.rm_tok(render_response(self.rm_tok, prompt, response, self.use_chat_template),
+                        add_special_tokens=False)["input_ids"] + ([self.rm_tok.eos_token_id] if ended else [])
+        if self.max_length:
+            p, r, _ = fit(p, r, self.max_length)
+        return p + r
+
+    def encode(self, response_ids: torch.Tensor, response_mask: torch.Tensor,
+               rendered_prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) right-padded reward-model ids and mask of the policy's (B, R) responses (padding
+        and anything after EOS masked out) to `rendered_prompts` (B, as the policy saw them)."""
+        if len(rendered_prompts) != response_ids.shape[0]:
+            raise ValueError(f"{len(rendered_prompts)} prompts for {response_ids.shape[0]} responses")
+        eos = self.policy_tok.eos_token_id
+        seqs = []
+        for ids, mask, rendered in zip(response_ids.tolist(), response_mask.tolist(), rendered_prompts):
+            tokens = [t for t, m in zip(ids, mask) if m]
+            ended = bool(tokens) and tokens[-1] == eos
+            text = self.policy_tok.decode(tokens[:-1] if ended else tokens, skip_special_tokens=False)
+            seqs.append(self.encode_one(self.sources.get(rendered, rendered), text, ended))
+        return pad_batch(seqs, self.pad_id, "right", response_ids.device)
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -83,21 +141,29 @@ def load_gold_scorer(spec: str) -> Any:
 
 @torch.no_grad()
 def policy_reward_stats(engine: Any, reward_model: Any, tokenizer: Any, prompt_texts: list[str], *, sampling: Any,
-                        max_new_tokens: int, batch_size: int) -> tuple[dict, list[str], list[float]]:
+                        max_new_tokens: int, batch_size: int,
+                        bridge: TextBridge | None = None) -> tuple[dict, list[str], list[float]]:
     """Mean/std of the reward model's raw scores on responses the policy samples through `engine`
     (an rlhf.engines rollout engine), drawn and scored exactly as a PPO rollout draws and scores
     them (same sampling settings, the generated ids themselves, EOS only where sampling stopped at
     it). Returns (stats, response texts, scores). Every rank calls it (ZeRO-3 loading and forwards
-    are collective); rank 0's samples are used."""
+    are collective); rank 0's samples are used. `bridge`: a reward model with its own tokenizer,
+    scored on the responses' text as PPO will score it (TextBridge)."""
     gens = engine.generate(prompt_texts, sampling, max_new_tokens, batch_size=batch_size)
     batches = distributed.broadcast_object([Generated(*(t.cpu() for t in (g.query_ids, g.query_mask, g.response_ids,
                                                                           g.response_mask, g.ended))) for g in gens])
     device = next(reward_model.parameters()).device
     scores: list[float] = []
     texts: list[str] = []
+    row = 0
     for g in batches:
-        ids = torch.cat([g.query_ids, g.response_ids], 1).to(device)
-        mask = torch.cat([g.query_mask, g.response_mask], 1).to(device)
+        if bridge is not None:
+            ids, mask = bridge.encode(g.response_ids, g.response_mask, prompt_texts[row:row + len(g.response_ids)])
+            ids, mask = ids.to(device), mask.to(device)
+        else:
+            ids = torch.cat([g.query_ids, g.response_ids], 1).to(device)
+            mask = torch.cat([g.query_mask, g.response_mask], 1).to(device)
+        row += len(g.response_ids)
         scores.extend(reward_scores(reward_model, ids, mask).tolist())
         texts.extend(decode_responses(tokenizer, g))
     stats = {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "n": len(scores),

@@ -1,6 +1,7 @@
 """Stage 3: PPO against the reward model with a per-token KL penalty to the frozen SFT policy."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -13,7 +14,11 @@ from rlhf.metric_names import HEADLINE
 from rlhf.ppo.layout import from_artifacts
 from rlhf.ppo.run import PPORun
 from rlhf.ppo.trainer import CRITIC_DIR, PPOTrainer, PromptStream
-from rlhf.scoring import load_gold_scorer, reward_stats_sampling
+from transformers import AutoConfig
+
+from rlhf.imports import max_positions
+from rlhf.ppo.core import advantage_estimator
+from rlhf.scoring import TextBridge, load_gold_scorer, reward_stats_sampling
 from rlhf.stage_io import finish, open_checkpoints, say, skip_if_up_to_date
 from rlhf.tracking import FINAL_SAMPLES_TABLE, Tracker
 
@@ -28,7 +33,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     sft = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, SFT), SFT)
     tokenizer = models.load_tokenizer(str(sft.path))
     tok_fp = artifacts.tokenizer_fingerprint(tokenizer)
-    rm_art = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, REWARD), REWARD, tokenizer_fp=tok_fp)
+    rm_art = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, REWARD), REWARD)
     data = artifacts.data_fingerprint({"train_prompts": train_src, "eval_prompts": ppo_cfg.eval_prompts})
     done = skip_if_up_to_date(cfg.artifact_dir, PPO, config, [sft, rm_art], cfg.force, data)
     if done:
@@ -42,22 +47,38 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     ckpt_dir, resuming, clock = open_checkpoints(cfg.artifact_dir, PPO, config, data, started)
     distributed.seed_everything(cfg.seed + distributed.rank())
 
+    # a reward model with its own tokenizer (reward.import_model) scores the responses' text
+    bridge, rm_tok = None, tokenizer
+    if rm_art.manifest.get("tokenizer") != tok_fp or not rm_art.manifest.get("model", {}).get("score_head", True):
+        rm_tok = models.load_tokenizer(str(rm_art.path))
+        bridge = TextBridge(tokenizer, rm_tok, rm_art.use_chat_template,
+                            max_positions(AutoConfig.from_pretrained(str(rm_art.path))))
+        say(PPO, f"the reward model {rm_art.path} has its own tokenizer: each response is decoded and re-encoded for "
+                 "it as its reward stage encoded pairs" + (" (its chat template)" if rm_art.use_chat_template and
+                                                           getattr(rm_tok, "chat_template", None) else ""))
+
     # 2. models: actor from SFT; reference = frozen SFT (or the actor without its adapter);
     #    critic from the RM when the estimator needs one; the RM itself frozen (rlhf.ppo.layout)
     dtype = model_cfg.dtype
-    four = from_artifacts(ppo_cfg, model_cfg.lora, dtype, sft_path=str(sft.path), rm_path=str(rm_art.path),
-                          pad_token_id=tokenizer.pad_token_id)
+    layout_cfg = ppo_cfg
+    if bridge is not None and ppo_cfg.critic_from_reward and advantage_estimator(ppo_cfg.advantage_estimator).needs_critic:
+        say(PPO, "the critic starts from the policy with a new value head: a reward model of another tokenizer cannot "
+                 "read the policy's tokens (ppo.critic_from_reward applies to a reward model that shares them)")
+        layout_cfg = dataclasses.replace(ppo_cfg, critic_from_reward=False)
+    four = from_artifacts(layout_cfg, model_cfg.lora, dtype, sft_path=str(sft.path), rm_path=str(rm_art.path),
+                          pad_token_id=tokenizer.pad_token_id, rm_pad_token_id=_pad_id(rm_tok))
 
     # 3. data -----------------------------------------------------------------------------
     def render(prompt) -> str:
-        return render_prompt(tokenizer, prompt, sft.use_chat_template)
+        text = render_prompt(tokenizer, prompt, sft.use_chat_template)
+        return bridge.remember(text, prompt) if bridge is not None else text
 
     stream = PromptStream(train_prompts, cfg.seed, distributed.rank(), distributed.world_size(), render=render)
 
     # 4. train ----------------------------------------------------------------------------
     trainer = PPOTrainer(cfg=ppo_cfg, ds=cfg.deepspeed, dtype=dtype, actor_model=four.actor, critic_model=four.critic,
                          reward_model=four.reward, ref_model=four.reference, tokenizer=tokenizer, reward_stats=reward_stats,
-                         vllm=cfg.vllm, seed=cfg.seed)
+                         vllm=cfg.vllm, seed=cfg.seed, reward_bridge=bridge)
     resumed = resuming and trainer.load(ckpt_dir, stream)
     if resumed:
         say(PPO, f"resuming from update {trainer.update} (kl_coef={trainer.kl_ctl.value:.4g})")
@@ -85,11 +106,16 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     return finish(cfg.artifact_dir, PPO, staged, ckpt_dir, tracker, clock, ppo_run.summary(evaluation, started),
                   HEADLINE[PPO], config=config, parents=[sft, rm_art], tokenizer_fp=tok_fp, data=data,
                   reward_stats=reward_stats, model={"base": str(sft.path), "lora": "merged" if ppo_cfg.lora else None,
-                                                    "use_chat_template": sft.use_chat_template, **critic})
+                                                    "use_chat_template": sft.use_chat_template, **critic,
+                                                    "reward_scored_on": "text" if bridge is not None else "tokens"})
 
 
 # ppo/samples.jsonl's fields, in the order of W&B's final_samples table
 FINAL_SAMPLE_COLUMNS = ("prompt", "sft_response", "response", "rm_score_sft", "rm_score", "gold_score_sft", "gold_score")
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _check_reward_stats(reward_stats: dict, ppo_cfg, rm_path) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from datasets import Dataset
 
 from rlhf import artifacts, distributed, engines, faults, models
@@ -25,6 +26,9 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     started = time.time()
     reward_cfg, model_cfg = per_process(cfg, distributed.world_size()).reward, cfg.model
     config = cfg.to_dict()
+
+    if reward_cfg.import_model:
+        return _import(cfg, config, started)
 
     # 1. inputs ---------------------------------------------------------------------------
     train_src = require(reward_cfg.train_data, "reward.train_data", "the preference training file")
@@ -59,29 +63,9 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     use_template = sft.use_chat_template
 
     # 3. data: pairs -> token ids, truncation counted, pairs identical after truncation dropped
-    def encode(pairs, name):
-        rows, truncated, identical = [], 0, 0
-        for p in pairs:
-            prompt = render_prompt(tokenizer, p.prompt, use_template)
-            chosen, rejected = (render_response(tokenizer, p.prompt, r, use_template) for r in (p.chosen, p.rejected))
-            ci, cp, ct = encode_pair(tokenizer, prompt, chosen, reward_cfg.max_length)
-            ri, rp, rt = encode_pair(tokenizer, prompt, rejected, reward_cfg.max_length)
-            truncated += ct or rt
-            if ci == ri:
-                identical += 1
-                continue
-            rows.append({"chosen_ids": ci, "rejected_ids": ri, "margin": p.margin, "weight": p.weight,
-                         "group": p.group, "rank_distance": p.rank_distance,
-                         "chosen_len": response_length(ci, cp, tokenizer.eos_token_id),
-                         "rejected_len": response_length(ri, rp, tokenizer.eos_token_id)})
-        say(REWARD, f"{name}: {len(rows)} pairs ({truncated} truncated to max_length={reward_cfg.max_length}, "
-                    f"{identical} dropped as identical after truncation)")
-        if not rows:
-            raise ConfigError(f"{name}: no pair left after truncation; raise reward.max_length")
-        return rows, {"pairs": len(rows), "truncated": truncated, "dropped_identical": identical}
-
-    train_rows, train_counts = encode(train.pairs, "train")
-    eval_rows, eval_counts = encode(evals.pairs, "eval") if evals else (None, {})
+    train_rows, train_counts = encode_pairs(train.pairs, "train", tokenizer, use_template, reward_cfg.max_length)
+    eval_rows, eval_counts = (encode_pairs(evals.pairs, "eval", tokenizer, use_template, reward_cfg.max_length)
+                              if evals else (None, {}))
     train_ds = Dataset.from_list([{k: r[k] for k in ("chosen_ids", "rejected_ids", "margin", "weight")} for r in train_rows])
 
     # 4. train ----------------------------------------------------------------------------
@@ -114,37 +98,9 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         held_out = (r_chosen, r_rejected, [r["chosen_len"] for r in eval_rows], [r["rejected_len"] for r in eval_rows])
         say(REWARD, f"held-out pairwise accuracy {metrics[S.EVAL_ACCURACY]:.3f} on {len(eval_rows)} pairs")
 
-    # reward_stats: raw scores of SFT-policy responses sampled and scored exactly as PPO will
-    # (ppo.* sampling settings, generated ids), so PPO's normalised reference score is ~0
-    faults.point("evaluation:start")
+    # reward_stats (as PPO will sample and score) and the diagnostics
     stat_prompts = _stat_prompts(reward_cfg, evals, train)[: reward_cfg.stats_samples]
-    texts = [render_prompt(tokenizer, p, use_template) for p in stat_prompts]
-    policy = models.load_causal_lm(str(sft.path), model_cfg.dtype).to(distributed.device())
-    gather, zero = cfg.deepspeed.zero3_gather_for_generation, cfg.deepspeed.zero_stage
-    if zero == 3 and not gather:  # sharded by an inference engine whose hooks fetch per layer
-        policy = distributed.make_inference(policy, zero, distributed.inference_config(cfg.deepspeed, model_cfg.dtype))
-    pc = cfg.ppo
-    engine = engines.build(pc.rollout_engine, policy, tokenizer, max_prompt_length=pc.max_prompt_length,
-                           zero_stage=zero, gather=gather, vllm=cfg.vllm, dtype=model_cfg.dtype, seed=cfg.seed,
-                           device=distributed.device())
-    reward_stats, responses, scores = policy_reward_stats(engine, rm, tokenizer, texts, sampling=Sampling.of(pc),
-                                                          max_new_tokens=pc.max_new_tokens, batch_size=pc.forward_batch_size)
-    engines.close(engine)
-    del policy, engine
-    if gold is not None:
-        golds = [gold(prompt_text(p), r) for p, r in zip(stat_prompts, responses)]
-        metrics[S.SPEARMAN_GOLD] = spearman(scores, golds)
-        say(REWARD, f"Spearman(RM score, gold score) on {len(golds)} fresh SFT responses: {metrics[S.SPEARMAN_GOLD]:.3f}")
-    # diagnostics: calibration and reward histograms on the held-out pairs; reward vs response
-    # length (tokens, EOS not counted) there and on the SFT samples just scored (their decoded
-    # texts re-encoded: generation returns texts here)
-    sft_lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
-    metrics.update(rm_diagnostics(held_out, (scores, sft_lengths)))
-    say(REWARD, (f"calibration ECE {metrics[S.CALIBRATION_ECE]:.3f} on the held-out pairs; " if held_out else "")
-        + "Pearson(reward, response length) " + (f"{_fmt(metrics[S.LENGTH_REWARD_CORR])} held-out, " if held_out else "")
-        + f"{_fmt(metrics[S.LENGTH_REWARD_CORR_SFT])} on SFT samples")
-    for w in metrics[S.WARNINGS]:
-        say(REWARD, f"warning: {w}")
+    reward_stats = measure(cfg, sft, rm, tokenizer, None, stat_prompts, gold, held_out, metrics)
     tracker.log({HF.row_name(k) if k.startswith("eval_") else k: v for k, v in metrics.items()
                  if isinstance(v, (int, float))}, step=result.global_step, summary=True)
 
@@ -155,6 +111,141 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                   HEADLINE[REWARD],
                   config=config, parents=[sft], tokenizer_fp=tok_fp, data=data, reward_stats=reward_stats,
                   model={"base": init_path, "lora": "merged" if reward_cfg.lora else None, "use_chat_template": use_template})
+
+
+def encode_pairs(pairs, name: str, tokenizer, use_template: bool, max_length: int) -> tuple[list[dict], dict]:
+    """Preference pairs -> token ids (rlhf.tokenization, the one encoding of every stage), truncation
+    counted, pairs identical after truncation dropped."""
+    rows, truncated, identical = [], 0, 0
+    for p in pairs:
+        prompt = render_prompt(tokenizer, p.prompt, use_template)
+        chosen, rejected = (render_response(tokenizer, p.prompt, r, use_template) for r in (p.chosen, p.rejected))
+        ci, cp, ct = encode_pair(tokenizer, prompt, chosen, max_length)
+        ri, rp, rt = encode_pair(tokenizer, prompt, rejected, max_length)
+        truncated += ct or rt
+        if ci == ri:
+            identical += 1
+            continue
+        rows.append({"chosen_ids": ci, "rejected_ids": ri, "margin": p.margin, "weight": p.weight,
+                     "group": p.group, "rank_distance": p.rank_distance,
+                     "chosen_len": response_length(ci, cp, tokenizer.eos_token_id),
+                     "rejected_len": response_length(ri, rp, tokenizer.eos_token_id)})
+    say(REWARD, f"{name}: {len(rows)} pairs ({truncated} truncated to max_length={max_length}, "
+                f"{identical} dropped as identical after truncation)")
+    if not rows:
+        raise ConfigError(f"{name}: no pair left after truncation; raise reward.max_length")
+    return rows, {"pairs": len(rows), "truncated": truncated, "dropped_identical": identical}
+
+
+def measure(cfg: PipelineConfig, sft: artifacts.Artifact, rm, tokenizer, bridge, stat_prompts: list, gold,
+            held_out, metrics: dict) -> dict:
+    """reward_stats: raw scores of SFT-policy responses sampled and scored exactly as PPO will
+    (ppo.* sampling settings, generated ids; through `bridge` when the reward model has its own
+    tokenizer), so PPO's normalised reference score is ~0. Adds the Spearman correlation with the
+    gold scorer and the diagnostics (calibration and reward histograms on the held-out pairs,
+    reward vs response length there and on these samples) to `metrics`. Collective."""
+    model_cfg = cfg.model
+    faults.point("evaluation:start")
+    texts = [render_prompt(tokenizer, p, sft.use_chat_template) for p in stat_prompts]
+    if bridge is not None:
+        for t, p in zip(texts, stat_prompts):
+            bridge.remember(t, p)
+    policy = models.load_causal_lm(str(sft.path), model_cfg.dtype).to(distributed.device())
+    gather, zero = cfg.deepspeed.zero3_gather_for_generation, cfg.deepspeed.zero_stage
+    if zero == 3 and not gather:  # sharded by an inference engine whose hooks fetch per layer
+        policy = distributed.make_inference(policy, zero, distributed.inference_config(cfg.deepspeed, model_cfg.dtype))
+    pc = cfg.ppo
+    engine = engines.build(pc.rollout_engine, policy, tokenizer, max_prompt_length=pc.max_prompt_length,
+                           zero_stage=zero, gather=gather, vllm=cfg.vllm, dtype=model_cfg.dtype, seed=cfg.seed,
+                           device=distributed.device())
+    reward_stats, responses, scores = policy_reward_stats(engine, rm, tokenizer, texts, sampling=Sampling.of(pc),
+                                                          max_new_tokens=pc.max_new_tokens,
+                                                          batch_size=pc.forward_batch_size, bridge=bridge)
+    engines.close(engine)
+    del policy, engine
+    if gold is not None:
+        golds = [gold(prompt_text(p), r) for p, r in zip(stat_prompts, responses)]
+        metrics[S.SPEARMAN_GOLD] = spearman(scores, golds)
+        say(REWARD, f"Spearman(RM score, gold score) on {len(golds)} fresh SFT responses: {metrics[S.SPEARMAN_GOLD]:.3f}")
+    # lengths in the policy's tokens, EOS not counted (the decoded texts re-encoded: generation returns texts here)
+    sft_lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+    metrics.update(rm_diagnostics(held_out, (scores, sft_lengths)))
+    say(REWARD, (f"calibration ECE {metrics[S.CALIBRATION_ECE]:.3f} on the held-out pairs; " if held_out else "")
+        + "Pearson(reward, response length) " + (f"{_fmt(metrics[S.LENGTH_REWARD_CORR])} held-out, " if held_out else "")
+        + f"{_fmt(metrics[S.LENGTH_REWARD_CORR_SFT])} on SFT samples")
+    for w in metrics[S.WARNINGS]:
+        say(REWARD, f"warning: {w}")
+    return reward_stats
+
+
+def _import(cfg: PipelineConfig, config: dict, started: float) -> artifacts.Artifact:
+    """reward.import_model: the reward model the user brings (any tokenizer), published as
+    DIR/reward without training, with reward_stats measured on the SFT policy's samples as PPO draws
+    them and, given reward.eval_data, its held-out accuracy (rlhf.imports)."""
+    from rlhf import imports
+    from rlhf.data import load_prompts
+    from rlhf.scoring import TextBridge
+
+    reward_cfg, model_cfg, source = cfg.reward, cfg.model, cfg.reward.import_model
+    sft = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, SFT), SFT)
+    # the prompts reward_stats are measured on: the held-out preferences', else PPO's own
+    prompt_src = {"eval_data": reward_cfg.eval_data} if reward_cfg.eval_data else {"stats_prompts": cfg.ppo.train_prompts}
+    data = artifacts.data_fingerprint(prompt_src)
+    done = skip_if_up_to_date(cfg.artifact_dir, REWARD, config, [sft], cfg.force, data)
+    if done:
+        return done
+    skip = dict(max_skipped_fraction=reward_cfg.max_skipped_fraction, skip_key="reward.max_skipped_fraction")
+    evals = load_preferences(reward_cfg.eval_data, "uniform", **skip) if reward_cfg.eval_data else None
+    if evals is not None:
+        stat_prompts = _stat_prompts(reward_cfg, evals, None)
+    else:
+        prompts = load_prompts(cfg.ppo.train_prompts)
+        stat_prompts = [prompts[i % len(prompts)] for i in range(reward_cfg.stats_samples)]
+    gold = load_gold_scorer(cfg.eval.gold_scorer) if cfg.eval.gold_scorer else None
+    ckpt_dir, _, clock = open_checkpoints(cfg.artifact_dir, REWARD, config, data, started)
+    distributed.seed_everything(cfg.seed)
+    say(REWARD, f"importing the reward model {source} (reward.import_model): no reward training; "
+                f"reward.train_data is not used")
+
+    tokenizer = models.load_tokenizer(str(sft.path))  # the policy's
+    model, rm_tok = imports.load_reward_model(source, model_cfg.dtype, model_cfg.trust_remote_code)
+    imported = imports.provenance(source, model, rm_tok)
+    rm_fp = artifacts.tokenizer_fingerprint(rm_tok)
+    own_tokenizer = rm_fp != artifacts.tokenizer_fingerprint(tokenizer) or not models.has_score_head(model)
+    use_template = model_cfg.use_chat_template
+    bridge = TextBridge(tokenizer, rm_tok, use_template, imports.max_positions(model.config)) if own_tokenizer else None
+    say(REWARD, f"{imported['model_class']}: {imported['parameters'] / 1e6:.2f}M parameters; "
+                + ("its own tokenizer" + (" and chat template" if imported["chat_template"] and use_template else "")
+                   + ": the policy's responses are decoded and re-encoded for it (scored on text)"
+                   if own_tokenizer else "the policy's tokenizer: scored on the policy's token ids"))
+    staged = artifacts.staging_dir(cfg.artifact_dir, REWARD)
+    if distributed.is_main():  # the module as loaded, before a ZeRO-3 inference engine partitions it
+        imports.save(model, rm_tok, staged)
+    rm = model.to(distributed.device()).eval()
+    if cfg.deepspeed.zero_stage == 3:
+        rm = distributed.make_inference(rm, 3, distributed.inference_config(cfg.deepspeed, model_cfg.dtype))
+    tracker = Tracker(cfg.artifact_dir, REWARD, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(), clock=clock)
+    metrics: dict = {"imported": 1, "parameters": imported["parameters"]}
+    held_out = None
+    if evals is not None:
+        eval_rows, counts = encode_pairs(evals.pairs, "eval", rm_tok, use_template, reward_cfg.max_length)
+        metrics.update({f"eval_{k}": v for k, v in counts.items()})
+        pad = rm_tok.pad_token_id if rm_tok.pad_token_id is not None else rm_tok.eos_token_id
+        with torch.no_grad():
+            figures, r_chosen, r_rejected = evaluate_pairs(rm, eval_rows, pad, reward_cfg.batch_size, with_rewards=True)
+        metrics.update(figures)
+        held_out = (r_chosen, r_rejected, [r["chosen_len"] for r in eval_rows], [r["rejected_len"] for r in eval_rows])
+        say(REWARD, f"held-out pairwise accuracy {metrics[S.EVAL_ACCURACY]:.3f} on {len(eval_rows)} pairs")
+    reward_stats = measure(cfg, sft, rm, tokenizer, bridge, stat_prompts, gold, held_out, metrics)
+    tracker.log({HF.row_name(k) if k.startswith("eval_") else k: v for k, v in metrics.items()
+                 if isinstance(v, (int, float))}, step=0, summary=True)
+    score_head = models.has_score_head(rm)
+    del rm, model
+    return finish(cfg.artifact_dir, REWARD, staged, ckpt_dir, tracker, clock, metrics, HEADLINE[REWARD],
+                  config=config, parents=[sft], tokenizer_fp=rm_fp, data=data, reward_stats=reward_stats,
+                  imported=imported,
+                  model={"base": source, "lora": None, "use_chat_template": use_template,
+                         "own_tokenizer": own_tokenizer, "score_head": score_head})
 
 
 def _fmt(v) -> str:

@@ -24,6 +24,9 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     sft_cfg, model_cfg = per_process(cfg, distributed.world_size()).sft, cfg.model
     config = cfg.to_dict()
 
+    if sft_cfg.import_model:
+        return _import(cfg, config, started)
+
     # 1. inputs ---------------------------------------------------------------------------
     train_src = require(sft_cfg.train_data, "sft.train_data", "the SFT training file")
     if model_cfg.name_or_path is None and model_cfg.scratch is None:
@@ -131,3 +134,31 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                   config=config, parents=[], tokenizer_fp=artifacts.tokenizer_fingerprint(tokenizer), data=data,
                   model={"base": model_cfg.name_or_path or "scratch", "lora": "merged" if sft_cfg.lora else None,
                          "use_chat_template": model_cfg.use_chat_template, "loss_on": sft_cfg.loss_on})
+
+
+def _import(cfg: PipelineConfig, config: dict, started: float) -> artifacts.Artifact:
+    """sft.import_model: the policy the user brings, published as DIR/sft without training (rlhf.imports)."""
+    from rlhf import imports
+
+    source, model_cfg = cfg.sft.import_model, cfg.model
+    done = skip_if_up_to_date(cfg.artifact_dir, SFT, config, [], cfg.force)
+    if done:
+        return done
+    ckpt_dir, _, clock = open_checkpoints(cfg.artifact_dir, SFT, config, None, started)
+    say(SFT, f"importing the policy {source} (sft.import_model): no SFT training; sft.train_data and "
+             f"model.name_or_path are not used")
+    tracker = Tracker(cfg.artifact_dir, SFT, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(), clock=clock)
+    staged = artifacts.staging_dir(cfg.artifact_dir, SFT)
+    imported, tok_fp = None, None
+    if distributed.is_main():  # one copy, written once; the other processes wait in finish()
+        model, tokenizer = imports.load_policy(source, model_cfg.dtype, model_cfg.trust_remote_code)
+        imported, tok_fp = imports.provenance(source, model, tokenizer), artifacts.tokenizer_fingerprint(tokenizer)
+        imports.save(model, tokenizer, staged)
+        say(SFT, f"{imported['model_class']}: {imported['parameters'] / 1e6:.2f}M parameters, vocabulary "
+                 f"{imported['vocabulary']}, chat template: {'yes' if imported['chat_template'] else 'no'}"
+                 + (" (prompts rendered with it)" if imported["chat_template"] and model_cfg.use_chat_template else ""))
+        del model
+    metrics = {"imported": 1, "parameters": imported["parameters"] if imported else None}
+    return finish(cfg.artifact_dir, SFT, staged, ckpt_dir, tracker, clock, metrics, HEADLINE[SFT],
+                  config=config, parents=[], tokenizer_fp=tok_fp, data=None, imported=imported,
+                  model={"base": source, "lora": None, "use_chat_template": model_cfg.use_chat_template})

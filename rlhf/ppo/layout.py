@@ -60,9 +60,11 @@ def build_models(ppo: PPOStageConfig, lora: LoraConfig, dtype: str, *, load_poli
 
 
 def from_artifacts(ppo: PPOStageConfig, lora: LoraConfig, dtype: str, *, sft_path: str, rm_path: str,
-                   pad_token_id: int) -> PPOModels:
-    """build_models from a pipeline's SFT and reward artifacts (directories), as PPO loads them."""
+                   pad_token_id: int, rm_pad_token_id: int | None = None) -> PPOModels:
+    """build_models from a pipeline's SFT and reward artifacts (directories), as PPO loads them.
+    `rm_pad_token_id`: the reward model's own (when it has its own tokenizer), else the policy's."""
     critic_src = rm_path if ppo.critic_from_reward else sft_path
+    rm_pad = pad_token_id if rm_pad_token_id is None else rm_pad_token_id
     return build_models(ppo, lora, dtype, load_policy=lambda: models.load_causal_lm(sft_path, dtype),
-                        load_reward=lambda: models.load_reward_model(rm_path, dtype, pad_token_id),
+                        load_reward=lambda: models.load_reward_model(rm_path, dtype, rm_pad),
                         load_critic=lambda: models.load_reward_model(critic_src, dtype, pad_token_id))

@@ -88,13 +88,13 @@ def in_chunks(fn: Callable[[slice], Any], n: int, chunk: int) -> list:
 
 @torch.no_grad()
 def score_rollout(*, actor: Any, reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], critic: Any | None,
-                  reward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                  reward: Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor], query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                   response_mask: torch.Tensor, ended: torch.Tensor, sampling: Sampling, chunk: int,
                   value_scale: tuple[float, float] = (0.0, 1.0), logprobs: torch.Tensor | None = None) -> Rollout:
     """Run each model once over the rollout. `reference(full_ids, full_mask)` returns the
     reference log-probs (a frozen copy, or the actor with its LoRA adapter disabled) and
-    `reward(full_ids, full_mask)` the reward model's scores (a frozen copy, or the LoRA critic
-    with its adapter disabled). `critic=None`: no values (an estimator without a critic).
+    `reward(full_ids, full_mask, rows)` the reward model's scores of the rows `rows` (a frozen copy,
+    or the LoRA critic with its adapter disabled). `critic=None`: no values (an estimator without a critic).
     `logprobs` (B, R): the policy's log-probs already taken from the generation pass; without them
     the actor runs once more to compute them."""
     q = query_ids.shape[1]
@@ -107,6 +107,6 @@ def score_rollout(*, actor: Any, reference: Callable[[torch.Tensor, torch.Tensor
     values = None
     if critic is not None:
         values = torch.cat(in_chunks(lambda s: value_forward(critic, full_ids[s], full_mask[s], q, value_scale), n, chunk))
-    rm = in_chunks(lambda s: reward(full_ids[s], full_mask[s]), n, chunk)
+    rm = in_chunks(lambda s: reward(full_ids[s], full_mask[s], s), n, chunk)
     return Rollout(query_ids, query_mask, response_ids, response_mask, ended, logprobs=logprobs,
                    ref_logprobs=torch.cat(ref), raw_scores=torch.cat(rm), values=values)

@@ -35,9 +35,10 @@ from rlhf.config import DeepSpeedConfig, PPOStageConfig, loss_aggregation
 from rlhf.distributed import all_gather_objects, all_max, all_mean
 from rlhf.generation import Generated, Sampling
 from rlhf.metric_names import PPO
-from rlhf.models import disable_dropout, publish_model
+from rlhf.models import disable_dropout, has_score_head, publish_model
 from rlhf.ppo import core
 from rlhf.ppo.rollout import Rollout, packed_scores, policy_forward, score_rollout, value_forward
+from rlhf.scoring import reward_scores
 
 CRITIC_DIR = "critic"  # the critic's sub-directory of a published PPO artifact
 
@@ -163,13 +164,16 @@ class PPOTrainer:
 
     def __init__(self, *, cfg: PPOStageConfig, ds: DeepSpeedConfig, dtype: str, actor_model: Any,
                  critic_model: Any | None, reward_model: Any | None, ref_model: Any | None, tokenizer: Any,
-                 reward_stats: dict, timer: PhaseTimer | None = None, vllm: Any = None, seed: int = 0):
+                 reward_stats: dict, timer: PhaseTimer | None = None, vllm: Any = None, seed: int = 0,
+                 reward_bridge: Any = None):
         """`ref_model=None`: the actor is a LoRA model and the reference is its base (adapter
         disabled). `reward_model=None`: the critic is a LoRA model on the reward model, and the
         reward model is its base (adapter disabled). Neither keeps a second copy of the weights.
         `critic_model=None`: the advantage estimator needs no critic (and then a reward model is given).
         `timer`: where phase seconds go (the benchmark's waits for the GPU at each phase's end).
-        `vllm`: the config's vllm section (ppo.rollout_engine=vllm); `seed`: the vLLM engine's start-up seed."""
+        `vllm`: the config's vllm section (ppo.rollout_engine=vllm); `seed`: the vLLM engine's start-up seed.
+        `reward_bridge`: a rlhf.scoring.TextBridge when the reward model has its own tokenizer (it is
+        then scored on the responses' text, and cannot be the critic's base)."""
         self.estimator = core.advantage_estimator(cfg.advantage_estimator)
         self.aggregation = loss_aggregation(cfg)   # how the per-token policy loss becomes a scalar
         self.kl_in_loss = cfg.kl_penalty == "loss"
@@ -178,6 +182,9 @@ class PPOTrainer:
                              + ("needs a critic model" if self.estimator.needs_critic else "uses no critic model"))
         if critic_model is None and reward_model is None:
             raise ValueError("without a critic the reward model must be given (it cannot be the critic's base)")
+        if reward_bridge is not None and reward_model is None:
+            raise ValueError("a reward model with its own tokenizer cannot be the critic's base")
+        self.reward_bridge = reward_bridge
         self.plan = Plan.make(cfg, distributed.world_size())
         self.configured_zero_stage = ds.zero_stage
         ds = engine_deepspeed(ds, dtype, self.plan.world)
@@ -249,6 +256,8 @@ class PPOTrainer:
             critic = "LoRA critic, reward model = its base"
         else:
             critic = ("LoRA critic" if hasattr(self.critic.module, "disable_adapter") else "full critic") + ", frozen reward model"
+        if self.reward_bridge is not None:
+            critic += " (its own tokenizer: scored on the responses' text)"
         k = self.plan.samples_per_prompt
         return (f"{self.plan.world} process(es), {zero}, {actor}; {critic}; advantages: {self.cfg.advantage_estimator}"
                 + (f" ({k} samples per prompt)" if k > 1 else "")
@@ -280,8 +289,18 @@ class PPOTrainer:
                 return policy_forward(self.actor, full_ids, full_mask, q_len, self.ref_sampling)[0]
         return policy_forward(self.ref, full_ids, full_mask, q_len, self.ref_sampling)[0]
 
-    def raw_scores(self, full_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
-        """(B,) raw reward-model scores of query+response sequences."""
+    def raw_scores(self, full_ids: torch.Tensor, full_mask: torch.Tensor, q_len: int | None = None,
+                   prompts: list[str] | None = None) -> torch.Tensor:
+        """(B,) raw reward-model scores of query+response sequences. With a reward model of its own
+        tokenizer (reward_bridge) the responses (columns from `q_len`) are re-encoded for it with
+        their rendered `prompts`."""
+        if self.reward_bridge is not None:
+            if q_len is None or prompts is None:
+                raise ValueError("a reward model with its own tokenizer scores text: give q_len and the prompts")
+            ids, mask = self.reward_bridge.encode(full_ids[:, q_len:], full_mask[:, q_len:], prompts)
+            if not has_score_head(self.reward_model):
+                return reward_scores(self.reward_model, ids, mask)
+            return packed_scores(self.reward_model, ids, mask)
         if self.reward_is_critic_base:  # the reward model is the critic's frozen base
             with self.critic.module.disable_adapter():
                 return packed_scores(self.critic, full_ids, full_mask)
@@ -298,8 +317,11 @@ class PPOTrainer:
         gens = self._generate(prompt_texts, reference=reference, max_new_tokens=max_new_tokens,
                               sampling=sampling, batch_size=cfg.forward_batch_size,
                               with_logprobs=not reference and sampling == self.sampling and self.engine_logprobs_exact)
-        scores = [self.raw_scores(torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1))
-                  for g in gens]
+        scores, row = [], 0
+        for g in gens:
+            scores.append(self.raw_scores(torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1),
+                                          g.query_ids.shape[1], prompt_texts[row:row + len(g.query_ids)]))
+            row += len(g.query_ids)
         return gens, torch.cat(scores)
 
     @torch.no_grad()
@@ -363,7 +385,8 @@ class PPOTrainer:
                                batch_size=None, with_logprobs=from_generation or not self.engine_logprobs_exact)[0]
         q_len = g.query_ids.shape[1]
         with self.timer("scoring"):
-            rollout = score_rollout(actor=self.actor, critic=self.critic, reward=self.raw_scores,
+            rollout = score_rollout(actor=self.actor, critic=self.critic,
+                                    reward=lambda ids, mask, rows: self.raw_scores(ids, mask, q_len, prompt_texts[rows]),
                                     reference=lambda ids, mask: self.reference_logprobs(ids, mask, q_len),
                                     query_ids=g.query_ids, query_mask=g.query_mask, response_ids=g.response_ids,
                                     response_mask=g.response_mask, ended=g.ended, sampling=self.sampling,
