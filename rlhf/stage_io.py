@@ -92,7 +92,9 @@ def finish(artifact_dir: str, stage: str, staged: Path, ckpt_dir: Path, tracker:
 def summary_line(stage: str, art: artifacts.Artifact, keys: list[str]) -> None:
     m = art.metrics
     parts = [f"{k}={m[k]:.4g}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}" for k in keys if k in m]
-    say(stage, f"done in {art.manifest.get('duration_s', 0):.0f}s: {art.path} ({', '.join(parts)})")
+    origin = art.manifest.get("imported") and artifacts.origin(art.manifest)
+    shown = ", ".join(parts + ([origin] if origin else []))
+    say(stage, f"done in {art.manifest.get('duration_s', 0):.0f}s: {art.path}" + (f" ({shown})" if shown else ""))
 
 
 def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -> int:

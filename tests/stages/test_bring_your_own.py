@@ -111,8 +111,8 @@ def test_ppo_from_an_imported_policy_and_reward_model_of_another_family(family_c
     policy = family_checkpoints["qwen2"]
     overrides = [o for o in small_overrides(tmp_path, policy) if not o.startswith(("sft.train_data", "reward.train_data"))]
     overrides += [f"sft.import_model={policy}", f"reward.import_model={reward_dir}", "sft.train_data=null",
-                  "reward.train_data=null", "model.name_or_path=null", "deepspeed.zero_stage=3"]
-    proc = run_pipeline(d, overrides, port=29743)
+                  "reward.train_data=null", "model.name_or_path=null", "deepspeed.zero_stage=3", "ppo.total_episodes=32"]
+    proc = run_pipeline(d, overrides, port=29743, procs=2)  # ZeRO-3 on two processes
     ok(proc)
     out = proc.stdout
     assert "importing the policy" in out and "importing the reward model" in out
@@ -145,6 +145,6 @@ def test_ppo_from_an_imported_policy_and_reward_model_of_another_family(family_c
     html = (d / "report" / "index.html").read_text()
     assert f"Reward model: imported from {reward_dir}" in html and f"Policy (SFT): imported from {policy}" in html
 
-    again = run_pipeline(d, overrides, port=29743)
+    again = run_pipeline(d, overrides, port=29743, procs=2)
     ok(again)
     assert again.stdout.count("is complete and up to date: skipping") == 3, again.stdout
