@@ -50,29 +50,50 @@ class Shape:
 
 
 def model_shape(cfg: Any) -> Shape:
-    """The policy's Shape: from model.scratch's sizes, or from the config.json of model.name_or_path
-    (a local directory, or a hub id already in the local Hugging Face cache: nothing is downloaded).
-    The parameters are counted on a model built on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    """The policy's Shape: from sft.import_model's or model.name_or_path's config.json (a local
+    directory, or a hub id already in the local Hugging Face cache: nothing is downloaded), or from
+    model.scratch's sizes. The parameters are counted on a model built on the meta device."""
+    from transformers import LlamaConfig
 
-    if cfg.model.scratch is not None:
-        s = cfg.model.scratch
-        conf = LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-                           num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
-                           num_key_value_heads=s.num_heads, max_position_embeddings=s.max_position_embeddings,
-                           tie_word_embeddings=True)
-    else:
-        try:
-            conf = AutoConfig.from_pretrained(cfg.model.name_or_path, local_files_only=True,
-                                              trust_remote_code=cfg.model.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise PlanError(f"model.name_or_path={cfg.model.name_or_path}: its config.json is neither in that directory "
-                            f"nor in the local Hugging Face cache ({str(e).splitlines()[0]}); `rlhf plan` downloads "
-                            "nothing: fetch it once (e.g. `huggingface-cli download "
-                            f"{cfg.model.name_or_path} config.json`) and run again") from None
+    if cfg.sft.import_model:
+        return _shape(cfg.sft.import_model, "sft.import_model", cfg.model.trust_remote_code)
+    if cfg.model.scratch is None:
+        return _shape(cfg.model.name_or_path, "model.name_or_path", cfg.model.trust_remote_code)
+    s = cfg.model.scratch
+    conf = LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+                       num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
+                       num_key_value_heads=s.num_heads, max_position_embeddings=s.max_position_embeddings,
+                       tie_word_embeddings=True)
+    return _shape_of(conf, False)
+
+
+def reward_shape(cfg: Any, policy: Shape) -> Shape:
+    """The reward model's Shape: reward.import_model's own, else the policy's (trained from it)."""
+    if cfg.reward.import_model:
+        return _shape(cfg.reward.import_model, "reward.import_model", cfg.model.trust_remote_code, classifier=True)
+    return policy
+
+
+def _shape(source: str, key: str, trust_remote_code: bool, classifier: bool = False) -> Shape:
+    from transformers import AutoConfig
+
+    try:
+        conf = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PlanError(f"{key}={source}: its config.json is neither in that directory "
+                        f"nor in the local Hugging Face cache ({str(e).splitlines()[0]}); `rlhf plan` downloads "
+                        "nothing: fetch it once (e.g. `huggingface-cli download "
+                        f"{source} config.json`) and run again") from None
+    return _shape_of(conf, trust_remote_code, classifier)
+
+
+def _shape_of(conf: Any, trust_remote_code: bool, classifier: bool = False) -> Shape:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(conf, trust_remote_code=cfg.model.trust_remote_code)
+        model = auto.from_config(conf, trust_remote_code=trust_remote_code)
     params = sum(p.numel() for p in model.parameters())
     text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
     heads = text.num_attention_heads
@@ -116,13 +137,17 @@ def activations(shape: Shape, w: int, batch: int, seq: int, checkpointing: bool,
     return body + (12 * batch * seq * shape.vocab if logits else 0)
 
 
-def estimate(cfg: Any, processes: int, shape: Shape | None = None) -> dict[str, dict[str, float]]:
+def estimate(cfg: Any, processes: int, shape: Shape | None = None,
+             rm_shape: Shape | None = None) -> dict[str, dict[str, float]]:
     """{stage: {item: bytes per process}} for sft, reward and ppo; `cfg` a PipelineConfig whose batch
-    sizes are read per process (global ones divided by `processes`)."""
+    sizes are read per process (global ones divided by `processes`). An imported policy or reward
+    model (sft.import_model, reward.import_model) is loaded and written, not trained: its weights
+    (and, for the reward model, the policy it samples from for reward_stats) only."""
     from rlhf.config import per_process
     from rlhf.ppo.core import advantage_estimator
 
     shape = shape or model_shape(cfg)
+    rm_shape = rm_shape or reward_shape(cfg, shape)
     pp = per_process(cfg, processes)
     n, zero, off = processes, cfg.deepspeed.zero_stage, cfg.deepspeed.offload
     w = DTYPE_BYTES[cfg.model.dtype]
@@ -130,14 +155,21 @@ def estimate(cfg: Any, processes: int, shape: Shape | None = None) -> dict[str, 
     out: dict[str, dict[str, float]] = {}
 
     s = pp.sft
-    m = trained(shape, w, zero, n, off, lora_params(shape, r) if s.lora else shape.params)
-    m["activations"] = activations(shape, w, s.batch_size, s.max_length, s.gradient_checkpointing)
-    out["sft"] = m
+    if s.import_model:
+        out["sft"] = {**_nothing(), "weights": shape.params * w}
+    else:
+        m = trained(shape, w, zero, n, off, lora_params(shape, r) if s.lora else shape.params)
+        m["activations"] = activations(shape, w, s.batch_size, s.max_length, s.gradient_checkpointing)
+        out["sft"] = m
 
     rw = pp.reward
-    m = trained(shape, w, zero, n, off, lora_params(shape, r) if rw.lora else shape.params)
-    m["activations"] = activations(shape, w, 2 * rw.batch_size, rw.max_length, rw.gradient_checkpointing, logits=False)
-    out["reward"] = m
+    if rw.import_model:  # the reward model (sharded at stage 3) beside the policy that samples
+        out["reward"] = {**_nothing(), "weights": shape.params * w, "reward model": frozen(rm_shape, w, zero, n)}
+    else:
+        m = trained(shape, w, zero, n, off, lora_params(shape, r) if rw.lora else shape.params)
+        m["activations"] = activations(shape, w, 2 * rw.batch_size, rw.max_length, rw.gradient_checkpointing,
+                                       logits=False)
+        out["reward"] = m
 
     p = pp.ppo
     seq = p.max_prompt_length + p.max_new_tokens
@@ -147,10 +179,13 @@ def estimate(cfg: Any, processes: int, shape: Shape | None = None) -> dict[str, 
     if not p.lora:
         m["reference"] = frozen(shape, w, zero, n)
     critic = advantage_estimator(p.advantage_estimator).needs_critic
-    if not (critic and p.lora and p.critic_lora and p.critic_from_reward):  # else the critic's base is the RM
-        m["reward model"] = frozen(shape, w, zero, n)
+    # an imported reward model of another vocabulary cannot be the critic: it then starts from the policy
+    from_reward = p.critic_from_reward and (rm_shape is shape or rm_shape.vocab == shape.vocab)
+    if not (critic and p.lora and p.critic_lora and from_reward):  # else the critic's base is the RM
+        m["reward model"] = frozen(rm_shape, w, zero, n)
     if critic:
-        c = trained(shape, w, zero, n, off, lora_params(shape, r) if (p.lora and p.critic_lora) else shape.params)
+        cs = rm_shape if from_reward else shape
+        c = trained(cs, w, zero, n, off, lora_params(cs, r) if (p.lora and p.critic_lora) else cs.params)
         for k in ("weights", "gradients", "optimizer", "cpu"):
             m[k] += c[k]
     train = activations(shape, w, micro, seq, p.gradient_checkpointing)
@@ -166,14 +201,24 @@ def estimate(cfg: Any, processes: int, shape: Shape | None = None) -> dict[str, 
     return out
 
 
+def _nothing() -> dict[str, float]:
+    return {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "activations": 0.0, "cpu": 0.0}
+
+
 GPU_ITEMS = ("weights", "gradients", "optimizer", "reference", "reward model", "activations")
 
 
-def render(cfg: Any, processes: int, shape: Shape, est: dict[str, dict[str, float]]) -> str:
+def render(cfg: Any, processes: int, shape: Shape, est: dict[str, dict[str, float]],
+           rm_shape: Shape | None = None) -> str:
     w = DTYPE_BYTES[cfg.model.dtype]
     lines = [f"model: {shape.params / 1e6:.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, vocabulary "
-             f"{shape.vocab}), {cfg.model.dtype} ({w} bytes/parameter); {processes} process(es), ZeRO-"
-             f"{cfg.deepspeed.zero_stage}{', CPU offload' if cfg.deepspeed.offload else ''}",
+             f"{shape.vocab}){' (sft.import_model)' if cfg.sft.import_model else ''}, {cfg.model.dtype} ({w} "
+             f"bytes/parameter); {processes} process(es), ZeRO-"
+             f"{cfg.deepspeed.zero_stage}{', CPU offload' if cfg.deepspeed.offload else ''}"]
+    if rm_shape is not None and rm_shape is not shape:
+        lines.append(f"reward model (reward.import_model): {rm_shape.params / 1e6:.1f}M parameters ({rm_shape.layers} "
+                     f"layers, hidden {rm_shape.hidden}, vocabulary {rm_shape.vocab})")
+    lines += [
              "estimated memory per process, GiB (the peak of activations, generation and scoring; what is counted: "
              "the README, `rlhf plan`):",
              f"  {'stage':7s} {'weights':>8s} {'grads':>8s} {'optim':>8s} {'frozen':>8s} {'peak act':>9s} "
@@ -198,11 +243,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         shape = model_shape(cfg)
-        est = estimate(cfg, processes, shape)
+        rm_shape = reward_shape(cfg, shape)
+        est = estimate(cfg, processes, shape, rm_shape)
     except (ConfigError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(render(cfg, processes, shape, est))
+    print(render(cfg, processes, shape, est, rm_shape))
     return 0
 
 

@@ -83,3 +83,19 @@ def test_cli_prints_a_table_and_refuses_to_download(tmp_path, capsys):
     assert "0.6M parameters" in out and "TOTAL" in out and all(f"  {s} " in out for s in ("sft", "reward", "ppo"))
     assert main(["plan", str(DEMO), "model.scratch=null", "model.name_or_path=someone/not-cached-model"]) == 2
     assert "downloads nothing" in capsys.readouterr().err
+
+
+def test_imported_models_are_loaded_not_trained_and_a_foreign_reward_model_is_counted_at_its_own_size():
+    rm = plan.Shape(params=7_000_000_000, hidden=4096, layers=32, heads=32, kv_heads=8, vocab=128256)
+    c = cfg("sft.import_model=org/policy", "reward.import_model=org/rm", "deepspeed.zero_stage=3")
+    est = plan.estimate(c, 8, SHAPE, rm)
+    assert est["sft"]["weights"] == 2 * SHAPE.params and est["sft"]["gradients"] == est["sft"]["optimizer"] == 0
+    assert est["reward"]["reward model"] == 2 * rm.params / 8 and est["reward"]["gradients"] == 0
+    assert est["ppo"]["reward model"] == 2 * rm.params / 8
+    # another vocabulary: the critic starts from the policy, at the policy's size
+    trained_by_hand = plan.trained(SHAPE, 2, 3, 8, False, SHAPE.params)
+    assert est["ppo"]["optimizer"] == 2 * trained_by_hand["optimizer"]
+    # the same vocabulary: the critic is the reward model's copy
+    same = plan.Shape(params=7_000_000_000, hidden=4096, layers=32, heads=32, kv_heads=8, vocab=SHAPE.vocab)
+    est = plan.estimate(c, 8, SHAPE, same)
+    assert est["ppo"]["optimizer"] == trained_by_hand["optimizer"] + plan.trained(same, 2, 3, 8, False, same.params)["optimizer"]

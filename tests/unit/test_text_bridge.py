@@ -2,6 +2,8 @@
 what an imported reward model must be (rlhf.imports)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rlhf import imports, models
@@ -65,3 +67,35 @@ def test_an_imported_reward_model_must_be_a_one_output_classifier(family_checkpo
         imports.load_reward_model(str(tmp_path / "two"), "float32", False)
     with pytest.raises(ConfigError, match="cannot be loaded"):
         imports.load_policy(str(tmp_path / "nothing"), "float32", False)
+
+
+def test_an_encoder_reward_model_without_a_score_head_is_read_through_its_own_classifier(tmp_path, family_checkpoints):
+    """A BERT-style classifier (as DeBERTa reward models are): no `score` head, so PPO's per-token
+    read-out does not apply; its own forward gives the reward, on right-padded rows."""
+    import json
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from rlhf.scoring import reward_scores
+
+    demo = Path(__file__).resolve().parents[2] / "reward_data" / "demo" / "sft_train.jsonl"
+    words = sorted({w for line in demo.read_text().splitlines()[:200] for w in json.loads(line)["prompt"].lower().split()})
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), eos_token="[SEP]")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=1))
+    out = tmp_path / "bert_rm"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    rm, rm_tok = imports.load_reward_model(str(out), "float32", False)
+    assert not models.has_score_head(rm)
+    bridge = TextBridge(models.load_tokenizer(str(family_checkpoints["qwen2"])), rm_tok, True)
+    ids, mask = _responses(bridge.policy_tok, [("red", True), ("green blue", False)])
+    rows, rows_mask = bridge.encode(ids, mask, ["list some colors", "name a few colors"])
+    assert rows[0, 0].item() == rm_tok.cls_token_id and rm_tok.sep_token_id in rows[0].tolist()
+    with torch.no_grad():
+        got = reward_scores(rm.eval(), rows, rows_mask)
+        want = rm(input_ids=rows, attention_mask=rows_mask).logits[:, 0]
+    assert torch.allclose(got, want) and got[0] != got[1]
