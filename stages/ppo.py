@@ -47,26 +47,14 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     ckpt_dir, resuming, clock = open_checkpoints(cfg.artifact_dir, PPO, config, data, started)
     distributed.seed_everything(cfg.seed + distributed.rank())
 
-    # a reward model with its own tokenizer (reward.import_model) scores the responses' text
-    bridge, rm_tok = None, tokenizer
-    if rm_art.manifest.get("tokenizer") != tok_fp or not rm_art.manifest.get("model", {}).get("score_head", True):
-        rm_tok = models.load_tokenizer(str(rm_art.path))
-        bridge = TextBridge(tokenizer, rm_tok, rm_art.use_chat_template,
-                            max_positions(AutoConfig.from_pretrained(str(rm_art.path))))
-        say(PPO, f"the reward model {rm_art.path} has its own tokenizer: each response is decoded and re-encoded for "
-                 "it as its reward stage encoded pairs" + (" (its chat template)" if rm_art.use_chat_template and
-                                                           getattr(rm_tok, "chat_template", None) else ""))
+    bridge = _reward_bridge(rm_art, tokenizer, tok_fp)  # a reward model of its own tokenizer scores text
 
     # 2. models: actor from SFT; reference = frozen SFT (or the actor without its adapter);
     #    critic from the RM when the estimator needs one; the RM itself frozen (rlhf.ppo.layout)
     dtype = model_cfg.dtype
-    layout_cfg = ppo_cfg
-    if bridge is not None and ppo_cfg.critic_from_reward and advantage_estimator(ppo_cfg.advantage_estimator).needs_critic:
-        say(PPO, "the critic starts from the policy with a new value head: a reward model of another tokenizer cannot "
-                 "read the policy's tokens (ppo.critic_from_reward applies to a reward model that shares them)")
-        layout_cfg = dataclasses.replace(ppo_cfg, critic_from_reward=False)
-    four = from_artifacts(layout_cfg, model_cfg.lora, dtype, sft_path=str(sft.path), rm_path=str(rm_art.path),
-                          pad_token_id=tokenizer.pad_token_id, rm_pad_token_id=_pad_id(rm_tok))
+    four = from_artifacts(_layout(ppo_cfg, bridge), model_cfg.lora, dtype, sft_path=str(sft.path),
+                          rm_path=str(rm_art.path), pad_token_id=tokenizer.pad_token_id,
+                          rm_pad_token_id=_pad_id(bridge.rm_tok) if bridge is not None else None)
 
     # 3. data -----------------------------------------------------------------------------
     def render(prompt) -> str:
@@ -112,6 +100,28 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
 
 # ppo/samples.jsonl's fields, in the order of W&B's final_samples table
 FINAL_SAMPLE_COLUMNS = ("prompt", "sft_response", "response", "rm_score_sft", "rm_score", "gold_score_sft", "gold_score")
+
+
+def _reward_bridge(rm_art: artifacts.Artifact, tokenizer, tok_fp: dict) -> TextBridge | None:
+    """A TextBridge when the reward artifact's tokenizer is not the policy's (reward.import_model of
+    another family or chat template) or its model has no per-token `score` head; else None."""
+    if rm_art.manifest.get("tokenizer") == tok_fp and rm_art.manifest.get("model", {}).get("score_head", True):
+        return None
+    rm_tok = models.load_tokenizer(str(rm_art.path))
+    templated = rm_art.use_chat_template and getattr(rm_tok, "chat_template", None)
+    say(PPO, f"the reward model {rm_art.path} has its own tokenizer: each response is decoded and re-encoded for it as "
+             "its reward stage encoded pairs" + (" (its chat template)" if templated else ""))
+    return TextBridge(tokenizer, rm_tok, rm_art.use_chat_template,
+                      max_positions(AutoConfig.from_pretrained(str(rm_art.path))))
+
+
+def _layout(ppo_cfg, bridge: TextBridge | None):
+    """The ppo section the models are arranged by: a reward model of another tokenizer cannot be the critic."""
+    if bridge is None or not ppo_cfg.critic_from_reward or not advantage_estimator(ppo_cfg.advantage_estimator).needs_critic:
+        return ppo_cfg
+    say(PPO, "the critic starts from the policy with a new value head: a reward model of another tokenizer cannot "
+             "read the policy's tokens (ppo.critic_from_reward applies to a reward model that shares them)")
+    return dataclasses.replace(ppo_cfg, critic_from_reward=False)
 
 
 def _pad_id(tokenizer) -> int:

@@ -500,3 +500,22 @@ def test_parents_must_be_complete_when_not_built_in_the_run(tmp_path):
     publish_fake(art, "reward", status="running")
     with pytest.raises(ArtifactError, match="status is 'running'"):
         preflight.check(cfg, ["ppo"])
+
+
+# ---------------------------------------------------------------- imported models (sft/reward.import_model)
+
+def test_imported_models_are_checked_and_their_stage_needs_no_training_data(tmp_path):
+    good = model_dir(tmp_path / "m", {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
+                     "model.safetensors", "tokenizer.json")
+    # the SFT stage imports: no sft.train_data, no model.name_or_path or model.scratch needed
+    preflight.check(load_config(None, [f"artifact_dir={tmp_path / 'art'}", f"sft.import_model={good}"]), ["sft"])
+    with pytest.raises(ConfigError, match="sft.import_model=.*does not exist"):
+        preflight.check(load_config(None, [f"artifact_dir={tmp_path / 'art'}",
+                                           f"sft.import_model={tmp_path / 'no' / 'such'}"]), ["sft"])
+    bins = model_dir(tmp_path / "bins", {"model_type": "llama"}, "pytorch_model.bin", "tokenizer.json")
+    with pytest.raises(ConfigError, match="reward.import_model="):
+        preflight.check(demo_cfg(tmp_path, f"reward.import_model={bins}"), ["sft", "reward"])
+    # reward_stats need prompts: the held-out preferences', else PPO's
+    with pytest.raises(ConfigError, match="reward.eval_data, else ppo.train_prompts"):
+        preflight.check(load_config(None, [f"artifact_dir={tmp_path / 'art'}", f"sft.import_model={good}",
+                                           f"reward.import_model={good}"]), ["sft", "reward"])
