@@ -313,6 +313,7 @@ def _read_yaml(p: Path) -> dict:
         raise ConfigError(f"config file {p} cannot be read ({e.strerror or e})") from None
     text = decode_utf8(data, f"config file {p}", ConfigError)
     try:
+        _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), p)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
@@ -322,6 +323,28 @@ def _read_yaml(p: Path) -> dict:
         raise ConfigError(f"{p}: the top level must be a mapping of sections (artifact_dir: ..., model: ..., sft: ...), "
                           f"got a {type(raw).__name__}")
     return raw
+
+
+def _refuse_duplicate_keys(node: Any, p: Path, prefix: str = "") -> None:
+    """ConfigError for a key given twice in one mapping (YAML itself keeps the last one silently: a
+    second `sft:` section would reset every key of the first to its default), naming the dotted key
+    and both lines."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, p, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        line = key_node.start_mark.line + 1
+        if key in seen and key != "<<":
+            what = "section" if isinstance(value_node, yaml.MappingNode) else "key"
+            raise ConfigError(f"{p}: {what} {prefix}{key} is given twice (lines {seen[key]} and {line}); YAML would keep "
+                              f"only the second one{' (the keys of the first would fall back to their defaults)' if what == 'section' else ''}. "
+                              "Merge them into one")
+        seen[key] = line
+        _refuse_duplicate_keys(value_node, p, f"{prefix}{key}.")
 
 
 def _override_value(override: str, value: str) -> Any:

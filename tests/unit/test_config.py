@@ -308,3 +308,18 @@ def test_global_batch_sizes_divide_by_the_process_count():
     accum = load_config(None, [*base, "deepspeed.global_batch_sizes=true", "ppo.grad_accum=32"])
     with pytest.raises(ConfigError, match=r"ppo.grad_accum=32 must divide the per-process mini-batch"):
         per_process(accum, 2)
+
+
+def test_a_key_or_section_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("artifact_dir: out\nsft:\n  epochs: 1\n  batch_size: 4\nppo:\n  kl_coef: 0.1\n  kl_coef: 0.2\n")
+    with pytest.raises(ConfigError, match=r"key ppo.kl_coef is given twice \(lines 6 and 7\)"):
+        load_config(f)
+    f.write_text("sft:\n  epochs: 1\n  batch_size: 4\nppo:\n  kl_coef: 0.1\nsft:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"section sft is given twice \(lines 1 and 6\).*fall back to their defaults"):
+        load_config(f)
+    f.write_text("model:\n  lora:\n    r: 4\n    target_modules: [a, b]\n    r: 8\n")
+    with pytest.raises(ConfigError, match=r"key model.lora.r is given twice \(lines 3 and 5\)"):
+        load_config(f)
+    f.write_text("sft:\n  epochs: 1\nreward:\n  epochs: 1\n")  # the same leaf name in two sections is fine
+    assert load_config(f).reward.epochs == 1
