@@ -25,7 +25,8 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the message says where and how."""
 
 
-def _f(default: Any, help: str, path: bool = False, **kw: Any) -> Any:
+def _f(default: Any, help: str, path: bool | str = False, **kw: Any) -> Any:
+    # path=True: a local path (read relative to the config file) or a hub id; path="local": always a local path
     meta = {"help": help, "path": path}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda d=default: _copy(d), metadata=meta, **kw)
@@ -83,7 +84,7 @@ class ModelConfig:
 class DeepSpeedConfig:
     zero_stage: int = _f(2, "ZeRO stage: 0, 1, 2 or 3")
     offload: bool = _f(False, "offload optimizer state (and parameters under ZeRO-3) to CPU memory")
-    config_file: str | None = _f(None, "a DeepSpeed JSON to use as the base (values derived from this config still win)", path=True)
+    config_file: str | None = _f(None, "a DeepSpeed JSON to use as the base (values derived from this config still win)", path="local")
     global_batch_sizes: bool = _f(False, "false: sft.batch_size, reward.batch_size, ppo.rollout_batch_size and "
                                          "ppo.mini_batch_size count per process (the global batch grows with the "
                                          "process count); true: they count over all processes, each divided by the "
@@ -251,7 +252,7 @@ class VLLMConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    gold_scorer: str | None = _f(None, "path/to/file.py:function mapping (prompt, response) -> float; evaluation only", path=True)
+    gold_scorer: str | None = _f(None, "path/to/file.py:function mapping (prompt, response) -> float; evaluation only", path="local")
     max_new_tokens: int | None = _f(None, "longest response in the final evaluation; default: ppo.max_new_tokens")
     num_prompts: int = _f(128, "held-out prompts used for samples and evaluation")
     every: int | None = _f(None, "PPO updates between held-out evaluations (also at update 0 and the last); "
@@ -265,7 +266,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    artifact_dir: str = _f("artifacts", "shared artifact directory (on a filesystem every node sees)", path=True)
+    artifact_dir: str = _f("artifacts", "shared artifact directory (on a filesystem every node sees)", path="local")
     run_name: str = _f("rlhf", "groups the W&B runs of one pipeline")
     seed: int = _f(0, "random seed")
     force: bool = _f(False, "rerun a stage even when its artifact is complete")
@@ -399,7 +400,7 @@ def _set_dotted(raw: dict, key: str, value: Any, base_dir: Path) -> None:
         f = fields[part]
         if i == len(parts) - 1:
             if f.metadata.get("path") and isinstance(value, str):
-                value = _abs(value, base_dir)
+                value = _abs(value, base_dir, always=f.metadata["path"] == "local")
             node[part] = value
             return
         sub = _dataclass_of(_hints(cls)[part])
@@ -412,13 +413,15 @@ def _set_dotted(raw: dict, key: str, value: Any, base_dir: Path) -> None:
         node, cls = nxt, sub
 
 
-def _abs(value: str, base_dir: Path) -> str:
-    # `path/to/file.py:function` keeps its suffix; a hub id ("org/name", no such local path) stays as given
+def _abs(value: str, base_dir: Path, always: bool = False) -> str:
+    # `path/to/file.py:function` keeps its suffix; a hub id ("org/name", no such local path) stays as given;
+    # `always`: a key that is never a hub id (artifact_dir, deepspeed.config_file, eval.gold_scorer) is
+    # resolved against base_dir whether or not the path exists yet, so a config means one place wherever it is run
     head, colon, tail = value.rpartition(":") if ".py:" in value else (value, "", "")
     p = Path(head).expanduser()
     if p.is_absolute():
         return str(p) + colon + tail
-    if (base_dir / p).exists() or head.startswith(".") or _looks_local(head):
+    if always or (base_dir / p).exists() or head.startswith(".") or _looks_local(head):
         return str((base_dir / p).resolve()) + colon + tail
     return value
 
@@ -440,7 +443,7 @@ def _resolve_paths(cls: type, raw: dict, base_dir: Path, where: str) -> dict:
         if sub is not None and isinstance(v, dict):
             out[k] = _resolve_paths(sub, v, base_dir, f"{where}{k}.")
         elif fields[k].metadata.get("path") and isinstance(v, str):
-            out[k] = _abs(v, base_dir)
+            out[k] = _abs(v, base_dir, always=fields[k].metadata["path"] == "local")
     return out
 
 

@@ -323,3 +323,20 @@ def test_a_key_or_section_given_twice_is_refused_naming_it_and_both_lines(tmp_pa
         load_config(f)
     f.write_text("sft:\n  epochs: 1\nreward:\n  epochs: 1\n")  # the same leaf name in two sections is fine
     assert load_config(f).reward.epochs == 1
+
+
+def test_a_relative_artifact_dir_means_one_place_wherever_the_config_is_run_from(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "c.yaml").write_text("artifact_dir: runs/first\neval:\n  gold_scorer: lib/gold.py:score\n"
+                                 "sft:\n  train_data: org/dataset\n")
+    seen = set()
+    for cwd in (tmp_path, conf, tmp_path / "elsewhere"):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        cfg = load_config(conf / "c.yaml")
+        seen.add((cfg.artifact_dir, cfg.eval.gold_scorer))
+        assert cfg.sft.train_data == "org/dataset", "a hub id stays a hub id"
+    assert seen == {(str(conf / "runs" / "first"), str(conf / "lib" / "gold.py") + ":score")}
+    monkeypatch.chdir(tmp_path)  # on the command line: relative to where it is typed
+    assert load_config(conf / "c.yaml", ["artifact_dir=out/x"]).artifact_dir == str(tmp_path / "out" / "x")
