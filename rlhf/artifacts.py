@@ -222,6 +222,21 @@ def load(path: str | Path, expect_stage: str, tokenizer_fp: dict | None = None, 
     return Artifact(path=path, manifest=manifest)
 
 
+def check_lineage(child: Artifact, parent: Artifact) -> None:
+    """ArtifactError unless `child` was built from `parent` as it is now (its manifest lists the
+    parent's current manifest hash): a reward model trained on an SFT policy that has since been
+    rebuilt or replaced scores another policy's text, with another rendering."""
+    theirs = {p.get("stage"): p.get("manifest_sha256") for p in child.manifest.get("parents", [])}
+    if theirs.get(parent.stage) == sha256_file(parent.path / MANIFEST):
+        return
+    how = ("lists no parent of that stage" if parent.stage not in theirs else
+           f"was built from another {parent.stage} artifact (manifest {str(theirs[parent.stage])[:12]}), not the one in "
+           f"{parent.path} now")
+    raise ArtifactError(f"{child.path} {how}: rebuild it from this {parent.stage} artifact "
+                        f"({REBUILD[child.stage]}; the pipeline does so by itself), or restore the "
+                        f"{parent.stage} artifact it was built from")
+
+
 def build_manifest(stage: str, config: dict, parents: list[Artifact], tokenizer_fp: dict,
                    data: dict, metrics: dict, clock: "StageClock", **extra: Any) -> dict:
     return {

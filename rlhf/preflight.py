@@ -110,8 +110,11 @@ def check_artifact_dir(path: str) -> None:
 
 def check_parents(artifact_dir: str, stages: list[str]) -> None:
     """Every parent a stage needs that this run does not build must be a complete artifact."""
+    loaded = {}
     for parent in dict.fromkeys(p for s in stages for p in PARENTS[s] if p not in stages):
-        artifacts.load(artifacts.stage_dir(artifact_dir, parent), parent)
+        loaded[parent] = artifacts.load(artifacts.stage_dir(artifact_dir, parent), parent)
+    if REWARD in loaded and SFT in loaded:  # PPO alone: its reward model must come from this SFT policy
+        artifacts.check_lineage(loaded[REWARD], loaded[SFT])
 
 
 # ---------------------------------------------------------------- rollout engine

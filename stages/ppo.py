@@ -34,6 +34,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     tokenizer = models.load_tokenizer(str(sft.path))
     tok_fp = artifacts.tokenizer_fingerprint(tokenizer)
     rm_art = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, REWARD), REWARD)
+    artifacts.check_lineage(rm_art, sft)
     data = artifacts.data_fingerprint({"train_prompts": train_src, "eval_prompts": ppo_cfg.eval_prompts})
     done = skip_if_up_to_date(cfg.artifact_dir, PPO, config, [sft, rm_art], cfg.force, data)
     if done:

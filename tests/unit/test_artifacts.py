@@ -441,3 +441,20 @@ def test_resume_point(tmp_path):
     assert A.resume_point(tmp_path, PPO) is None and A.stage_state(tmp_path, PPO) == "partial"
     (ppo / "state.json").write_text(json.dumps({"update": 5}))
     assert A.resume_point(tmp_path, PPO) == "update 5"
+
+
+def test_a_reward_model_built_on_another_sft_artifact_is_refused_by_ppo_run_alone(tmp_path):
+    from rlhf import preflight
+
+    sft = publish(tmp_path, SFT)
+    rm = publish(tmp_path, REWARD, parents=[sft])
+    A.check_lineage(rm, sft)
+    preflight.check_parents(str(tmp_path), [PPO])
+    sft2 = publish(tmp_path, SFT, text="retrained")  # SFT rebuilt; the reward model was not
+    with pytest.raises(ArtifactError, match="was built from another sft artifact"):
+        A.check_lineage(A.load(rm.path, REWARD), sft2)
+    with pytest.raises(ArtifactError, match=r"was built from another sft artifact .*rebuild it"):
+        preflight.check_parents(str(tmp_path), [PPO])
+    orphan = publish(tmp_path, REWARD)  # no parents recorded at all
+    with pytest.raises(ArtifactError, match="lists no parent of that stage"):
+        A.check_lineage(orphan, sft2)
