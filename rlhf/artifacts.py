@@ -511,29 +511,106 @@ class StageClock:
         os.replace(tmp, self.path)
 
 
-def hf_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+CKPT_SEAL = "rlhf_checkpoint.json"  # in an HF checkpoint-N: its files' sizes, written after they reach the disk
+
+
+def seal(root: Path, dirs: list[Path]) -> dict[str, int]:
+    """Flush every file under `dirs` to the disk (fsync) and return {path relative to `root`: bytes}:
+    what a checkpoint must hold to be trusted. Written after the files, a seal names a checkpoint
+    complete; a crash that tears a file (the page cache lost, an empty optimizer file) leaves a file
+    whose size disagrees with it, or no seal."""
+    sizes = {}
+    for d in dirs:
+        for f in sorted(x for x in Path(d).rglob("*") if x.is_file()):
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+            sizes[f.relative_to(root).as_posix()] = f.stat().st_size
+    return sizes
+
+
+def write_durably(path: Path, text: str) -> None:
+    """`text` into `path` atomically (a temporary sibling renamed into place), flushed to the disk."""
+    tmp = path.with_name(path.name + ".part")
+    with tmp.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def seal_problems(root: Path, sizes: dict | None) -> list[str]:
+    """Why a sealed checkpoint under `root` cannot be trusted ([] when every file has its size)."""
+    if not sizes:
+        return ["no seal (written by an interrupted save, or by an older version)"]
+    problems = []
+    for rel, size in sizes.items():
+        f = root / rel
+        if not f.is_file():
+            problems.append(f"{rel} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{rel} has {f.stat().st_size} bytes, {size} were written")
+    return problems
+
+
+def hf_checkpoints(ckpt_dir: Path, verified: bool = True) -> list[tuple[int, Path]]:
     """(step, path) of each `checkpoint-N` the HF trainer wrote completely (its trainer_state.json
-    exists), oldest first."""
+    exists) and, with `verified`, whose seal holds (checkpoint_problems), oldest first."""
     found = []
     for p in Path(ckpt_dir).glob("checkpoint-*"):
         step = p.name[len("checkpoint-"):]
-        if step.isdigit() and (p / "trainer_state.json").is_file():
+        if step.isdigit() and (p / "trainer_state.json").is_file() and not (verified and checkpoint_problems(p)):
             found.append((int(step), p))
     return sorted(found)
 
 
+def checkpoint_problems(path: Path) -> list[str]:
+    """Why the HF checkpoint `path` cannot be resumed from ([] when its seal holds)."""
+    try:
+        sizes = json.loads((path / CKPT_SEAL).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        sizes = None
+    return seal_problems(path, sizes)
+
+
+def ppo_states(ckpt_dir: Path) -> list[tuple[Path, dict, list[str]]]:
+    """PPO's checkpoints, newest first: (state file, its state or {}, why it cannot be trusted). PPO
+    keeps the last two: state.json and state.prev.json, each naming its engines' tag and sizes."""
+    out = []
+    for name in ("state.json", "state.prev.json"):
+        f = Path(ckpt_dir) / name
+        if not f.is_file():
+            continue
+        try:
+            state = json.loads(f.read_text())
+            problems = seal_problems(Path(ckpt_dir), state["files"]) if "files" in state else []
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            state, problems = {}, [f"{name} is unreadable ({type(e).__name__})"]
+        out.append((f, state, problems))
+    return out
+
+
 def resume_point(artifact_dir: str | Path, stage: str) -> str | None:
     """Where a re-run of an unfinished stage continues ("update 5", "step 40"), or None when it
-    has no complete checkpoint (a re-run starts over)."""
+    has no usable checkpoint (a re-run starts over). Damaged checkpoints are passed over, as the
+    re-run passes over them (damaged_checkpoints says which)."""
     ckpt = checkpoint_dir(artifact_dir, stage)
-    state = ckpt / "state.json"  # PPO: written last, after both engines' checkpoints
-    if state.is_file():
-        try:
-            return f"update {json.loads(state.read_text())['update']}"
-        except (ValueError, KeyError):
-            return None
+    states = ppo_states(ckpt)
+    if states:
+        good = [s for _, s, problems in states if not problems and "update" in s]
+        return f"update {good[0]['update']}" if good else None
     found = hf_checkpoints(ckpt)
     return f"step {found[-1][0]}" if found else None
+
+
+def damaged_checkpoints(artifact_dir: str | Path, stage: str) -> list[str]:
+    """'NAME: problem' of each checkpoint a re-run of `stage` will pass over."""
+    ckpt = checkpoint_dir(artifact_dir, stage)
+    out = [f"{f.name}: {problems[0]}" for f, _, problems in ppo_states(ckpt) if problems]
+    for _, p in hf_checkpoints(ckpt, verified=False):
+        problems = checkpoint_problems(p)
+        if problems:
+            out.append(f"{p.name}: {problems[0]}")
+    return out
 
 
 def leftovers(artifact_dir: str | Path, stage: str) -> list[Path]:

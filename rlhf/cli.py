@@ -315,8 +315,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                      f"rebuild with force=true ({artifacts.REBUILD[stage]})")
         elif state == "partial":
             point = artifacts.resume_point(d, stage)
+            bad = artifacts.damaged_checkpoints(d, stage)
             line += (f"  (resumable from {point}: re-run the same command to continue)" if point
+                     else "  (no usable checkpoint: a re-run starts the stage over)" if bad
                      else "  (started, no checkpoint yet: a re-run starts the stage over)")
+            if bad:
+                line += f"  (a re-run passes over the damaged checkpoint{'s' if len(bad) > 1 else ''} {'; '.join(bad)})"
             left = artifacts.leftovers(d, stage)
             if left:
                 line += f"  (an interrupted publish left {', '.join(str(p) for p in left)}; the next run removes it)"

@@ -3,6 +3,8 @@ training arguments from the stage config, metric forwarding, resume, and the
 collective save that precedes a publish."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +51,37 @@ def trainer_kwargs(stage_cfg: SFTStageConfig | RewardStageConfig, *, output_dir:
     )
 
 
-def last_checkpoint(ckpt_dir: Path) -> tuple[str, int] | tuple[None, None]:
-    """(path, step) of the newest `checkpoint-N` written completely, or (None, None)."""
+def last_checkpoint(ckpt_dir: Path, stage: str) -> tuple[str, int] | tuple[None, None]:
+    """(path, step) of the newest `checkpoint-N` whose seal holds, or (None, None). A newer one that
+    is damaged (a torn file, no seal) is passed over, said, and renamed `checkpoint-N.damaged` by
+    rank 0, so that training from the older one writes its own checkpoint-N afresh."""
+    from rlhf.stage_io import say
+
     found = artifacts.hf_checkpoints(ckpt_dir)
-    return (str(found[-1][1]), found[-1][0]) if found else (None, None)
+    newest = found[-1][0] if found else -1
+    for step, p in artifacts.hf_checkpoints(ckpt_dir, verified=False):
+        problems = artifacts.checkpoint_problems(p)
+        if step > newest and problems:
+            say(stage, f"passing over {p.name}, which cannot be trusted: {'; '.join(problems[:3])}")
+            if distributed.is_main():
+                os.replace(p, p.with_name(p.name + ".damaged"))
+    if not found:
+        return None, None
+    return str(found[-1][1]), found[-1][0]
+
+
+def seal_checkpoint(args: Any, state: Any) -> None:
+    """After the trainer's collective save of checkpoint-N: rank 0 flushes its files to the disk and
+    writes their sizes into its seal (artifacts.seal), which resume requires."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank's shards written
+    if state.is_world_process_zero:
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if path.is_dir():
+            sizes = artifacts.seal(path, [path])
+            artifacts.write_durably(path / artifacts.CKPT_SEAL, json.dumps({"files": sizes}))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 class TrackerCallback(TrainerCallback):
@@ -63,6 +92,7 @@ class TrackerCallback(TrainerCallback):
         self.ended = False
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001 - HF signature
+        seal_checkpoint(args, state)
         if self.tracker.clock is not None:
             self.tracker.clock.tick(force=True)
         faults.point("checkpoint:saved")

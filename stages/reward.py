@@ -75,7 +75,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     args = RewardConfig(**trainer_kwargs(reward_cfg, output_dir=ckpt_dir, ds_config=ds_config, seed=cfg.seed, dtype=model_cfg.dtype),
                         center_rewards_coefficient=reward_cfg.center_rewards_coefficient, disable_dropout=True,
                         remove_unused_columns=False)
-    resume_from, resume_step = last_checkpoint(ckpt_dir) if resuming else (None, None)
+    resume_from, resume_step = last_checkpoint(ckpt_dir, REWARD) if resuming else (None, None)
     tracker = Tracker(cfg.artifact_dir, REWARD, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
                       resume_step=resume_step, clock=clock)
     trainer = WeightedRewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,

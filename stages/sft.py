@@ -102,7 +102,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     args = SFTConfig(**trainer_kwargs(sft_cfg, output_dir=ckpt_dir, ds_config=ds_config, seed=cfg.seed,
                                       dtype=model_cfg.dtype),
                      completion_only_loss=True, packing=sft_cfg.packing, dataset_num_proc=None)
-    resume_from, resume_step = last_checkpoint(ckpt_dir) if resuming else (None, None)
+    resume_from, resume_step = last_checkpoint(ckpt_dir, SFT) if resuming else (None, None)
     tracker = Tracker(cfg.artifact_dir, SFT, cfg.run_name, config, cfg.wandb, enabled=distributed.is_main(),
                       resume_step=resume_step, clock=clock)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from rlhf import distributed, faults
+from rlhf import artifacts, distributed, faults
 from rlhf.artifacts import PPO as STAGE
 from rlhf.config import ConfigError, EvalConfig
 from rlhf.distributed import distinct_count
@@ -114,10 +114,12 @@ class PPORun:
     def _checkpoint(self, stream: PromptStream) -> None:
         self.trainer.save(self.ckpt_dir, stream, extra={"selector": self.selector.state_dict(),
                                                               "best_of_n": self.best_of_n})
-        if distributed.is_main():  # best-policy files of updates the checkpoint no longer refers to
-            keep = self._best_path(self.selector.best_update) if self.selector.best_update is not None else None
+        if distributed.is_main():  # best-policy files of updates neither kept checkpoint refers to
+            referenced = {self.selector.best_update} | {((s.get("extra") or {}).get("selector") or {}).get("best_update")
+                                                        for _, s, _ in artifacts.ppo_states(self.ckpt_dir)}
+            keep = {self._best_path(u) for u in referenced if u is not None}
             for f in (self.ckpt_dir / "best").glob("update-*.safetensors"):
-                if f != keep:
+                if f not in keep:
                     f.unlink(missing_ok=True)
 
     def _select(self) -> None:

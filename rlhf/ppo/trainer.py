@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf import distributed, engines, faults
+from rlhf import artifacts, distributed, engines, faults
 from rlhf.artifacts import ArtifactError
 from rlhf.config import DeepSpeedConfig, PPOStageConfig, loss_aggregation
 from rlhf.distributed import all_gather_objects, all_max, all_mean
@@ -592,25 +592,40 @@ class PPOTrainer:
         all_rng = all_gather_objects(rng)
         distributed.barrier()
         if distributed.is_main():
+            names = sorted(self._trained())
             state = {"tag": tag, "update": self.update, "kl_ctl": self.kl_ctl.state_dict(),
                      "processes": self.plan.world, "engine_zero_stage": self.ds.zero_stage,
-                     "engines": sorted(self._trained()), "prompt_position": stream.position, "rng": all_rng,
-                     "extra": extra or {}}
-            tmp = ckpt_dir / "state.json.part"
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, ckpt_dir / "state.json")  # a checkpoint counts only once this exists
+                     "engines": names, "prompt_position": stream.position, "rng": all_rng,
+                     "extra": extra or {},
+                     # the engines' files flushed to the disk, their sizes checked before a resume trusts them
+                     "files": artifacts.seal(ckpt_dir, [ckpt_dir / n / tag for n in names])}
+            current = ckpt_dir / "state.json"
+            if current.is_file():  # the previous checkpoint stays, to fall back on if this one is torn
+                os.replace(current, ckpt_dir / "state.prev.json")
+            artifacts.write_durably(current, json.dumps(state))  # a checkpoint counts only once this exists
             faults.point("checkpoint:saved")
-            for name in self._trained():
+            keep = {tag} | {s.get("tag") for f, s, _ in artifacts.ppo_states(ckpt_dir)}
+            for name in names:
                 for old in (ckpt_dir / name).glob("update-*"):
-                    if old.name != tag:
+                    if old.name not in keep:
                         shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
 
     def load(self, ckpt_dir: Path, stream: PromptStream) -> bool:
-        f = ckpt_dir / "state.json"
-        if not f.is_file():
+        """Collective: the newest checkpoint whose files match their sizes (artifacts.ppo_states), a
+        damaged newer one passed over and said; False when there is none to resume from."""
+        from rlhf.stage_io import say
+
+        states = artifacts.ppo_states(ckpt_dir)
+        for f, _, problems in states:
+            if problems:
+                say("ppo", f"passing over the checkpoint of {f.name}, which cannot be trusted: {'; '.join(problems[:3])}")
+        usable = [s for _, s, problems in states if not problems]
+        if not usable:
+            if states:
+                say("ppo", "no checkpoint can be trusted: PPO starts over")
             return False
-        state = json.loads(f.read_text())
+        state = usable[0]
         layout = (state.get("processes", self.plan.world), state.get("engine_zero_stage", self.ds.zero_stage))
         if layout != (self.plan.world, self.ds.zero_stage):
             raise ArtifactError(f"{ckpt_dir}: this PPO checkpoint was written by {layout[0]} process(es) with engines at "

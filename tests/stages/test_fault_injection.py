@@ -190,3 +190,52 @@ def test_full_disk_while_publishing_publishes_nothing_and_a_rerun_completes(tmp_
     assert not (d / "sft").exists()
     _finish(cmd)
     assert manifest(d, "sft")["status"] == "complete"
+
+
+def _status(d) -> dict[str, str]:
+    out = subprocess.run([sys.executable, "-m", "rlhf.cli", "status", "--artifact-dir", str(d)], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True).stdout
+    return {ln.split()[0]: ln for ln in out.splitlines() if ln.strip()}
+
+
+def test_a_torn_newest_checkpoint_is_passed_over_and_the_re_run_resumes_from_the_one_before(tmp_path):
+    """An empty file in the newest checkpoint (a crash before the page cache was flushed): the
+    re-run resumes from the previous checkpoint, says so, and finishes; `rlhf status` tells which
+    checkpoint is usable, before and after. SFT (an HF trainer checkpoint) and PPO (its own)."""
+    d = tmp_path / "run"
+    extra = small(tmp_path)
+    # SFT killed after its 3rd checkpoint (steps 5, 10, 15; two are kept)
+    killed, _ = _run(_cmd("sft.py", d, extra), fault="checkpoint:saved@3")
+    assert killed.returncode == -signal.SIGKILL
+    ckpt = d / "checkpoints" / "sft"
+    newest = ckpt / "checkpoint-15"
+    optim = next(f for f in newest.rglob("*optim_states.pt"))
+    optim.write_bytes(b"")
+    line = _status(d)["sft"]
+    assert "resumable from step 10" in line and "checkpoint-15" in line and "0 bytes" in line, line
+    proc, _ = _run(_cmd("sft.py", d, extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "passing over checkpoint-15" in proc.stdout and "resuming from" in proc.stdout, proc.stdout
+    assert "checkpoint-10" in proc.stdout.split("resuming from", 1)[1].splitlines()[0]
+    assert manifest(d, "sft")["metrics"]["train_steps"] == 20
+    ok_rm = _run(_cmd("rm.py", d, extra))[0]
+    assert ok_rm.returncode == 0, ok_rm.stderr[-3000:]
+
+    # PPO, killed after its 3rd checkpoint (updates 1, 2, 3; state.json and state.prev.json kept)
+    killed, _ = _run(_cmd("ppo.py", d, extra), fault="checkpoint:saved@3")
+    assert killed.returncode == -signal.SIGKILL
+    pckpt = d / "checkpoints" / "ppo"
+    state = json.loads((pckpt / "state.json").read_text())
+    assert state["update"] == 3 and json.loads((pckpt / "state.prev.json").read_text())["update"] == 2
+    victim = next(iter(state["files"]))
+    (pckpt / victim).write_bytes(b"")
+    line = _status(d)["ppo"]
+    assert "resumable from update 2" in line and "state.json" in line, line
+    proc, _ = _run(_cmd("ppo.py", d, extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "passing over the checkpoint of state.json" in proc.stdout and "resuming from update 2" in proc.stdout
+    m = manifest(d, "ppo")
+    assert m["metrics"]["updates"] == 4
+    rows = [json.loads(x) for x in (d / "metrics" / "ppo.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "objective/kl" in r]
+    assert steps == sorted(set(steps)), "no update logged twice after resuming from the older checkpoint"

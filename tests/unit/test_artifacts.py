@@ -427,20 +427,48 @@ def test_layout_and_fingerprints(tmp_path):
     assert A.sha256_json({"a": 1, "b": 2}) == A.sha256_json({"b": 2, "a": 1})
 
 
-def test_resume_point(tmp_path):
+def _hf_checkpoint(ckpt: Path, step: int, sealed: bool = True) -> Path:
+    p = ckpt / f"checkpoint-{step}"
+    (p / "global_step").mkdir(parents=True)
+    (p / "trainer_state.json").write_text("{}")
+    (p / "global_step" / "optim_states.pt").write_bytes(b"x" * 100)
+    if sealed:
+        A.write_durably(p / A.CKPT_SEAL, json.dumps({"files": A.seal(p, [p])}))
+    return p
+
+
+def test_resume_point_trusts_only_sealed_checkpoints_and_falls_back_past_a_torn_one(tmp_path):
     assert A.resume_point(tmp_path, PPO) is None
     ckpt = A.checkpoint_dir(tmp_path, SFT)
-    (ckpt / "checkpoint-20").mkdir(parents=True)
-    (ckpt / "checkpoint-20" / "trainer_state.json").write_text("{}")
-    (ckpt / "checkpoint-40").mkdir()  # not written completely: ignored
+    _hf_checkpoint(ckpt, 20)
+    (ckpt / "checkpoint-40").mkdir()  # not written completely (no trainer_state.json): ignored
     assert A.resume_point(tmp_path, SFT) == "step 20"
     assert A.stage_state(tmp_path, SFT) == "partial"
+    _hf_checkpoint(ckpt, 60, sealed=False)  # the save was interrupted before its seal
+    assert A.resume_point(tmp_path, SFT) == "step 20"
+    torn = _hf_checkpoint(ckpt, 80)
+    assert A.resume_point(tmp_path, SFT) == "step 80"
+    (torn / "global_step" / "optim_states.pt").write_bytes(b"")  # what a crash before the flush leaves
+    assert A.resume_point(tmp_path, SFT) == "step 20"
+    assert A.damaged_checkpoints(tmp_path, SFT) == [
+        "checkpoint-60: no seal (written by an interrupted save, or by an older version)",
+        "checkpoint-80: global_step/optim_states.pt has 0 bytes, 100 were written"]
+
     ppo = A.checkpoint_dir(tmp_path, PPO)
-    ppo.mkdir(parents=True)
+    (ppo / "actor" / "update-5").mkdir(parents=True)
     (ppo / "stage_config.json").write_text("{}")
     assert A.resume_point(tmp_path, PPO) is None and A.stage_state(tmp_path, PPO) == "partial"
-    (ppo / "state.json").write_text(json.dumps({"update": 5}))
+    (ppo / "actor" / "update-5" / "model.pt").write_bytes(b"y" * 10)
+    (ppo / "state.prev.json").write_text(json.dumps({"update": 5, "files": A.seal(ppo, [ppo / "actor" / "update-5"])}))
+    (ppo / "actor" / "update-10").mkdir()
+    (ppo / "actor" / "update-10" / "model.pt").write_bytes(b"z" * 10)
+    (ppo / "state.json").write_text(json.dumps({"update": 10, "files": A.seal(ppo, [ppo / "actor" / "update-10"])}))
+    assert A.resume_point(tmp_path, PPO) == "update 10"
+    (ppo / "actor" / "update-10" / "model.pt").unlink()
     assert A.resume_point(tmp_path, PPO) == "update 5"
+    assert A.damaged_checkpoints(tmp_path, PPO) == ["state.json: actor/update-10/model.pt is missing"]
+    (ppo / "actor" / "update-5" / "model.pt").write_bytes(b"")
+    assert A.resume_point(tmp_path, PPO) is None
 
 
 def test_a_reward_model_built_on_another_sft_artifact_is_refused_by_ppo_run_alone(tmp_path):
