@@ -28,4 +28,32 @@ else
   fi
   args+=(--num_gpus "$NUM_GPUS")
 fi
-exec "$python" -m deepspeed.launcher.runner "${args[@]}" "$here/$stage_py" --config "$config" "$@"
+# The launcher and its ranks run in a process group of their own (set -m), which a stop signal reaches
+# as a whole: SIGTERM (a batch scheduler's stop), SIGINT (Ctrl-C) or SIGHUP sent to this script is
+# passed on as SIGTERM to every process of the stage; each rank stops at once (nothing is published,
+# the artifact directory's lock is released) and the stage resumes from its last checkpoint when re-run.
+# Whatever is still running RLHF_STOP_GRACE seconds later (default 20) is killed.
+grace="${RLHF_STOP_GRACE:-20}"
+set -m
+"$python" -m deepspeed.launcher.runner "${args[@]}" "$here/$stage_py" --config "$config" "$@" &
+pid=$!
+stop() {
+  trap '' TERM INT HUP
+  echo "[launcher] $1: stopping every process of the stage (SIGTERM; SIGKILL after ${grace}s)" >&2
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  (sleep "$grace"; kill -KILL -- "-$pid" 2>/dev/null) &
+  watchdog=$!
+  wait "$pid" 2>/dev/null || true
+  for ((i = 0; i < (grace + 5) * 5; i++)); do  # its ranks, reparented when the launcher is gone
+    kill -0 -- "-$pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -KILL -- "-$watchdog" 2>/dev/null || true  # it ignores TERM, as this trap does
+  exit "$2"
+}
+trap 'stop SIGTERM 143' TERM
+trap 'stop SIGINT 130' INT
+trap 'stop SIGHUP 129' HUP
+rc=0
+wait "$pid" || rc=$?
+exit "$rc"

@@ -75,6 +75,9 @@ def run_pipeline(config: str, overrides: list[str]) -> int:
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from rlhf.stage_io import Stopped, stop_on_signals
+
+    stop_on_signals()  # SIGTERM/SIGHUP: the running stage is stopped, then the lock released (_run_stage)
     try:
         for stage, launcher in STAGE_LAUNCHERS.items():
             cmd = _stage_command(launcher, config, overrides, lock.token)
@@ -82,7 +85,13 @@ def run_pipeline(config: str, overrides: list[str]) -> int:
             print(f"== {stage}: {' '.join(cmd)}\n   log: {log}", flush=True)
             started = time.time()
             output = StageOutput(stage, log)
-            rc = _run_stage(cmd, output)
+            try:
+                rc = _run_stage(cmd, output)
+            except (Stopped, KeyboardInterrupt) as e:
+                name = str(e) if isinstance(e, Stopped) else "SIGINT"
+                print(f"stopped by {name} during the {stage} stage: nothing of it was published; re-run the same "
+                      f"command to go on (`rlhf status --artifact-dir {art_dir}` says from where)", file=sys.stderr)
+                return 128 + (e.signum if isinstance(e, Stopped) else 2)
             if rc != 0:
                 _report_failure(output, rc, time.time() - started)
                 return rc
@@ -126,12 +135,38 @@ def _run_stage(cmd: list[str], output: "StageOutput") -> int:
         print(f"error: cannot start {cmd[0]} ({e.strerror or e}); the stage launchers (launch/*.sh) need bash "
               "on PATH", file=sys.stderr)
         return 2
-    with proc.stdout:
-        for line in proc.stdout:
-            output.add(line)
-    rc = proc.wait()
-    output.close()
+    try:
+        with proc.stdout:
+            for line in proc.stdout:
+                output.add(line)
+        rc = proc.wait()
+    except BaseException:  # a stop signal (rlhf.stage_io.Stopped, Ctrl-C): the stage stops first
+        _stop_stage(proc, output)
+        raise
+    finally:
+        output.close()
     return rc
+
+
+def _stop_stage(proc: subprocess.Popen, output: "StageOutput") -> None:
+    """SIGTERM to a stage's launcher (launch/_stage.sh passes it to every process of the stage and
+    kills what remains after RLHF_STOP_GRACE seconds); wait for it, its last lines kept."""
+    import signal
+
+    grace = float(os.environ.get("RLHF_STOP_GRACE") or 20)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=grace + 10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except ProcessLookupError:
+        pass
+    try:
+        for line in proc.stdout or ():
+            output.add(line)
+    except (OSError, ValueError):
+        pass
 
 
 # a tqdm progress bar's text: "[desc: ] 45%|####  | 108/240 [00:12<00:15, 8.1it/s, kl=2.1, score=0.9]"
@@ -436,6 +471,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `rlhf status ... | head -1`: the reader has gone; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlhf", description="Three-stage RLHF pipeline: SFT -> reward model -> PPO.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in demo task (CPU is enough)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,61 @@ from rlhf.config import ConfigError
 from rlhf.data import DataError
 
 USER_ERRORS = (ConfigError, DataError, ArtifactError)
+
+
+class Stopped(BaseException):
+    """A stop signal (SIGTERM, SIGHUP; SIGINT arrives as KeyboardInterrupt) reached this process:
+    raised where the process is, so the lock is released on the way out and nothing after that
+    point (a publish) happens. A BaseException, so no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise Stopped in this process from now on (Python's default ends it at once,
+    without running a single `finally`)."""
+    def handler(signum: int, frame: Any) -> None:
+        # once: the launcher passes the group's signal on to its ranks a second time, which must not
+        # interrupt the way out (the lock's release)
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def watch_launcher(every: float = 1.0) -> None:
+    """Under DeepSpeed's launcher, stop this rank (as SIGTERM would) once the launcher or the
+    `deepspeed` runner above it is gone: the runner installs no signal handler for a run on one node,
+    so a SIGTERM sent to `deepspeed launch/<stage>.py` ends it alone and the ranks would train on,
+    and publish, with nobody waiting (launch/_stage.sh signals the whole group instead)."""
+    import threading
+
+    import psutil
+
+    try:
+        launcher = psutil.Process(os.getppid())
+        if "deepspeed.launcher.launch" not in " ".join(launcher.cmdline()):
+            return
+        watched = [launcher] + [p for p in [launcher.parent()] if p is not None and p.pid > 1]
+    except psutil.Error:
+        return
+
+    def alive(p: Any) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def watch() -> None:
+        while all(alive(p) for p in watched):
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="rlhf-launcher-watch", daemon=True).start()
 
 
 def say(stage: str, msg: str) -> None:
@@ -116,6 +172,8 @@ def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -
     args = ap.parse_args(argv)
     started = time.time()
     lock, cfg = None, None
+    stop_on_signals()
+    watch_launcher()
     try:
         cfg = load_config(args.config, args.overrides)
         preflight.check(cfg, [stage])  # inputs, parents, DeepSpeed JSON, dtype, artifact_dir: before any work
@@ -128,6 +186,13 @@ def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -
     except USER_ERRORS as e:
         print(f"[{stage}] error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (Stopped, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        if distributed.is_main():
+            point = artifacts.resume_point(cfg.artifact_dir, stage) if cfg else None
+            print(f"[{stage}] stopped by {signal.Signals(signum).name}: nothing was published; re-run the same command "
+                  f"to {'resume from ' + point if point else 'start the stage again'}", file=sys.stderr, flush=True)
+        return 128 + signum
     except OSError as e:  # a full disk, a directory made read-only, a quota: the user's to fix
         if e.errno not in _STORAGE_ERRNOS:
             raise

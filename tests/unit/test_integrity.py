@@ -139,6 +139,8 @@ def test_resume_on_another_number_of_processes_is_refused_with_how_to_go_on(tmp_
     A.prepare_checkpoints(tmp_path, SFT, cfg, processes=2)
     (ckpt / "checkpoint-40").mkdir()
     (ckpt / "checkpoint-40" / "trainer_state.json").write_text("{}")
+    p = ckpt / "checkpoint-40"
+    A.write_durably(p / A.CKPT_SEAL, json.dumps({"files": A.seal(p, [p])}))  # a checkpoint a resume trusts
     with pytest.raises(ArtifactError) as e:
         A.prepare_checkpoints(tmp_path, SFT, cfg, processes=1)
     msg = str(e.value)
