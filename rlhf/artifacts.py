@@ -156,11 +156,29 @@ def file_checksums(directory: str | Path) -> dict[str, dict]:
 _HASHED: set[tuple[str, int, int]] = set()  # (file, size, mtime_ns) whose sha256 matched in this process
 
 
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def files_digest(files: dict) -> str:
+    """The sha256 of a manifest's file list, kept beside it: an edit of the list (an entry removed
+    to silence a check) shows."""
+    return sha256_json(files)
+
+
 def damaged_files(path: str | Path, manifest: dict, hashes: bool = False) -> list[str]:
-    """What is wrong with the files the manifest lists (missing, wrong size; with `hashes`, wrong
-    sha256), one line each; [] when intact or when the manifest predates file checksums."""
+    """What is wrong with the artifact's files, one line each ([] when intact): no file list, a list
+    edited since the publish (its digest), no model weights listed, a listed file missing or of
+    another size, and with `hashes` another sha256."""
     root, problems = Path(path), []
-    for rel, want in (manifest.get("files") or {}).items():
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return [f"{root / MANIFEST}: lists no files with checksums (edited, or published by a version before "
+                "them), so nothing can vouch for the weights"]
+    if manifest.get("files_sha256") != files_digest(files):
+        return [f"{root / MANIFEST}: its file list was changed after the publish (files_sha256 does not match)"]
+    if not any(w in files for w in WEIGHTS):
+        problems.append(f"{root / MANIFEST}: lists no model weights ({' or '.join(WEIGHTS)})")
+    for rel, want in files.items():
         f = root / rel
         try:
             st = f.stat()
@@ -266,7 +284,8 @@ def publish(artifact_dir: str | Path, stage: str, staged: Path, manifest: dict) 
     """Publish the fully written directory `staged` as `DIR/<stage>`: the manifest goes in
     last, then one rename puts it in place (an older artifact is swapped out first)."""
     final = stage_dir(artifact_dir, stage)
-    manifest = {**manifest, "files": file_checksums(staged)}
+    files = file_checksums(staged)
+    manifest = {**manifest, "files": files, "files_sha256": files_digest(files)}
     manifest_tmp = staged / (MANIFEST + ".part")
     manifest_tmp.write_text(json.dumps(manifest, indent=2, default=str))
     os.replace(manifest_tmp, staged / MANIFEST)

@@ -340,9 +340,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             line += f"  ({m.get('duration_s', 0):.0f}s{f' over {runs} runs' if runs > 1 else ''})  {figures}"
             if m.get("imported"):
                 line += f"  {artifacts.origin(m)}"
-            if "files" not in m:
-                line += "  (no file checksums: published by an older version)"
-            elif args.verify:
+            if args.verify:
                 line += f"  ({len(m['files'])} files verified)"
         elif state == "damaged":
             damaged_any = True

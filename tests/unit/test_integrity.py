@@ -58,11 +58,34 @@ def test_missing_file_and_old_manifests(tmp_path):
     (tmp_path / "sft" / "model.safetensors").unlink()
     with pytest.raises(ArtifactError, match="missing"):
         A.load(tmp_path / "sft", SFT)
-    publish(tmp_path, REWARD)
-    m = json.loads((tmp_path / "reward" / MANIFEST).read_text())
-    del m["files"]  # written before checksums existed: accepted as it is
-    (tmp_path / "reward" / MANIFEST).write_text(json.dumps(m))
-    assert A.load(tmp_path / "reward", REWARD).stage == REWARD
+
+
+
+def test_an_edited_manifest_cannot_switch_the_checks_off(tmp_path):
+    """Removing a file's entry (or the whole list) from the manifest, then the file itself, does
+    not make a damaged artifact pass: the list carries its own digest, and no list is no proof."""
+    def edit(change) -> None:
+        publish(tmp_path, REWARD)
+        m = json.loads((tmp_path / "reward" / MANIFEST).read_text())
+        change(m)
+        (tmp_path / "reward" / MANIFEST).write_text(json.dumps(m))
+        (tmp_path / "reward" / "model.safetensors").unlink()
+
+    edit(lambda m: m["files"].pop("model.safetensors"))
+    with pytest.raises(ArtifactError, match="file list was changed after the publish"):
+        A.load(tmp_path / "reward", REWARD)
+    assert A.stage_state(tmp_path, REWARD) == "damaged"
+    edit(lambda m: m.pop("files"))
+    with pytest.raises(ArtifactError, match="lists no files with checksums"):
+        A.load(tmp_path / "reward", REWARD)
+    assert A.stage_state(tmp_path, REWARD) == "damaged"
+
+    def recomputed(m: dict) -> None:  # the list and its digest both rewritten, without the weights
+        m["files"].pop("model.safetensors")
+        m["files_sha256"] = A.files_digest(m["files"])
+    edit(recomputed)
+    with pytest.raises(ArtifactError, match="lists no model weights"):
+        A.load(tmp_path / "reward", REWARD)
 
 
 # ---------------------------------------------------------------- interrupted publish

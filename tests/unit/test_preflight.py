@@ -481,7 +481,17 @@ def test_gold_scorer_is_checked_for_the_stages_that_use_it(tmp_path):
 # ---------------------------------------------------------------- parents not built in the same run
 
 def publish_fake(art: Path, stage: str, status: str = "complete") -> None:
-    write(art / stage / "rlhf_artifact.json", json.dumps({"stage": stage, "status": status}))
+    """A manifest over a stand-in weights file, its file list sealed, its parents those in `art`."""
+    from rlhf import artifacts
+
+    write(art / stage / "model.safetensors", "w")
+    files = artifacts.file_checksums(art / stage)
+    parents = [{"stage": p, "manifest_sha256": artifacts.sha256_file(art / p / "rlhf_artifact.json")}
+               for p in {"reward": ["sft"], "ppo": ["sft", "reward"]}.get(stage, [])
+               if (art / p / "rlhf_artifact.json").is_file()]
+    write(art / stage / "rlhf_artifact.json", json.dumps({"stage": stage, "status": status, "files": files,
+                                                          "files_sha256": artifacts.files_digest(files),
+                                                          "parents": parents}))
 
 
 def test_parents_must_be_complete_when_not_built_in_the_run(tmp_path):

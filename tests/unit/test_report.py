@@ -16,9 +16,14 @@ BEST_OF_N = [{"n": n, "kl": kl, "rm_score": 1.0 + n / 4, "gold_score": 0.2 + n /
 
 
 def _write(d: Path, stage: str, metrics: dict, config: dict | None = None) -> None:
+    from rlhf import artifacts
+
     (d / stage).mkdir(parents=True, exist_ok=True)
+    (d / stage / "model.safetensors").write_text("w")
+    files = artifacts.file_checksums(d / stage)
     (d / stage / "rlhf_artifact.json").write_text(json.dumps({"stage": stage, "status": "complete", "metrics": metrics,
-                                                               "config": config or {}, "files": {}}))
+                                                               "config": config or {}, "files": files,
+                                                               "files_sha256": artifacts.files_digest(files)}))
 
 
 def _metrics_file(d: Path, stage: str, rows: list[dict]) -> None:
