@@ -436,11 +436,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if manifest is None or manifest.get("status") != "complete":
         print(f"error: {args.model} is not a complete artifact (no complete {artifacts.MANIFEST})", file=sys.stderr)
         return 2
+    if manifest.get("stage") == artifacts.REWARD:
+        print(f"error: {args.model} is a reward model, which scores responses and cannot write them; generate from "
+              f"the policy of the sft or ppo stage (e.g. --model {Path(args.model).parent / 'ppo'})", file=sys.stderr)
+        return 2
+    out_path = Path(args.out)
+    if out_path.is_dir():
+        print(f"error: --out {args.out} is a directory; give the .jsonl file to write (e.g. {out_path / 'responses.jsonl'})",
+              file=sys.stderr)
+        return 2
     try:
         engines.require(args.engine, f"--engine {args.engine}")
         art = artifacts.load(args.model, manifest.get("stage"))
         prompts = load_prompts(args.prompts)  # read before the model: a bad file fails at once
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        part = out_path.with_name(out_path.name + ".part")
+        part.open("w").close()  # writable before any work; the responses go here, renamed when all are in
     except (artifacts.ArtifactError, DataError, engines.EngineUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -461,11 +472,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gens = engine.generate(texts, sampling, args.max_new_tokens, batch_size=args.batch_size, progress=True)
     engines.close(engine)
     out = [r for g in gens for r in decode_responses(tok, g)]
-    with open(args.out, "w") as f:
-        for p, r in zip(prompts, out):
-            f.write(json.dumps({"prompt": prompt_text(p) if not isinstance(p, str) else p, "response": r}) + "\n")
+    try:
+        with open(part, "w") as f:
+            for p, r in zip(prompts, out):
+                f.write(json.dumps({"prompt": prompt_text(p) if not isinstance(p, str) else p, "response": r}) + "\n")
+        os.replace(part, out_path)
+    except OSError as e:
+        print(f"error: writing {args.out} failed ({e.strerror or e}); nothing was written there", file=sys.stderr)
+        return 1
     print(f"wrote {len(out)} responses to {args.out}")
     return 0
+
+
+def _number(kind: type, low: float, high: float | None = None, above: bool = False) -> Any:
+    """An argparse type: a `kind` number >= low (> low with `above`) and <= high; anything else is a
+    usage error naming the bounds (argparse adds the option's name)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or (value <= low if above else value < low) or (high is not None and value > high):
+            bounds = f"{'>' if above else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bounds}")
+        return value
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -508,12 +539,13 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="a published stage directory, e.g. DIR/ppo")
     p.add_argument("--prompts", required=True, help="prompts file ({'prompt': ...} rows)")
     p.add_argument("--out", required=True, help="output .jsonl with {prompt, response} rows")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=_number(int, 1), default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="with --sample: top-k (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus (1.0 = off)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--temperature", type=_number(float, 0.0, above=True), default=1.0)
+    p.add_argument("--top-k", type=_number(int, 0), default=0, help="with --sample: top-k (0 = off)")
+    p.add_argument("--top-p", type=_number(float, 0.0, 1.0, above=True), default=1.0,
+                   help="with --sample: nucleus (1.0 = off)")
+    p.add_argument("--batch-size", type=_number(int, 1), default=64)
     p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                    help="hf: transformers generate(); vllm: a vLLM engine (installed separately, see the README)")
     p = sub.add_parser("bench", help="time PPO updates on a model at chosen sizes (episodes/s, tokens/s, "

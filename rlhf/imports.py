@@ -28,14 +28,14 @@ def load_policy(source: str, dtype: str, trust_remote_code: bool) -> tuple[Any, 
     (added, and the embeddings resized, where it has none: as the SFT stage does)."""
     try:
         tokenizer = models.load_tokenizer(source, trust_remote_code)
+        models.check_causal(source, "sft.import_model", trust_remote_code)
         model = models.load_causal_lm(source, dtype, trust_remote_code)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as e:
         raise ConfigError(f"sft.import_model={source}: cannot be loaded as a causal LM with its tokenizer ({_first(e)}); "
                           "give a hub id or a local directory saved with save_pretrained (safetensors)") from None
-    try:
-        models.ensure_pad_token(tokenizer)
-    except ValueError as e:
-        raise ConfigError(f"sft.import_model={source}: {e}") from None
+    models.ensure_pad_token(tokenizer, f"sft.import_model={source}")
     models.resize_for_tokenizer(model, tokenizer)
     return model, tokenizer
 

@@ -52,15 +52,32 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def ensure_pad_token(tokenizer: Any) -> bool:
+def ensure_pad_token(tokenizer: Any, source: str = "the model") -> bool:
     """Give the tokenizer a pad token distinct from EOS; True when a token was added
-    (the model's embeddings must then be resized)."""
+    (the model's embeddings must then be resized). A tokenizer without EOS (the token every
+    response ends with, and sampling stops at) is a ConfigError naming `source`."""
+    if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
+        from rlhf.config import ConfigError
+
+        raise ConfigError(f"{source}: its tokenizer has no EOS token, which ends every response and stops sampling; "
+                          "set one (\"eos_token\" in tokenizer_config.json, or tokenizer.eos_token = ... and "
+                          "save_pretrained) and run again")
     if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
         return False
-    if tokenizer.eos_token is None:
-        raise ValueError("the tokenizer has no EOS token; set one (tokenizer.eos_token) before training")
     n = tokenizer.add_special_tokens({"pad_token": PAD})
     return n > 0
+
+
+def check_causal(source: str, key: str, trust_remote_code: bool = False) -> None:
+    """ConfigError unless `source` (a hub id or a directory) is a decoder-only causal LM, from its
+    config (rlhf.preflight.check_architecture: what preflight checks of local directories, here for
+    hub ids too, once the config is at hand)."""
+    from transformers import AutoConfig
+
+    from rlhf.preflight import check_architecture
+
+    conf = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    check_architecture(conf.to_dict(), key, source)
 
 
 def build_scratch_causal_lm(spec: Any, tokenizer: Any, dtype: str) -> Any:

@@ -68,6 +68,7 @@ def check(cfg: PipelineConfig, stages: Any) -> None:
                               "else ppo.train_prompts; set one of them")
     elif REWARD in stages and cfg.reward.model:
         check_model_dir(cfg.reward.model, "reward.model", cfg.model.trust_remote_code)
+    check_lengths(cfg, stages)
     sft_data = check_data(cfg, stages)
     if cfg.eval.gold_scorer and (REWARD in stages or PPO in stages):
         load_function(cfg.eval.gold_scorer, "eval.gold_scorer")
@@ -236,6 +237,7 @@ def check_model_dir(value: str, key: str, trust_remote_code: bool) -> None:
         raise ConfigError(f"{key}={value} is a file; give the model's directory (config.json, model.safetensors, "
                           "tokenizer files)")
     conf = _model_config(d, key)
+    check_architecture(conf, key, value)
     if not (d / "adapter_config.json").is_file():
         _check_weights(d, key)
     if not any((d / f).is_file() for f in TOKENIZER_FILES):
@@ -243,6 +245,76 @@ def check_model_dir(value: str, key: str, trust_remote_code: bool) -> None:
                           "model's tokenizer into it too (tokenizer.save_pretrained)")
     if not trust_remote_code:
         _check_model_code(conf, d, key)
+
+
+# what each model key must hold: the policy generates left to right (a decoder-only causal LM); the reward
+# stage's initial model gets a per-token `score` head on a decoder; an imported reward model is any
+# one-output sequence classifier (rlhf.imports)
+_DECODER_HEADS = ("ForCausalLM", "LMHeadModel", "ForSequenceClassification")
+
+
+def check_architecture(conf: dict, key: str, value: str) -> None:
+    """ConfigError for a model that cannot play the role of `key`, from its config.json: an
+    encoder-decoder (T5, BART) anywhere; an encoder-only model (BERT, RoBERTa, DeBERTa: architectures
+    without a causal-LM head) as the policy or the reward stage's initial model."""
+    archs = [a for a in conf.get("architectures") or [] if isinstance(a, str)]
+    if conf.get("is_encoder_decoder"):
+        raise ConfigError(f"{key}={value} is an encoder-decoder model ({', '.join(archs) or conf.get('model_type')}); "
+                          "the pipeline trains decoder-only causal LMs (Llama, Qwen, Mistral, GPT-2, Pythia, OPT, ...)")
+    if key == "reward.import_model" or not archs:
+        return
+    wanted = _DECODER_HEADS if key == "reward.model" else ("ForCausalLM", "LMHeadModel")
+    if not any(a.endswith(w) for a in archs for w in wanted):
+        what = ("a causal LM the policy can be trained from" if key != "reward.model"
+                else "a decoder model the reward head is put on")
+        raise ConfigError(f"{key}={value} holds {', '.join(archs)}, not {what} (an architecture ending in "
+                          f"{' or '.join(wanted)}); encoder-only models (BERT, RoBERTa, DeBERTa) attend to later tokens "
+                          "and cannot generate left to right"
+                          + ("; a ready reward model of that kind goes to reward.import_model" if key == "reward.model"
+                             else ""))
+
+
+def policy_positions(cfg: PipelineConfig) -> tuple[int, str] | None:
+    """(the longest sequence the policy takes, where that comes from), when it can be known before
+    loading: model.scratch's size, or a local directory's config.json; None for a hub id."""
+    if cfg.sft.import_model or cfg.model.scratch is None:
+        key = "sft.import_model" if cfg.sft.import_model else "model.name_or_path"
+        value = cfg.sft.import_model or cfg.model.name_or_path
+        f = Path(value).expanduser() / "config.json" if value else None
+        if f is None or not f.is_file():
+            return None
+        try:
+            conf = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None  # check_model_dir says what is wrong with it
+        conf = conf.get("text_config", conf) if isinstance(conf.get("text_config"), dict) else conf
+        n = next((conf[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                  if isinstance(conf.get(k), int) and conf[k] > 0), None)
+        return (n, f"{key}={value} (its config.json)") if n else None
+    return cfg.model.scratch.max_position_embeddings, "model.scratch.max_position_embeddings"
+
+
+def check_lengths(cfg: PipelineConfig, stages: list[str]) -> None:
+    """Every sequence a stage builds fits the policy's positions: past them a model indexes outside
+    its position table (an error deep in a forward on GPU, garbage or an index error on CPU)."""
+    known = policy_positions(cfg)
+    if known is None:
+        return
+    n, source = known
+    wants = []
+    if SFT in stages and not cfg.sft.import_model:
+        wants.append(("sft.max_length", cfg.sft.max_length))
+    if REWARD in stages and not cfg.reward.import_model and not cfg.reward.model:
+        wants.append(("reward.max_length", cfg.reward.max_length))
+    if REWARD in stages or PPO in stages:
+        p = cfg.ppo
+        wants.append(("ppo.max_prompt_length + ppo.max_new_tokens", p.max_prompt_length + p.max_new_tokens))
+        if cfg.eval.max_new_tokens is not None:
+            wants.append(("ppo.max_prompt_length + eval.max_new_tokens", p.max_prompt_length + cfg.eval.max_new_tokens))
+    for what, length in wants:
+        if length > n:
+            raise ConfigError(f"{what} = {length} tokens, but the policy takes at most {n} ({source}); lower it "
+                              f"to {n} or less")
 
 
 def _model_config(d: Path, key: str) -> dict:

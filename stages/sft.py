@@ -58,7 +58,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         model = models.build_scratch_causal_lm(model_cfg.scratch, tokenizer, model_cfg.dtype)
     else:
         tokenizer = models.load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
-        models.ensure_pad_token(tokenizer)
+        models.ensure_pad_token(tokenizer, f"model.name_or_path={model_cfg.name_or_path}")
+        models.check_causal(model_cfg.name_or_path, "model.name_or_path", model_cfg.trust_remote_code)
         model = models.load_causal_lm(model_cfg.name_or_path, model_cfg.dtype, model_cfg.trust_remote_code)
     models.resize_for_tokenizer(model, tokenizer)
     if sft_cfg.lora:

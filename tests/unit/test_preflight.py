@@ -529,3 +529,42 @@ def test_imported_models_are_checked_and_their_stage_needs_no_training_data(tmp_
     with pytest.raises(ConfigError, match="reward.eval_data, else ppo.train_prompts"):
         preflight.check(load_config(None, [f"artifact_dir={tmp_path / 'art'}", f"sft.import_model={good}",
                                            f"reward.import_model={good}"]), ["sft", "reward"])
+
+
+# ---------------------------------------------------------------- architectures and lengths
+
+def test_models_that_cannot_be_a_policy_are_refused_as_a_class(tmp_path):
+    cases = {  # config.json -> what the message must say
+        "bert": ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "not a causal LM"),
+        "roberta": ({"model_type": "roberta", "architectures": ["RobertaModel"]}, "not a causal LM"),
+        "t5": ({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True},
+               "encoder-decoder"),
+        "rm": ({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}, "not a causal LM"),
+    }
+    for name, (conf, says) in cases.items():
+        d = model_dir(tmp_path / name, conf, "model.safetensors", "tokenizer.json")
+        with pytest.raises(ConfigError, match=says):
+            preflight.check(sft_only(d, tmp_path), ["sft"])
+        with pytest.raises(ConfigError, match=says):
+            preflight.check(load_config(None, [f"artifact_dir={tmp_path / 'art'}", f"sft.import_model={d}"]), ["sft"])
+    bert = tmp_path / "bert"
+    with pytest.raises(ConfigError, match="reward.model=.*reward.import_model"):
+        preflight.check(demo_cfg(tmp_path, f"reward.model={bert}"), ["sft", "reward"])
+    cls = model_dir(tmp_path / "cls", {"model_type": "deberta-v2", "architectures": ["DebertaV2ForSequenceClassification"]},
+                    "model.safetensors", "tokenizer.json")
+    preflight.check(demo_cfg(tmp_path, f"reward.import_model={cls}", "reward.eval_data=null"), ["sft", "reward"])
+    llama = model_dir(tmp_path / "llama", {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
+                      "model.safetensors", "tokenizer.json")
+    preflight.check(sft_only(llama, tmp_path), ["sft"])
+
+
+def test_sequences_longer_than_the_policy_takes_are_refused_before_any_work(tmp_path):
+    d = model_dir(tmp_path / "m", {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": 128},
+                  "model.safetensors", "tokenizer.json")
+    preflight.check(sft_only(d, tmp_path, "sft.max_length=128"), ["sft"])
+    with pytest.raises(ConfigError, match=r"sft.max_length = 256 tokens, but the policy takes at most 128 "
+                                          r"\(model.name_or_path=.*config.json"):
+        preflight.check(sft_only(d, tmp_path, "sft.max_length=256"), ["sft"])
+    with pytest.raises(ConfigError, match=r"ppo.max_prompt_length \+ ppo.max_new_tokens = 300 tokens.*at most 128 "
+                                          r"\(model.scratch.max_position_embeddings\)"):
+        preflight.check(demo_cfg(tmp_path, "ppo.max_prompt_length=200", "ppo.max_new_tokens=100"), ALL)
