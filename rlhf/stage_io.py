@@ -193,14 +193,18 @@ def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -
             print(f"[{stage}] stopped by {signal.Signals(signum).name}: nothing was published; re-run the same command "
                   f"to {'resume from ' + point if point else 'start the stage again'}", file=sys.stderr, flush=True)
         return 128 + signum
-    except OSError as e:  # a full disk, a directory made read-only, a quota: the user's to fix
-        if e.errno not in _STORAGE_ERRNOS:
+    except Exception as e:  # a full disk, a directory made read-only, a quota: the user's to fix
+        storage = isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS
+        if not storage and not (cfg is not None and disk_full(cfg.artifact_dir)):
             raise
-        where = f" writing {e.filename}" if e.filename else ""
-        print(f"[{stage}] error: {e.strerror or e}{where}. Free space (or fix the permissions) in "
+        # torch.save and the tokenizers' Rust writer report a full disk in words of their own
+        # ("unexpected pos 2624 vs 2516", "os error 28"): the disk is looked at instead
+        what = f"{e.strerror or e}" + (f" writing {e.filename}" if e.filename else "") if storage else \
+            f"the disk of {cfg.artifact_dir} is full ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
+        print(f"[{stage}] error: {what}. Free space (or fix the permissions) in "
               f"{cfg.artifact_dir if cfg else 'the artifact directory'} and re-run the same "
-              f"command: the stage resumes from its last checkpoint and nothing half-written was published.",
-              file=sys.stderr, flush=True)
+              f"command: the stage resumes from its last complete checkpoint (a torn one is passed over) and "
+              f"nothing half-written was published.", file=sys.stderr, flush=True)
         return 2
     finally:
         if lock is not None:
@@ -208,6 +212,19 @@ def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -
     # from the process's start, as the manifest's duration counts (imports and launcher set-up included)
     say(stage, f"finished in {time.time() - min(started, artifacts.process_started() or started):.0f}s")
     return 0
+
+
+def disk_full(path: str, reserve: int = 64 << 20) -> bool:
+    """Whether the filesystem holding `path` (or its nearest existing parent) has less than
+    `reserve` bytes (or 0.5 % of its size) free."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError:
+        return False
+    return usage.free < min(reserve, usage.total // 200) or usage.free < 1 << 20
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
