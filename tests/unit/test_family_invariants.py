@@ -251,3 +251,24 @@ def test_transcript_replies_are_joined_as_hh_data_joins_them(family_checkpoints,
                                             "\n\nHuman: give me birds\n\nAssistant: cat.")
     assert render_prompt(tok, hh_prompt, True) == render_prompt(tok, msgs, True)
     assert render_response(tok, hh_prompt, hh_chosen, True) == render_response(tok, msgs, "owl.", True) == " owl."
+
+
+def test_a_huge_row_costs_what_max_length_allows_and_shorter_rows_are_untouched(family_checkpoints):
+    """A text far beyond max_length is cut (by characters) before it is tokenized: fast, and the
+    ids of a text within twice the bound are those of the uncut text."""
+    import time
+
+    from rlhf import models
+    from rlhf.tokenization import CHARS_PER_TOKEN_BOUND, encode_pair, encode_prompt, encode_response, fit
+
+    tok = models.load_tokenizer(str(family_checkpoints["llama3"]))
+    max_length = 16
+    limit = max_length * CHARS_PER_TOKEN_BOUND
+    words = "list some metals and name a few colors " * 40
+    prompt, response = words[: 2 * limit], words[: 2 * limit]
+    p, r, _ = fit(encode_prompt(tok, prompt), encode_response(tok, response), max_length)
+    assert encode_pair(tok, prompt, response, max_length) == (p + r, len(p), True)
+    huge = "iron " * 5_000_000  # 25 MB
+    t = time.time()
+    ids, n_prompt, truncated = encode_pair(tok, huge, huge, max_length)
+    assert time.time() - t < 2 and len(ids) == max_length and truncated
