@@ -352,10 +352,25 @@ def content_id(value: Any) -> Any:
         elif p.is_file():
             ident = "file:" + _cached_sha256(p)
         else:
-            return value
+            return _hub_revision(value)
     except OSError:
         return value
     return ident + colon + func
+
+
+def _hub_revision(value: str) -> str:
+    """A hub model id as `id@commit` when the local Hugging Face cache has it (the commit its `main`
+    pointed to when last fetched: a model rewritten on the hub and fetched again is another input),
+    else as given. Nothing is downloaded."""
+    if value.count("/") != 1 or value.startswith((".", "/", "~")):
+        return value
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        ref = Path(HF_HUB_CACHE) / f"models--{value.replace('/', '--')}" / "refs" / "main"
+        return f"{value}@{ref.read_text().strip()}" if ref.is_file() else value
+    except (ImportError, OSError):
+        return value
 
 
 def _cached_sha256(path: Path) -> str:

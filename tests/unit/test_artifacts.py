@@ -486,3 +486,18 @@ def test_a_reward_model_built_on_another_sft_artifact_is_refused_by_ppo_run_alon
     orphan = publish(tmp_path, REWARD)  # no parents recorded at all
     with pytest.raises(ArtifactError, match="lists no parent of that stage"):
         A.check_lineage(orphan, sft2)
+
+
+def test_a_hub_model_counts_by_the_commit_its_cache_holds(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert A.content_id("org/model") == "org/model"  # not fetched yet: as given
+    ref = tmp_path / "hub" / "models--org--model" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("abc123\n")
+    assert A.content_id("org/model") == "org/model@abc123"
+    ref.write_text("def456")  # the model moved on the hub and was fetched again
+    cfg = config()
+    cfg["model"]["name_or_path"] = "org/model"
+    assert A.stage_identity(cfg, SFT)["config"]["model"]["name_or_path"] == "org/model@def456"
