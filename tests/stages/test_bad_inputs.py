@@ -84,3 +84,26 @@ def test_generate_with_a_bad_prompts_file_names_the_row(demo_run, tmp_path):
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(bad) in proc.stderr and "row 2" in proc.stderr and not (tmp_path / "out.jsonl").exists()
+
+
+def test_generate_refuses_a_reward_model_bad_numbers_and_a_directory_as_out(demo_run, tmp_path):
+    prompts = ROOT / "reward_data" / "demo" / "prompts_eval.jsonl"
+
+    def gen(model, *extra):
+        return subprocess.run([sys.executable, "-m", "rlhf.cli", "generate", "--model", str(model), "--prompts",
+                               str(prompts), *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+    out = str(tmp_path / "out.jsonl")
+    cases = [((demo_run / "reward", "--out", out), "is a reward model"),
+             ((demo_run / "ppo", "--out", str(tmp_path)), "is a directory"),
+             ((demo_run / "ppo", "--out", out, "--max-new-tokens", "0"), "--max-new-tokens: 0 is out of range"),
+             ((demo_run / "ppo", "--out", out, "--top-p", "1.5"), "--top-p: 1.5 is out of range"),
+             ((demo_run / "ppo", "--out", out, "--temperature", "nan"), "--temperature: nan is out of range"),
+             ((demo_run / "ppo", "--out", out, "--batch-size", "x"), "--batch-size: 'x' is not an integer")]
+    for args, says in cases:
+        proc = gen(*args)
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    assert not (tmp_path / "out.jsonl").exists()
+    proc = gen(demo_run / "ppo", "--out", out, "--max-new-tokens", "4")
+    assert proc.returncode == 0 and len((tmp_path / "out.jsonl").read_text().splitlines()) > 0
+    assert not (tmp_path / "out.jsonl.part").exists()

@@ -99,3 +99,10 @@ def test_an_encoder_reward_model_without_a_score_head_is_read_through_its_own_cl
         got = reward_scores(rm.eval(), rows, rows_mask)
         want = rm(input_ids=rows, attention_mask=rows_mask).logits[:, 0]
     assert torch.allclose(got, want) and got[0] != got[1]
+
+
+def test_a_tokenizer_without_eos_is_a_clear_error(family_checkpoints, tmp_path):
+    tok = models.load_tokenizer(str(family_checkpoints["qwen2"]))
+    tok.eos_token = None
+    with pytest.raises(ConfigError, match="model.name_or_path=x: its tokenizer has no EOS token"):
+        models.ensure_pad_token(tok, "model.name_or_path=x")
