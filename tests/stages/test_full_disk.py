@@ -1,7 +1,7 @@
 """A full disk while a checkpoint is written (not only while publishing): the stage ends with one
 clear line saying to free space and re-run (no traceback, although torch.save reports it as
 "unexpected pos ..."), publishes nothing, and the re-run after space is freed completes. The
-artifact directory lies on a small tmpfs, filled up with a file before each stage; the test is
+artifact directory lies on a small tmpfs, filled up with a file before each of the three stages; the test is
 skipped where mounting one is not permitted (it needs root)."""
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ def test_a_full_disk_during_a_checkpoint_save_is_a_clear_error_and_the_re_run_co
     extra = ["wandb.mode=disabled", "sft.save_steps=5", "sft.epochs=1",
              f"sft.train_data={_head('sft_train.jsonl', tmp_path / 'sft.jsonl', 320)}",
              f"reward.train_data={_head('prefs_train.jsonl', tmp_path / 'prefs.jsonl', 160)}", "reward.stats_samples=16",
+             "reward.save_steps=2",
              "ppo.total_episodes=128", "ppo.save_every=1", "eval.num_prompts=16", "ppo.max_new_tokens=8"]
-    for script, stage, leave in (("sft.py", "sft", 3 << 20), ("rm.py", "reward", 0), ("ppo.py", "ppo", 3 << 20)):
+    for script, stage, leave in (("sft.py", "sft", 3 << 20), ("rm.py", "reward", 3 << 20), ("ppo.py", "ppo", 3 << 20)):
         if leave:
             _fill(small_disk, leave)
             full = _stage(script, d, extra)

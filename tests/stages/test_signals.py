@@ -87,3 +87,48 @@ def test_sigterm_to_the_command_alone_stops_every_process_of_the_stage(tmp_path,
     assert "stopped by SIGTERM" in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     _left_resumable(d)
+
+
+SEED = int(os.environ.get("RLHF_FAULT_SEED", "1234"))
+
+
+def test_sigterm_at_a_random_moment_of_each_stage_then_the_same_command_finishes(tmp_path):
+    """Each stage, started by its launcher, gets SIGTERM at a seeded random moment of its work (data
+    preparation, training, a checkpoint being written, evaluation); the re-run of the same command
+    finishes it, and whatever is published, then or before, is complete."""
+    import random
+
+    from conftest import _head
+    from rlhf import artifacts
+
+    rng = random.Random(SEED)
+    d = tmp_path / "run"
+    extra = [f"artifact_dir={d}", "wandb.mode=disabled", "sft.epochs=1", "sft.save_steps=5",
+             f"sft.train_data={_head('sft_train.jsonl', tmp_path / 'sft.jsonl', 480)}",
+             f"reward.train_data={_head('prefs_train.jsonl', tmp_path / 'prefs.jsonl', 320)}", "reward.save_steps=3",
+             "reward.stats_samples=32", "ppo.total_episodes=192", "ppo.save_every=1", "eval.num_prompts=16"]
+    for launcher, stage in (("sft.sh", "sft"), ("rm.sh", "reward"), ("ppo.sh", "ppo")):
+        cmd = ["bash", str(ROOT / "launch" / launcher), str(DEMO), *extra]
+        env = {**ENV, "MASTER_PORT": "29784"}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        delay = rng.uniform(4.0, 14.0)
+        time.sleep(delay)
+        stopped = proc.poll() is None
+        if stopped:
+            t = time.time()
+            os.kill(proc.pid, signal.SIGTERM)
+            while _session_alive(proc.pid) and time.time() - t < 60:
+                time.sleep(0.2)
+            assert time.time() - t < 30, f"{stage}: processes still ran after SIGTERM at {delay:.1f} s"
+            out = proc.stdout.read()
+            proc.wait()
+            assert "Traceback" not in out, out[-3000:]
+            if (d / stage).exists():  # the signal came after the publish: what is there is complete
+                artifacts.load(d / stage, stage)
+        else:
+            proc.communicate()
+        again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+        artifacts.load(d / stage, stage)  # complete and intact
+        print(f"{stage}: SIGTERM at {delay:.1f} s" if stopped else f"{stage}: finished within {delay:.1f} s")
