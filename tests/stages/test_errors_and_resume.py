@@ -60,7 +60,8 @@ def test_sft_killed_mid_training_resumes(tmp_path):
     d = tmp_path / "art"
     cmd = [sys.executable, str(ROOT / "launch/sft.py"), "--config", str(DEMO), f"artifact_dir={d}", "sft.save_steps=20"]
     ckpt = d / "checkpoints" / "sft"
-    _kill_when(cmd, lambda: any((p / "trainer_state.json").exists() for p in ckpt.glob("checkpoint-*")))
+    # killed once a checkpoint is sealed (its files flushed and their sizes written): one a resume trusts
+    _kill_when(cmd, lambda: any((p / "rlhf_checkpoint.json").exists() for p in ckpt.glob("checkpoint-*")))
     assert not (d / "sft").exists()  # never half-published
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     ok(proc)
