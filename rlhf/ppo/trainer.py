@@ -600,8 +600,10 @@ class PPOTrainer:
                      # the engines' files flushed to the disk, their sizes checked before a resume trusts them
                      "files": artifacts.seal(ckpt_dir, [ckpt_dir / n / tag for n in names])}
             current = ckpt_dir / "state.json"
-            if current.is_file():  # the previous checkpoint stays, to fall back on if this one is torn
+            trusted = {f.name for f, _, problems in artifacts.ppo_states(ckpt_dir) if not problems}
+            if "state.json" in trusted:  # the previous checkpoint stays, to fall back on if this one is torn
                 os.replace(current, ckpt_dir / "state.prev.json")
+            # (a torn state.json that this run passed over is replaced; a sound state.prev.json is kept)
             artifacts.write_durably(current, json.dumps(state))  # a checkpoint counts only once this exists
             faults.point("checkpoint:saved")
             keep = {tag} | {s.get("tag") for f, s, _ in artifacts.ppo_states(ckpt_dir)}
