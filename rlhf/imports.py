@@ -79,9 +79,10 @@ def save(model: Any, tokenizer: Any, out_dir: Path) -> None:
 
 
 def max_positions(conf: Any) -> int | None:
-    """The longest sequence a model of config `conf` takes (None when it does not say)."""
+    """The longest sequence a model of config `conf` (a transformers config, or config.json's
+    dict) takes (None when it does not say)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(conf, key, None)
+        v = conf.get(key) if isinstance(conf, dict) else getattr(conf, key, None)
         if isinstance(v, int) and v > 0:
             return v
     return None

@@ -288,8 +288,9 @@ def policy_positions(cfg: PipelineConfig) -> tuple[int, str] | None:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None  # check_model_dir says what is wrong with it
         conf = conf.get("text_config", conf) if isinstance(conf.get("text_config"), dict) else conf
-        n = next((conf[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
-                  if isinstance(conf.get(k), int) and conf[k] > 0), None)
+        from rlhf.imports import max_positions
+
+        n = max_positions(conf)
         return (n, f"{key}={value} (its config.json)") if n else None
     return cfg.model.scratch.max_position_embeddings, "model.scratch.max_position_embeddings"
 
