@@ -78,6 +78,13 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "allow model code shipped with a hub repository to run")
     use_chat_template: bool = _f(True, "render prompts with the tokenizer's chat template when it has one")
     lora: LoraConfig = _f(LoraConfig(), "LoRA settings shared by all stages")
+    quantization: str = _f("none", "none, or 4bit (QLoRA): every stage that trains a LoRA adapter (sft.lora, reward.lora, "
+                                   "ppo.lora) loads its frozen base in 4 bits with bitsandbytes, adapters and heads in "
+                                   "model.dtype; needs LoRA in each stage that trains. Published models are merged 16-bit")
+    quant_type: str = _f("nf4", "4-bit data type: nf4 (NormalFloat, QLoRA's) or fp4")
+    quant_double: bool = _f(True, "double quantization: the per-block scales are quantized too (~0.4 bit per weight less)")
+    quant_compute_dtype: str | None = _f(None, "dtype the 4-bit layers compute in (float32, bfloat16, float16); "
+                                               "unset: model.dtype (bfloat16 costs 10x more on CPUs)")
 
 
 @dataclass(frozen=True)
@@ -527,6 +534,15 @@ def _validate(cfg: Any, where: str) -> None:
         raise bad("zero_stage", f"must be 0, 1, 2 or 3, got {cfg.zero_stage}")
     if isinstance(cfg, ModelConfig) and cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise bad("dtype", f"must be float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if isinstance(cfg, ModelConfig):
+        if cfg.quantization not in QUANTIZATIONS:
+            hint = " (8-bit training is not offered: use 4bit)" if cfg.quantization in ("8bit", "int8") else ""
+            raise bad("quantization", f"must be {' or '.join(QUANTIZATIONS)}, got {cfg.quantization!r}{hint}")
+        if cfg.quant_type not in ("nf4", "fp4"):
+            raise bad("quant_type", f"must be nf4 or fp4, got {cfg.quant_type!r}")
+        if cfg.quant_compute_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise bad("quant_compute_dtype", f"must be float32, bfloat16 or float16 (or unset: model.dtype), "
+                                             f"got {cfg.quant_compute_dtype!r}")
     if isinstance(cfg, WandbConfig) and cfg.mode not in (None, "online", "offline", "disabled"):
         raise bad("mode", f"must be online, offline or disabled, got {cfg.mode!r}")
     if isinstance(cfg, SFTStageConfig) and cfg.loss_on not in ("last", "all"):
@@ -622,6 +638,7 @@ def _validate(cfg: Any, where: str) -> None:
         raise bad("num_heads", f"{cfg.num_heads} must divide hidden_size={cfg.hidden_size}")
 
 
+QUANTIZATIONS = ("none", "4bit")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt")
 _POSITIVE = {"epochs", "learning_rate", "critic_learning_rate", "batch_size", "grad_accum", "max_length",

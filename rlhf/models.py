@@ -7,7 +7,8 @@ real EOS tokens.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import contextlib
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -94,21 +95,201 @@ def build_scratch_causal_lm(spec: Any, tokenizer: Any, dtype: str) -> Any:
     return LlamaForCausalLM(cfg).to(DTYPES[dtype])
 
 
-def load_causal_lm(path: str, dtype: str, trust_remote_code: bool = False) -> Any:
+def load_causal_lm(path: str, dtype: str, trust_remote_code: bool = False, quantization: Any = None) -> Any:
+    """`quantization`: a BitsAndBytesConfig (quantization_config) for a 4-bit base, else None."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
-                                                trust_remote_code=trust_remote_code)
+    return _quantized(AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
+        **_quantized_load_kwargs(quantization)))
 
 
-def load_reward_model(path: str, dtype: str, pad_token_id: int, trust_remote_code: bool = False) -> Any:
-    """A sequence-classification model with one output (a new head when `path` is a causal LM)."""
+def load_reward_model(path: str, dtype: str, pad_token_id: int, trust_remote_code: bool = False,
+                      quantization: Any = None) -> Any:
+    """A sequence-classification model with one output (a new head when `path` is a causal LM).
+    With `quantization` its linear layers are 4-bit, the `score` head stays in `dtype`."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
+    model = _quantized(AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
+        **_quantized_load_kwargs(quantization)))
     model.config.pad_token_id = pad_token_id
     return model
+
+
+# ------------------------------------------------------------------------------------ 4-bit (QLoRA)
+def quantization_config(model_cfg: Any) -> Any:
+    """The transformers BitsAndBytesConfig that `model.quantization` asks for (config.ModelConfig),
+    None for none. The packed 4-bit weights are stored in model.dtype (bnb_4bit_quant_storage): a
+    DeepSpeed ZeRO-3 all-gather coalesces every partitioned parameter in one dtype, and uint8
+    storage breaks it from the second step on; the bytes are the same either way."""
+    if model_cfg.quantization == "none":
+        return None
+    require_bitsandbytes("model.quantization=" + model_cfg.quantization)
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=model_cfg.quant_type, bnb_4bit_use_double_quant=model_cfg.quant_double,
+        bnb_4bit_compute_dtype=DTYPES[model_cfg.quant_compute_dtype or model_cfg.dtype],
+        bnb_4bit_quant_storage=DTYPES[model_cfg.dtype],
+        llm_int8_skip_modules=list(FULL_PRECISION_MODULES))
+
+
+def stage_quantization(model_cfg: Any, lora: bool, lora_key: str) -> Any:
+    """quantization_config for a stage that trains with LoRA when `lora` (its `lora_key`) is set;
+    ConfigError when model.quantization asks for a 4-bit base the stage would have to train in full."""
+    if model_cfg.quantization == "none":
+        return None
+    if not lora:
+        from rlhf.config import ConfigError
+
+        raise ConfigError(f"model.quantization={model_cfg.quantization} trains LoRA adapters on a frozen 4-bit base, "
+                          f"and {lora_key} is false (a 4-bit base cannot be trained in full): set {lora_key}=true, "
+                          "or model.quantization=none")
+    return quantization_config(model_cfg)
+
+
+# heads kept in model.dtype under 4-bit loading: a causal LM's output layer and a reward model's score head
+# (both trained or read at full precision; the score head is trained in full by peft's SEQ_CLS task)
+FULL_PRECISION_MODULES = ("lm_head", "score", "embed_out", "classifier")
+
+
+def require_bitsandbytes(key: str) -> None:
+    """ConfigError naming `key` when bitsandbytes cannot be imported."""
+    from rlhf.config import ConfigError
+
+    import logging
+    # bitsandbytes' CPU backend warns at import that an optional kernel for its bf16 inference path is missing;
+    # that path is switched off here (_quantized), so the warning says nothing about what runs
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native library
+        raise ConfigError(f"{key} needs bitsandbytes ({type(e).__name__}: {e}); install it with "
+                          "`pip install 'bitsandbytes>=0.48'` (on CPUs it needs AVX2), or set "
+                          "model.quantization=none") from None
+
+
+def _quantized_load_kwargs(quantization: Any) -> dict:
+    if quantization is None:
+        return {}
+    from rlhf import distributed
+
+    kwargs: dict = {"quantization_config": quantization}
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+        zero3_init = is_deepspeed_zero3_enabled()
+    except ImportError:
+        zero3_init = False
+    if not zero3_init:  # a device_map is refused while a DeepSpeed ZeRO-3 HF config is live
+        kwargs["device_map"] = {"": distributed.device()}
+    return kwargs
+
+
+def _quantized(model: Any) -> Any:
+    """Every 4-bit layer of `model` set to compute as its compute dtype says on every device.
+    (bitsandbytes' CPU backend otherwise repacks a layer's weights in place, the first time it
+    runs without gradients on a CPU with AVX512-BF16, into a layout of its own that computes in
+    bfloat16 and fails for widths not a multiple of its block; a DeepSpeed partition would be
+    rewritten under the engine.)"""
+    for module in four_bit_layers(model):
+        module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def trainable_in_dtype(model: Any, dtype: str) -> None:
+    """Put the trainable parameters (adapters, a reward head) of a 4-bit `model` back in `dtype`.
+    TRL's trainers cast them to bfloat16 when they see a quantized model; here they stay in
+    model.dtype, as without quantization (a float32 hidden state cannot meet a bfloat16 reward
+    head, and bfloat16 arithmetic costs CPUs 10x). Call after the trainer is built, before it trains."""
+    if not is_quantized(model):
+        return
+    for param in getattr(model, "module", model).parameters():
+        if param.requires_grad and param.dtype != DTYPES[dtype]:
+            param.data = param.data.to(DTYPES[dtype])
+
+
+def four_bit_layers(model: Any) -> list:
+    """The bitsandbytes 4-bit linear layers of `model` (any wrapper), in module order."""
+    if not is_quantized(model):
+        return []
+    import bitsandbytes as bnb
+
+    return [m for m in getattr(model, "module", model).modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether `model` (a DeepSpeed engine, peft wrapper or transformers model) has a 4-bit base."""
+    return bool(getattr(unwrap(model), "is_loaded_in_4bit", False))
+
+
+def dense_weight(layer: Any) -> torch.Tensor:
+    """The full-precision (out, in) weight of a 4-bit linear layer, as its 4 bits mean it: the
+    dequantized value the layer computes with, in the layer's storage dtype. Under ZeRO-3 the
+    caller gathers the weight first."""
+    import bitsandbytes as bnb
+
+    weight = layer.weight
+    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(weight.dtype)
+
+
+def conv1d_names(model: Any) -> set[str]:
+    """Names (in the plain model) of the layers that the plain architecture of `model` stores as
+    GPT-2's Conv1D, (in, out), which the 4-bit model holds as (out, in) linear layers. Found on a
+    skeleton of the architecture built on the meta device, which costs no memory."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {name for name, module in skeleton(model).named_modules() if isinstance(module, Conv1D)}
+
+
+def skeleton(model: Any) -> Any:
+    """`model`'s transformers class built from plain_config on the meta device: the plain
+    architecture, no memory. Built by the class itself, not from_config, which under a live
+    DeepSpeed ZeRO-3 config would partition it collectively."""
+    base = unwrap(model)
+    with torch.device("meta"):
+        return type(base)(plain_config(model))
+
+
+def plain_config(model: Any) -> Any:
+    """A copy of `model`'s config without its quantization settings: what a plain 16-bit copy carries."""
+    import copy
+
+    config = copy.deepcopy(unwrap(model).config)
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, key):
+            delattr(config, key)
+    return config
+
+
+def dequantized_weights(model: Any, zero_stage: int) -> dict | None:
+    """{state-dict name: dense weight} for every 4-bit layer of `model` (a DeepSpeed engine or plain
+    module) on rank 0, None elsewhere. Collective under ZeRO-3 (each layer's weight is gathered on
+    every rank, in the same order)."""
+    from rlhf import distributed
+
+    module = getattr(model, "module", model)
+    four_bit = {id(layer) for layer in four_bit_layers(module)}
+    out: dict = {}
+    for name, layer in module.named_modules():
+        if id(layer) not in four_bit:
+            continue
+        with gathered([layer.weight], zero_stage):
+            if distributed.is_main():
+                out[f"{name}.weight"] = dense_weight(layer).detach().cpu().clone()
+    return out if distributed.is_main() else None
+
+
+@contextlib.contextmanager
+def gathered(params: list, zero_stage: int) -> Iterator[None]:
+    """Under ZeRO-3, `params` gathered in full on every rank for the block (a collective); else nothing."""
+    if zero_stage == 3 and params:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
 
 
 def resize_for_tokenizer(model: Any, tokenizer: Any) -> None:
@@ -223,15 +404,53 @@ def merged_lora_state_dict(model: Any, state_dict: dict) -> dict:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in out.items()}
 
 
-def save_plain_model(model: Any, state_dict: dict, out_dir: Any) -> None:
+def save_plain_model(model: Any, state_dict: dict, out_dir: Any, dense: dict | None = None) -> None:
     """Write `model`'s architecture with the values of `state_dict` (every parameter, gathered:
     see distributed.full_state_dict) as a plain transformers directory; a LoRA model is merged
     (merged_lora_state_dict). The result loads with plain AutoModelFor... and has no adapter
-    keys. Rank 0 only."""
-    if is_lora(model):
-        state_dict = merged_lora_state_dict(model, state_dict)
-        model = model.get_base_model()
-    model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
+    keys. Rank 0 only.
+
+    A 4-bit model (`dense`: its dequantized_weights) is written as the 16-bit model it computes:
+    each packed weight replaced by its dense value, the LoRA delta added to that (not to the
+    original checkpoint's weights, which the adapter never saw), GPT-2's Conv1D weights turned back
+    to (in, out), and a config without quantization settings."""
+    if is_quantized(model):
+        state_dict = with_dense_weights(state_dict, dense or {})
+    plain = merged_lora_state_dict(model, state_dict) if is_lora(model) else state_dict
+    base = model.get_base_model() if is_lora(model) else model
+    if is_quantized(model):
+        conv = conv1d_names(model)
+        dense_names = {_plain_key(k) for k in (dense or {})}
+        for key in dense_names:
+            if key.removesuffix(".weight") in conv:
+                plain[key] = plain[key].T.contiguous()
+        plain_model = skeleton(model)
+        if getattr(base, "generation_config", None) is not None and getattr(plain_model, "generation_config", None) is not None:
+            plain_model.generation_config = base.generation_config
+        base = plain_model
+    base.save_pretrained(str(out_dir), state_dict=plain, safe_serialization=True)
+
+
+def with_dense_weights(state_dict: dict, dense: dict) -> dict:
+    """`state_dict` of a 4-bit model with each packed weight replaced by its dense value and the
+    quantization state bitsandbytes stores beside it (`….weight.absmax`, `….weight.quant_map`, …) left out."""
+    missing = [k for k in dense if k not in state_dict]
+    if missing:
+        raise RuntimeError(f"dense weights without a state-dict entry: {missing[:3]}")
+    return {k: dense.get(k, v) for k, v in state_dict.items()
+            if not any(k.startswith(w + ".") for w in _weights_of(k, dense))}
+
+
+def _weights_of(key: str, dense: dict) -> list[str]:
+    # the dense weight names that `key` could sit under (`a.b.weight.absmax` -> `a.b.weight`)
+    parts = key.split(".")
+    return [w for w in (".".join(parts[:i]) for i in range(1, len(parts))) if w in dense]
+
+
+def _plain_key(key: str) -> str:
+    prefix = "base_model.model."
+    key = key[len(prefix):] if key.startswith(prefix) else key
+    return key.replace(".base_layer.", ".")
 
 
 def publish_model(model: Any, zero_stage: int, out_dir: Any, tokenizer: Any) -> None:
@@ -244,12 +463,13 @@ def publish_model(model: Any, zero_stage: int, out_dir: Any, tokenizer: Any) -> 
     from rlhf import distributed
 
     state_dict = distributed.full_state_dict(model, zero_stage)
+    dense = dequantized_weights(model, zero_stage) if is_quantized(model) else None
     if not distributed.is_main():
         return
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    save_plain_model(getattr(model, "module", model), state_dict, out_dir)
+    save_plain_model(getattr(model, "module", model), state_dict, out_dir, dense)
     if not (out_dir / "model.safetensors").is_file() and not list(out_dir.glob("model-*.safetensors")):
         raise RuntimeError(f"saving the model wrote no safetensors into {out_dir}")
     tokenizer.save_pretrained(str(out_dir))

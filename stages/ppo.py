@@ -36,6 +36,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     rm_art = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, REWARD), REWARD)
     artifacts.check_lineage(rm_art, sft)
     data = artifacts.data_fingerprint({"train_prompts": train_src, "eval_prompts": ppo_cfg.eval_prompts})
+    quant = models.stage_quantization(model_cfg, ppo_cfg.lora, "ppo.lora")
     done = skip_if_up_to_date(cfg.artifact_dir, PPO, config, [sft, rm_art], cfg.force, data)
     if done:
         return done
@@ -55,7 +56,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     dtype = model_cfg.dtype
     four = from_artifacts(_layout(ppo_cfg, bridge), model_cfg.lora, dtype, sft_path=str(sft.path),
                           rm_path=str(rm_art.path), pad_token_id=tokenizer.pad_token_id,
-                          rm_pad_token_id=_pad_id(bridge.rm_tok) if bridge is not None else None)
+                          rm_pad_token_id=_pad_id(bridge.rm_tok) if bridge is not None else None,
+                          quantization=quant)
 
     # 3. data -----------------------------------------------------------------------------
     def render(prompt) -> str:

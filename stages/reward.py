@@ -34,6 +34,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     train_src = require(reward_cfg.train_data, "reward.train_data", "the preference training file")
     sft = artifacts.load(artifacts.stage_dir(cfg.artifact_dir, SFT), SFT)
     data = artifacts.data_fingerprint({"train_data": train_src, "eval_data": reward_cfg.eval_data})
+    quant = models.stage_quantization(model_cfg, reward_cfg.lora, "reward.lora")
     done = skip_if_up_to_date(cfg.artifact_dir, REWARD, config, [sft], cfg.force, data)
     if done:
         return done
@@ -56,7 +57,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         if artifacts.tokenizer_fingerprint(other) != tok_fp:
             raise ConfigError(f"reward.model={reward_cfg.model} has a different tokenizer from the SFT artifact {sft.path}; "
                               "the reward model must share the policy's tokenizer (unset reward.model to start from the SFT model)")
-    model = models.load_reward_model(init_path, model_cfg.dtype, tokenizer.pad_token_id, model_cfg.trust_remote_code)
+    model = models.load_reward_model(init_path, model_cfg.dtype, tokenizer.pad_token_id, model_cfg.trust_remote_code,
+                                     quantization=quant)
     models.resize_for_tokenizer(model, tokenizer)
     if reward_cfg.lora:
         model = models.add_lora(model, model_cfg.lora, "SEQ_CLS")
@@ -81,6 +83,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     trainer = WeightedRewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                                     data_collator=WeightedPreferenceCollator(pad_token_id=tokenizer.pad_token_id),
                                     callbacks=[TrackerCallback(tracker)], groups=[r["group"] for r in train_rows])
+    models.trainable_in_dtype(trainer.model, model_cfg.dtype)
     if resume_from:
         say(REWARD, f"resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)

@@ -33,6 +33,11 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         raise ConfigError("set model.name_or_path (hub id or local dir) or model.scratch (a from-scratch spec)")
     if sft_cfg.lora and model_cfg.name_or_path is None:
         raise ConfigError("sft.lora=true needs a pretrained base (model.name_or_path); a scratch model trains all weights")
+    if model_cfg.quantization != "none" and model_cfg.name_or_path is None:
+        raise ConfigError(f"model.quantization={model_cfg.quantization} needs a pretrained base (model.name_or_path) "
+                          "to quantize; a scratch model (model.scratch) trains all its weights: set "
+                          "model.quantization=none")
+    quant = models.stage_quantization(model_cfg, sft_cfg.lora, "sft.lora")
     data = artifacts.data_fingerprint({"train_data": train_src, "eval_data": sft_cfg.eval_data})
     done = skip_if_up_to_date(cfg.artifact_dir, SFT, config, [], cfg.force, data)
     if done:
@@ -60,7 +65,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         tokenizer = models.load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
         models.ensure_pad_token(tokenizer, f"model.name_or_path={model_cfg.name_or_path}")
         models.check_causal(model_cfg.name_or_path, "model.name_or_path", model_cfg.trust_remote_code)
-        model = models.load_causal_lm(model_cfg.name_or_path, model_cfg.dtype, model_cfg.trust_remote_code)
+        model = models.load_causal_lm(model_cfg.name_or_path, model_cfg.dtype, model_cfg.trust_remote_code,
+                                      quantization=quant)
     models.resize_for_tokenizer(model, tokenizer)
     if sft_cfg.lora:
         model = models.add_lora(model, model_cfg.lora, "CAUSAL_LM")
@@ -108,6 +114,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                       resume_step=resume_step, clock=clock)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[TrackerCallback(tracker)])
+    models.trainable_in_dtype(trainer.model, model_cfg.dtype)
     metrics: dict = {"train_rows": train_data.rows, "train_examples": len(train_ds), "train_truncated": train_truncated,
                      "train_dropped_no_response_left": train_dropped,
                      **{f"skipped_{k}": v for k, v in train_data.skipped.items()}}

@@ -35,7 +35,7 @@ from rlhf.config import DeepSpeedConfig, PPOStageConfig, loss_aggregation
 from rlhf.distributed import all_gather_objects, all_max, all_mean
 from rlhf.generation import Generated, Sampling
 from rlhf.metric_names import PPO
-from rlhf.models import disable_dropout, has_score_head, publish_model
+from rlhf.models import disable_dropout, has_score_head, is_quantized, publish_model
 from rlhf.ppo import core
 from rlhf.ppo.rollout import Rollout, packed_scores, policy_forward, score_rollout, value_forward
 from rlhf.scoring import reward_scores
@@ -258,6 +258,10 @@ class PPOTrainer:
             critic = ("LoRA critic" if hasattr(self.critic.module, "disable_adapter") else "full critic") + ", frozen reward model"
         if self.reward_bridge is not None:
             critic += " (its own tokenizer: scored on the responses' text)"
+        four_bit = [name for name, m in (("actor", self.actor), ("critic", self.critic),
+                                                   ("reward model", self.reward_model)) if m is not None and is_quantized(m)]
+        if four_bit:
+            actor += f"; 4-bit base weights: {', '.join(four_bit)}"
         k = self.plan.samples_per_prompt
         return (f"{self.plan.world} process(es), {zero}, {actor}; {critic}; advantages: {self.cfg.advantage_estimator}"
                 + (f" ({k} samples per prompt)" if k > 1 else "")
