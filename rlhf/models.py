@@ -149,6 +149,16 @@ def stage_quantization(model_cfg: Any, lora: bool, lora_key: str) -> Any:
     return quantization_config(model_cfg)
 
 
+def trained_on(quantization: Any) -> str | None:
+    """The manifest's record of a stage's base: None (model.dtype), or e.g. "4bit nf4, double quantization,
+    compute float32" (the published model is always the merged 16-bit one)."""
+    if quantization is None:
+        return None
+    compute = str(quantization.bnb_4bit_compute_dtype).removeprefix("torch.")
+    return (f"4bit {quantization.bnb_4bit_quant_type}" + (", double quantization" if quantization.bnb_4bit_use_double_quant
+                                                          else "") + f", compute {compute}")
+
+
 # heads kept in model.dtype under 4-bit loading: a causal LM's output layer and a reward model's score head
 # (both trained or read at full precision; the score head is trained in full by peft's SEQ_CLS task)
 FULL_PRECISION_MODULES = ("lm_head", "score", "embed_out", "classifier")

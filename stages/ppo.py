@@ -97,6 +97,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     return finish(cfg.artifact_dir, PPO, staged, ckpt_dir, tracker, clock, ppo_run.summary(evaluation, started),
                   HEADLINE[PPO], config=config, parents=[sft, rm_art], tokenizer_fp=tok_fp, data=data,
                   reward_stats=reward_stats, model={"base": str(sft.path), "lora": "merged" if ppo_cfg.lora else None,
+                         "quantization": models.trained_on(quant),
                                                     "use_chat_template": sft.use_chat_template, **critic,
                                                     "reward_scored_on": "text" if bridge is not None else "tokens"})
 

@@ -84,6 +84,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                                     data_collator=WeightedPreferenceCollator(pad_token_id=tokenizer.pad_token_id),
                                     callbacks=[TrackerCallback(tracker)], groups=[r["group"] for r in train_rows])
     models.trainable_in_dtype(trainer.model, model_cfg.dtype)
+    if quant is not None:
+        say(REWARD, f"LoRA on a base in {models.trained_on(quant)}; the score head trains in {model_cfg.dtype}")
     if resume_from:
         say(REWARD, f"resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -113,7 +115,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     return finish(cfg.artifact_dir, REWARD, staged, ckpt_dir, tracker, clock, metrics,
                   HEADLINE[REWARD],
                   config=config, parents=[sft], tokenizer_fp=tok_fp, data=data, reward_stats=reward_stats,
-                  model={"base": init_path, "lora": "merged" if reward_cfg.lora else None, "use_chat_template": use_template})
+                  model={"base": init_path, "lora": "merged" if reward_cfg.lora else None,
+                         "quantization": models.trained_on(quant), "use_chat_template": use_template})
 
 
 def encode_pairs(pairs, name: str, tokenizer, use_template: bool, max_length: int) -> tuple[list[dict], dict]:

@@ -71,7 +71,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     if sft_cfg.lora:
         model = models.add_lora(model, model_cfg.lora, "CAUSAL_LM")
     say(SFT, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-             f"vocabulary {len(tokenizer)}, {distributed.world_size()} process(es), ZeRO-{cfg.deepspeed.zero_stage}")
+             f"vocabulary {len(tokenizer)}, {distributed.world_size()} process(es), ZeRO-{cfg.deepspeed.zero_stage}"
+             + (f"; base in {models.trained_on(quant)}" if quant is not None else ""))
 
     # 3. data: token ids made here, by the same functions the RM and PPO stages use, so PPO
     #    samples after exactly the prompt ids SFT trained on (TRL gets them pre-tokenized)
@@ -141,6 +142,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                   HEADLINE[SFT],
                   config=config, parents=[], tokenizer_fp=artifacts.tokenizer_fingerprint(tokenizer), data=data,
                   model={"base": model_cfg.name_or_path or "scratch", "lora": "merged" if sft_cfg.lora else None,
+                         "quantization": models.trained_on(quant),
                          "use_chat_template": model_cfg.use_chat_template, "loss_on": sft_cfg.loss_on})
 
 
