@@ -98,10 +98,12 @@ def small_overrides(tmp_path, model_dir, estimator: str = "gae") -> list[str]:
     ]
 
 
-def run_pipeline(d, overrides: list[str], port: int, procs: int = 1, config: Path = DEMO) -> subprocess.CompletedProcess:
-    """`rlhf pipeline CONFIG ...` (each stage under the deepspeed launcher, NUM_GPUS processes)."""
+def run_pipeline(d, overrides: list[str], port: int, procs: int = 1, config: Path = DEMO,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """`rlhf pipeline CONFIG ...` (each stage under the deepspeed launcher, NUM_GPUS processes;
+    `env`: more environment variables)."""
     cmd = [sys.executable, "-m", "rlhf.cli", "pipeline", str(config), f"artifact_dir={d}", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env={**ENV, "MASTER_PORT": str(port), "NUM_GPUS": str(procs)},
+    return subprocess.run(cmd, cwd=ROOT, env={**ENV, "MASTER_PORT": str(port), "NUM_GPUS": str(procs), **(env or {})},
                           capture_output=True, text=True, timeout=1200)
 
 

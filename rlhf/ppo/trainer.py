@@ -343,17 +343,26 @@ class PPOTrainer:
         best policy, restored by load_policy_weights."""
         sd = distributed.full_state_dict(self.actor, self.ds.zero_stage)
         if distributed.is_main():
+            kept = self._snapshot_params()
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".part")
-            save_file({k: v.detach().clone().contiguous() for k, v in sd.items()}, str(tmp))
+            save_file({k: v.detach().clone().contiguous() for k, v in sd.items() if k in kept}, str(tmp))
             os.replace(tmp, path)
         distributed.barrier()
+
+    def _snapshot_params(self) -> dict:
+        """The actor's parameters a best-policy snapshot holds: all of them, or with a 4-bit base
+        the trained ones only (the frozen packed base is the same in every snapshot)."""
+        params = dict(self.actor.module.named_parameters())
+        if is_quantized(self.actor):
+            params = {n: p for n, p in params.items() if p.requires_grad}
+        return params
 
     def load_policy_weights(self, path: Path) -> None:
         """Collective: the actor's parameters set from a save_policy_weights file (every rank
         reads it from the shared artifact directory)."""
         sd = load_file(str(path))
-        params = dict(self.actor.module.named_parameters())
+        params = self._snapshot_params()
         missing = [n for n in params if n not in sd]
         if missing:
             raise ArtifactError(f"{path}: saved policy weights lack {missing[:3]}; delete it and re-run")
@@ -589,7 +598,9 @@ class PPOTrainer:
         last. `extra`: the run's own state for this checkpoint (returned by load as self.extra_state)."""
         tag = f"update-{self.update}"
         for name, engine in self._trained().items():
-            engine.save_checkpoint(str(ckpt_dir / name), tag=tag)
+            # a 4-bit base is frozen and reloaded from the artifacts on resume: its packed weights (and
+            # the quantization state bitsandbytes keeps beside them) stay out of the checkpoint
+            engine.save_checkpoint(str(ckpt_dir / name), tag=tag, exclude_frozen_parameters=is_quantized(engine))
         faults.point("checkpoint:engines")
         rng = {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
                "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None}
@@ -643,7 +654,8 @@ class PPOTrainer:
                                 f"{' and '.join(sorted(self._trained()))} (another ppo.advantage_estimator); resume "
                                 f"with the estimator it was written with, or start PPO over with force=true")
         for name, engine in self._trained().items():
-            engine.load_checkpoint(str(ckpt_dir / name), tag=state["tag"])
+            # without its frozen 4-bit base (see save), whose quantization state is no parameter either
+            engine.load_checkpoint(str(ckpt_dir / name), tag=state["tag"], load_module_strict=not is_quantized(engine))
         self.update = state["update"]
         self.extra_state = state.get("extra", {})
         self.kl_ctl.load_state_dict(state["kl_ctl"])
