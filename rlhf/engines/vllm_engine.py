@@ -93,23 +93,23 @@ def _is_lora_layer(module: Any) -> bool:
     return hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "get_delta_weight")
 
 
-@contextmanager
-def _gathered(params: list, zero_stage: int) -> Iterator[None]:
-    if zero_stage == 3 and params:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
-    else:
-        yield
-
-
 def plain_weights(model: Any, zero_stage: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every entry of the plain model's state dict (LoRA layers merged, tied
     weights under each of their names), one module at a time. Under ZeRO-3 each module's own
     parameters are gathered (a collective: every rank iterates, in the same order) and released
     before the next module; the tensors yielded are copies, valid after the gather ends."""
+    from rlhf import models
+
     module = getattr(model, "module", model)
+    # a 4-bit base is sent dense (dequantized, LoRA delta added), never packed, and GPT-2's Conv1D
+    # weights in their own (in, out) orientation, as a plain checkpoint holds them (models.save_plain_model)
+    four_bit = {id(m) for m in models.four_bit_layers(module)}
+    conv1d = models.conv1d_names(module) if four_bit else set()
+
+    def dense(layer: Any, name: str) -> torch.Tensor:
+        weight = models.dense_weight(layer)
+        return weight.T.contiguous() if name.removesuffix(".weight") in conv1d else weight
+
     skip: list[str] = []  # modules inside a LoRA layer: yielded with it
     for mod_name, mod in module.named_modules():
         if any(mod_name.startswith(s) for s in skip):
@@ -118,12 +118,14 @@ def plain_weights(model: Any, zero_stage: int = 0) -> Iterator[tuple[str, torch.
         if _is_lora_layer(mod):
             skip.append(prefix)
             base = mod.base_layer
-            with _gathered(list(mod.parameters()), zero_stage), torch.no_grad():
+            with models.gathered(list(mod.parameters()), zero_stage), torch.no_grad():
                 adapters = [a for a in mod.active_adapters if a in mod.lora_A] if not mod.disable_adapters else []
-                weight = base.weight.detach().clone()
+                quantized = id(base) in four_bit
+                weight = models.dense_weight(base) if quantized else base.weight.detach().clone()
                 for a in adapters:
                     weight += mod.get_delta_weight(a).to(weight.dtype)
-                yield _plain_name(prefix + "weight"), weight
+                name = _plain_name(prefix + "weight")
+                yield name, (weight.T.contiguous() if quantized and name.removesuffix(".weight") in conv1d else weight)
                 if getattr(base, "bias", None) is not None:
                     yield _plain_name(prefix + "bias"), base.bias.detach().clone()
             continue
@@ -132,9 +134,10 @@ def plain_weights(model: Any, zero_stage: int = 0) -> Iterator[tuple[str, torch.
                    if n not in getattr(mod, "_non_persistent_buffers_set", set())]
         if not own and not buffers:
             continue
-        with _gathered([p for _, p in own], zero_stage), torch.no_grad():
+        with models.gathered([p for _, p in own], zero_stage), torch.no_grad():
             for n, t in own + buffers:
-                yield _plain_name(prefix + n), t.detach().clone()
+                name = _plain_name(prefix + n)
+                yield name, dense(mod, name) if id(mod) in four_bit and n == "weight" else t.detach().clone()
 
 
 # ------------------------------------------------------------------------------------------- engine

@@ -140,3 +140,29 @@ def test_quantization_needs_lora_in_the_stage_that_trains():
 def test_bad_quantization_keys_are_refused(override, match):
     with pytest.raises(config.ConfigError, match=match):
         config.load_config(None, [override])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_rollout_engine_weights_are_the_published_ones(family_checkpoints, tmp_path, family):
+    """What a vLLM rollout engine is sent (engines.vllm_engine.plain_weights) is the published
+    checkpoint exactly: dense, adapter merged, GPT-2's Conv1D (in, out), never packed 4-bit bytes."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from rlhf.engines.vllm_engine import plain_weights
+
+    src = family_checkpoints[family]
+    cfg = _model_cfg("model.lora.target_modules=[c_attn,q_proj,v_proj]")  # some 4-bit layers without an adapter
+    tok = AutoTokenizer.from_pretrained(str(src))
+    models.ensure_pad_token(tok)
+    model = models.load_causal_lm(str(src), "float32", quantization=models.quantization_config(cfg))
+    models.resize_for_tokenizer(model, tok)
+    model = models.add_lora(model, cfg.lora, "CAUSAL_LM")
+    _randomised_adapters(model, seed=3)
+    models.publish_model(model, 0, tmp_path / "out", tok)
+    published = load_file(str(tmp_path / "out" / "model.safetensors"))
+    sent = dict(plain_weights(model))
+    assert set(published) <= set(sent), sorted(set(published) - set(sent))[:5]
+    for name, value in published.items():
+        assert sent[name].shape == value.shape and sent[name].dtype == value.dtype, name
+        assert torch.allclose(sent[name], value, atol=1e-6), name
