@@ -57,6 +57,7 @@ def check(cfg: PipelineConfig, stages: Any) -> None:
         if problem:
             raise ConfigError(f"deepspeed.offload=true: {problem}, or set deepspeed.offload=false")
     check_rollout_engine(cfg, stages)
+    check_quantization(cfg, stages)
     if SFT in stages and cfg.sft.import_model:
         check_model_dir(cfg.sft.import_model, "sft.import_model", cfg.model.trust_remote_code)
     elif SFT in stages:
@@ -204,6 +205,29 @@ def check_dtype(dtype: str, stages: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- models
+
+def check_quantization(cfg: PipelineConfig, stages: list[str]) -> None:
+    """model.quantization=4bit: LoRA in every stage that trains (an imported model trains nothing), a
+    pretrained base for SFT, and bitsandbytes importable."""
+    if cfg.model.quantization == "none":
+        return
+    from rlhf import models
+
+    q = cfg.model.quantization
+    trains = [(SFT, cfg.sft.lora, "sft.lora", cfg.sft.import_model), (REWARD, cfg.reward.lora, "reward.lora",
+                                                                      cfg.reward.import_model),
+              (PPO, cfg.ppo.lora, "ppo.lora", None)]
+    off = [key for stage, lora, key, imported in trains if stage in stages and not imported and not lora]
+    if off:
+        raise ConfigError(f"model.quantization={q} trains LoRA adapters on a frozen 4-bit base, and "
+                          f"{' and '.join(off)} {'is' if len(off) == 1 else 'are'} false (a 4-bit base cannot be "
+                          f"trained in full): set {' '.join(k + '=true' for k in off)}, or model.quantization=none")
+    if SFT in stages and not cfg.sft.import_model and cfg.model.name_or_path is None:
+        raise ConfigError(f"model.quantization={q} needs a pretrained base (model.name_or_path) to quantize; a "
+                          "scratch model (model.scratch) trains all its weights: set model.quantization=none")
+    if any(stage in stages and not imported for stage, _, _, imported in trains):
+        models.require_bitsandbytes(f"model.quantization={q}")
+
 
 def check_policy_source(cfg: PipelineConfig) -> None:
     """The SFT stage's model: exactly one of model.name_or_path and model.scratch, and a sane directory."""

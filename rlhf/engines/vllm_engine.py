@@ -39,7 +39,7 @@ from typing import Any, Iterator
 import torch
 
 from rlhf.generation import Generated, Sampling, truncate_at_eos
-from rlhf.models import unwrap
+from rlhf.models import plain_config, unwrap
 from rlhf.tokenization import clip_text, encode_prompt, pad_batch
 
 INSTALL_HINT = ("install vLLM into this environment: on a CUDA machine `pip install 'rlhf[vllm]'` (vLLM's GPU build); "
@@ -243,7 +243,7 @@ class VLLMEngine:
         self.device = device or torch.device("cpu")
         self.on_gpu = torch.cuda.is_available()
         self.dtype = self.settings.dtype or dtype
-        config = unwrap(model).config
+        config = plain_config(model)
         if not self.on_gpu:
             _check_cpu_head_size(config)
             if self.settings.sleep_mode:
@@ -266,7 +266,9 @@ class VLLMEngine:
             kw["distributed_executor_backend"] = "external_launcher"
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix="rlhf-vllm-") as tmp, _process_state_kept(), _model_classes_kept(model):
-            config.save_pretrained(tmp)  # the architecture only: the weights come by sync_weights
+            # the architecture only: the weights come by sync_weights, dense (a 4-bit base's config without its
+            # quantization settings: vLLM is sent the 16-bit weights it computes)
+            plain_config(model).save_pretrained(tmp)
             self.llm = vllm.LLM(model=tmp, **kw)
         self.startup_seconds = time.time() - t0
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len

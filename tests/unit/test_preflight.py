@@ -568,3 +568,21 @@ def test_sequences_longer_than_the_policy_takes_are_refused_before_any_work(tmp_
     with pytest.raises(ConfigError, match=r"ppo.max_prompt_length \+ ppo.max_new_tokens = 300 tokens.*at most 128 "
                                           r"\(model.scratch.max_position_embeddings\)"):
         preflight.check(demo_cfg(tmp_path, "ppo.max_prompt_length=200", "ppo.max_new_tokens=100"), ALL)
+
+
+# ---------------------------------------------------------------- model.quantization=4bit (QLoRA)
+
+def test_quantization_needs_lora_in_each_stage_that_trains_and_a_pretrained_base(tmp_path):
+    model = model_dir(tmp_path / "m", {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                       "max_position_embeddings": 512}, "model.safetensors", "tokenizer.json")
+    base = [f"model.name_or_path={model}", "model.scratch=null", "model.quantization=4bit"]
+    with pytest.raises(ConfigError, match=r"reward\.lora and ppo\.lora are false .*set reward\.lora=true ppo\.lora=true"):
+        preflight.check(demo_cfg(tmp_path, *base, "sft.lora=true"), ALL)
+    with pytest.raises(ConfigError, match=r"sft\.lora is false"):
+        preflight.check(demo_cfg(tmp_path, *base), ["sft"])
+    # a stage not run, or an imported model, trains nothing and needs no LoRA
+    preflight.check(demo_cfg(tmp_path, *base, "sft.lora=true"), ["sft"])
+    preflight.check(demo_cfg(tmp_path, *base, f"sft.import_model={model}", "reward.lora=true", "ppo.lora=true"), ALL)
+    with pytest.raises(ConfigError, match=r"needs a pretrained base \(model\.name_or_path\)"):
+        preflight.check(demo_cfg(tmp_path, "model.quantization=4bit", "sft.lora=true"), ["sft"])
+    assert list(tmp_path.iterdir()) == [tmp_path / "m"]  # nothing created

@@ -193,3 +193,42 @@ def test_engine_keeps_the_process_rng_and_threads_and_resumes_draws(tmp_path):
         assert torch.equal(greedy.ended, hf.ended)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3"])
+def test_4bit_lora_actor_is_served_dense_and_merged(family, tmp_path):
+    """model.quantization=4bit: the engine gets the dequantized base plus the LoRA delta (GPT-2's Conv1D in
+    its own orientation), never packed 4-bit bytes. Its log-probs equal the 4-bit+LoRA actor's, and a
+    changed adapter reaches it on the next sync."""
+    pytest.importorskip("bitsandbytes")
+    from rlhf import config, models
+
+    d = build_family(family, tmp_path / family, heads=2)  # vLLM's CPU attention needs head size >= 32
+    tok = models.load_tokenizer(str(d))
+    cfg = config.load_config(None, ["model.quantization=4bit", "model.lora.target_modules=[all-linear]"]).model
+    model = models.load_causal_lm(str(d), "float32", quantization=models.quantization_config(cfg))
+    if models.ensure_pad_token(tok):
+        models.resize_for_tokenizer(model, tok)
+    model = models.add_lora(model, cfg.lora, "CAUSAL_LM").eval()
+
+    def move_adapters(seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+    move_adapters(0)
+    engine = engines.build("vllm", model, tok, max_prompt_length=200, vllm=SETTINGS)
+    try:
+        prompts = _prompts(tok)
+        g = engine.generate(prompts, SAMPLING, 16, with_logprobs=True)[0]
+        assert int(g.response_mask.sum()) > len(prompts) and _gap(model, g) < TOL
+        move_adapters(1)
+        engine.sync_weights(1)
+        g2 = engine.generate(prompts, SAMPLING, 16, with_logprobs=True)[0]
+        assert _gap(model, g2) < TOL, "after a sync the engine must score with the new adapter"
+        with model.disable_adapter():
+            assert _gap(model, g2) > 100 * TOL, "the adapter did not reach the engine"
+    finally:
+        engine.close()
