@@ -43,6 +43,7 @@ class Shape:
     heads: int
     kv_heads: int
     vocab: int
+    linear: int = 0  # parameters in the body's linear layers (what a 4-bit base packs; heads and embeddings stay)
 
     @property
     def head_dim(self) -> int:
@@ -94,11 +95,17 @@ def _shape_of(conf: Any, trust_remote_code: bool, classifier: bool = False) -> S
     auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(conf, trust_remote_code=trust_remote_code)
+    from transformers.pytorch_utils import Conv1D
+
+    from rlhf.models import FULL_PRECISION_MODULES
+
     params = sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, (torch.nn.Linear, Conv1D)) and name.split(".")[-1] not in FULL_PRECISION_MODULES)
     text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
     heads = text.num_attention_heads
     return Shape(params=params, hidden=text.hidden_size, layers=text.num_hidden_layers, heads=heads,
-                 kv_heads=getattr(text, "num_key_value_heads", None) or heads, vocab=text.vocab_size)
+                 kv_heads=getattr(text, "num_key_value_heads", None) or heads, vocab=text.vocab_size, linear=linear)
 
 
 class PlanError(ValueError):
@@ -111,10 +118,29 @@ def lora_params(shape: Shape, r: int, targets: int = 2) -> int:
     return shape.layers * targets * r * 2 * shape.hidden
 
 
-def trained(shape: Shape, w: int, zero: int, n: int, offload: bool, trainable: int) -> dict[str, float]:
-    """Bytes per process of one trained model: weights, gradients, optimizer state (GPU and CPU)."""
+def quant_bits(cfg: Any) -> float | None:
+    """Bits per packed weight of model.quantization (None: not quantized): NF4/FP4 is 4 bits plus a
+    scale per block of 64; double quantization stores those scales in 8 bits with one 32-bit scale
+    per 256 of them (4 + 8/64 + 32/(64*256) = 4.127), else in 32 bits (4 + 32/64 = 4.5)."""
+    if cfg.model.quantization == "none":
+        return None
+    return 4 + 8 / 64 + 32 / (64 * 256) if cfg.model.quant_double else 4 + 32 / 64
+
+
+def base_bytes(shape: Shape, w: int, bits: float | None) -> float:
+    """Bytes of a model's weights: all in model.dtype, or with a 4-bit base its body's linear layers
+    packed (`bits` per weight) and the rest (embeddings, norms, heads) in model.dtype."""
+    if bits is None:
+        return shape.params * w
+    return (shape.params - shape.linear) * w + shape.linear * bits / 8
+
+
+def trained(shape: Shape, w: int, zero: int, n: int, offload: bool, trainable: int,
+            bits: float | None = None) -> dict[str, float]:
+    """Bytes per process of one trained model: weights (with a 4-bit base: `bits` per packed weight),
+    gradients, optimizer state (GPU and CPU)."""
     opt = trainable * (8 + (4 if w < 4 else 0))
-    weights = shape.params * w / (n if zero >= 3 else 1)
+    weights = (base_bytes(shape, w, bits) + (trainable * w if bits is not None else 0)) / (n if zero >= 3 else 1)
     grads = trainable * w / (n if zero >= 2 else 1)
     opt = opt / (n if zero >= 1 else 1)
     out = {"weights": weights, "gradients": grads, "optimizer": 0.0 if offload else opt,
@@ -125,8 +151,8 @@ def trained(shape: Shape, w: int, zero: int, n: int, offload: bool, trainable: i
     return out
 
 
-def frozen(shape: Shape, w: int, zero: int, n: int) -> float:
-    return shape.params * w / (n if zero >= 3 else 1)
+def frozen(shape: Shape, w: int, zero: int, n: int, bits: float | None = None) -> float:
+    return base_bytes(shape, w, bits) / (n if zero >= 3 else 1)
 
 
 def activations(shape: Shape, w: int, batch: int, seq: int, checkpointing: bool, logits: bool = True) -> float:
@@ -152,13 +178,14 @@ def estimate(cfg: Any, processes: int, shape: Shape | None = None,
     n, zero, off = processes, cfg.deepspeed.zero_stage, cfg.deepspeed.offload
     w = DTYPE_BYTES[cfg.model.dtype]
     r = cfg.model.lora.r
+    bits = quant_bits(cfg)  # a 4-bit base in every stage that trains LoRA (the config refuses it without)
     out: dict[str, dict[str, float]] = {}
 
     s = pp.sft
     if s.import_model:
         out["sft"] = {**_nothing(), "weights": shape.params * w}
     else:
-        m = trained(shape, w, zero, n, off, lora_params(shape, r) if s.lora else shape.params)
+        m = trained(shape, w, zero, n, off, lora_params(shape, r) if s.lora else shape.params, bits if s.lora else None)
         m["activations"] = activations(shape, w, s.batch_size, s.max_length, s.gradient_checkpointing)
         out["sft"] = m
 
@@ -166,7 +193,8 @@ def estimate(cfg: Any, processes: int, shape: Shape | None = None,
     if rw.import_model:  # the reward model (sharded at stage 3) beside the policy that samples
         out["reward"] = {**_nothing(), "weights": shape.params * w, "reward model": frozen(rm_shape, w, zero, n)}
     else:
-        m = trained(shape, w, zero, n, off, lora_params(shape, r) if rw.lora else shape.params)
+        m = trained(shape, w, zero, n, off, lora_params(shape, r) if rw.lora else shape.params,
+                    bits if rw.lora else None)
         m["activations"] = activations(shape, w, 2 * rw.batch_size, rw.max_length, rw.gradient_checkpointing,
                                        logits=False)
         out["reward"] = m
@@ -174,7 +202,8 @@ def estimate(cfg: Any, processes: int, shape: Shape | None = None,
     p = pp.ppo
     seq = p.max_prompt_length + p.max_new_tokens
     micro = max(1, p.mini_batch_size // p.grad_accum)
-    actor = trained(shape, w, zero, n, off, lora_params(shape, r) if p.lora else shape.params)
+    pbits = bits if p.lora else None  # PPO's frozen bases (actor's, critic's with critic_lora, the RM) in 4 bits
+    actor = trained(shape, w, zero, n, off, lora_params(shape, r) if p.lora else shape.params, pbits)
     m = {k: v for k, v in actor.items()}
     if not p.lora:
         m["reference"] = frozen(shape, w, zero, n)
@@ -182,10 +211,11 @@ def estimate(cfg: Any, processes: int, shape: Shape | None = None,
     # an imported reward model of another vocabulary cannot be the critic: it then starts from the policy
     from_reward = p.critic_from_reward and (rm_shape is shape or rm_shape.vocab == shape.vocab)
     if not (critic and p.lora and p.critic_lora and from_reward):  # else the critic's base is the RM
-        m["reward model"] = frozen(rm_shape, w, zero, n)
+        m["reward model"] = frozen(rm_shape, w, zero, n, pbits)
     if critic:
         cs = rm_shape if from_reward else shape
-        c = trained(cs, w, zero, n, off, lora_params(cs, r) if (p.lora and p.critic_lora) else cs.params)
+        c = trained(cs, w, zero, n, off, lora_params(cs, r) if (p.lora and p.critic_lora) else cs.params,
+                    pbits if p.critic_lora else None)
         for k in ("weights", "gradients", "optimizer", "cpu"):
             m[k] += c[k]
     train = activations(shape, w, micro, seq, p.gradient_checkpointing)
@@ -213,7 +243,7 @@ def render(cfg: Any, processes: int, shape: Shape, est: dict[str, dict[str, floa
     w = DTYPE_BYTES[cfg.model.dtype]
     lines = [f"model: {shape.params / 1e6:.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, vocabulary "
              f"{shape.vocab}){' (sft.import_model)' if cfg.sft.import_model else ''}, {cfg.model.dtype} ({w} "
-             f"bytes/parameter); {processes} process(es), ZeRO-"
+             f"bytes/parameter{_quant_note(cfg, shape)}); {processes} process(es), ZeRO-"
              f"{cfg.deepspeed.zero_stage}{', CPU offload' if cfg.deepspeed.offload else ''}"]
     if rm_shape is not None and rm_shape is not shape:
         lines.append(f"reward model (reward.import_model): {rm_shape.params / 1e6:.1f}M parameters ({rm_shape.layers} "
@@ -234,6 +264,14 @@ def render(cfg: Any, processes: int, shape: Shape, est: dict[str, dict[str, floa
     lines.append("Not counted: CUDA context (~0.5-1 GiB), fragmentation, communication buffers; estimates to "
                  "~1.5x. `rlhf bench` measures PPO's peak on this machine.")
     return "\n".join(lines)
+
+
+def _quant_note(cfg: Any, shape: Shape) -> str:
+    bits = quant_bits(cfg)
+    if bits is None:
+        return ""
+    return (f"; LoRA bases in {cfg.model.quantization} ({bits:.3g} bits per weight in the "
+            f"{shape.linear / 1e6:.1f}M linear-layer parameters)")
 
 
 def main(args: argparse.Namespace) -> int:

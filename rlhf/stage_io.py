@@ -129,6 +129,7 @@ def finish(artifact_dir: str, stage: str, staged: Path, ckpt_dir: Path, tracker:
     and publishes (artifacts.publish), then removes the checkpoints; all ranks wait, then print
     the summary line. `manifest`: build_manifest's other arguments."""
     art = None
+    metrics = {**metrics, **peak_memory()}
     if distributed.is_main():
         clock.tick(force=True)
         faults.point("publish:staged")
@@ -145,12 +146,28 @@ def finish(artifact_dir: str, stage: str, staged: Path, ckpt_dir: Path, tracker:
     return art
 
 
+def peak_memory() -> dict:
+    """This process's peak memory so far: {"peak_memory_mb", "peak_memory_kind"}: the CUDA allocator's
+    peak on a GPU, else the peak resident set of the process (what the machine had to hold)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                "peak_memory_kind": "cuda max_memory_allocated"}
+    import resource
+
+    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_memory_kind": "peak resident set"}
+
+
 def summary_line(stage: str, art: artifacts.Artifact, keys: list[str]) -> None:
     m = art.metrics
     parts = [f"{k}={m[k]:.4g}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}" for k in keys if k in m]
     origin = art.manifest.get("imported") and artifacts.origin(art.manifest)
     shown = ", ".join(parts + ([origin] if origin else []))
     say(stage, f"done in {art.manifest.get('duration_s', 0):.0f}s: {art.path}" + (f" ({shown})" if shown else ""))
+    if isinstance(m.get("peak_memory_mb"), (int, float)):
+        say(stage, f"peak memory {m['peak_memory_mb']:.0f} MiB ({m.get('peak_memory_kind')}, rank 0)")
 
 
 def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -> int:

@@ -99,3 +99,28 @@ def test_imported_models_are_loaded_not_trained_and_a_foreign_reward_model_is_co
     same = plan.Shape(params=7_000_000_000, hidden=4096, layers=32, heads=32, kv_heads=8, vocab=SHAPE.vocab)
     est = plan.estimate(c, 8, SHAPE, same)
     assert est["ppo"]["optimizer"] == trained_by_hand["optimizer"] + plan.trained(same, 2, 3, 8, False, same.params)["optimizer"]
+
+
+def test_a_4bit_base_counts_its_linear_layers_at_4_bits(tmp_path):
+    """model.quantization=4bit: a LoRA stage's base holds its body's linear layers at 4.127 bits (NF4 with
+    double-quantized block scales) or 4.5 bits, the rest (embeddings, norms, heads) and the adapter in model.dtype."""
+    from transformers import LlamaConfig
+
+    conf = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    conf.save_pretrained(tmp_path)
+    shape = plan.model_shape(load_config(None, [f"model.name_or_path={tmp_path}"]))
+    assert shape.linear == 3 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)  # q, o; k, v (2 kv heads); gate, up, down
+
+    big = plan.Shape(params=SHAPE.params, hidden=2048, layers=16, heads=16, kv_heads=8, vocab=32000, linear=800_000_000)
+    q = cfg("sft.lora=true", "reward.lora=true", "ppo.lora=true", "model.quantization=4bit")
+    est, full = plan.estimate(q, 1, big), plan.estimate(cfg("sft.lora=true", "reward.lora=true", "ppo.lora=true"), 1, big)
+    lora = plan.lora_params(big, 8)
+    packed = 200_000_000 * 2 + 800_000_000 * (4 + 8 / 64 + 32 / 16384) / 8
+    assert est["sft"]["weights"] == pytest.approx(packed + 2 * lora)
+    assert full["sft"]["weights"] == 2 * big.params
+    assert est["ppo"]["weights"] == pytest.approx(2 * (packed + 2 * lora))  # actor and LoRA critic, both on 4-bit bases
+    assert est["sft"]["gradients"] == full["sft"]["gradients"] and est["sft"]["activations"] == full["sft"]["activations"]
+    single = plan.estimate(cfg("sft.lora=true", "reward.lora=true", "ppo.lora=true", "model.quantization=4bit",
+                               "model.quant_double=false"), 1, big)
+    assert single["sft"]["weights"] == pytest.approx(200_000_000 * 2 + 800_000_000 * 4.5 / 8 + 2 * lora)
