@@ -115,13 +115,14 @@ def _models(a: argparse.Namespace, cfg: Any) -> tuple[Any, Any, dict, bool, str]
     from rlhf.ppo.layout import build_models, from_artifacts
 
     c, lora, dtype = cfg.ppo, cfg.model.lora, cfg.model.dtype
+    quant = models.stage_quantization(cfg.model, c.lora, "ppo.lora")  # model.quantization=4bit: as PPO loads them
     if a.artifact_dir:
         sft = artifacts.load(artifacts.stage_dir(a.artifact_dir, artifacts.SFT), artifacts.SFT)
         tok = models.load_tokenizer(str(sft.path))
         rm = artifacts.load(artifacts.stage_dir(a.artifact_dir, artifacts.REWARD), artifacts.REWARD,
                             tokenizer_fp=artifacts.tokenizer_fingerprint(tok))
         four = from_artifacts(c, lora, dtype, sft_path=str(sft.path), rm_path=str(rm.path),
-                              pad_token_id=tok.pad_token_id)
+                              pad_token_id=tok.pad_token_id, quantization=quant)
         return tok, four, rm.manifest["reward_stats"], sft.use_chat_template, f"artifacts in {a.artifact_dir}"
     if a.model:
         trust = cfg.model.trust_remote_code
@@ -133,11 +134,17 @@ def _models(a: argparse.Namespace, cfg: Any) -> tuple[Any, Any, dict, bool, str]
                 models.resize_for_tokenizer(model, tok)
             return model
 
-        scorer = lambda: fitted(models.load_reward_model(a.model, dtype, tok.pad_token_id, trust))  # noqa: E731
-        four = build_models(c, lora, dtype, load_policy=lambda: fitted(models.load_causal_lm(a.model, dtype, trust)),
-                            load_reward=scorer, load_critic=scorer)
+        scorer = lambda q=None: fitted(models.load_reward_model(a.model, dtype, tok.pad_token_id, trust,  # noqa: E731
+                                                                quantization=q))
+        four = build_models(c, lora, dtype, quantization=quant, load_reward=scorer, load_critic=scorer,
+                            load_policy=lambda q=None: fitted(models.load_causal_lm(a.model, dtype, trust, quantization=q)))
         return (tok, four, {"mean": 0.0, "std": 1.0}, tok.chat_template is not None,
                 f"{a.model} (critic and reward model: fresh heads)")
+    if quant is not None:
+        from rlhf.config import ConfigError
+
+        raise ConfigError("model.quantization=4bit quantizes a checkpoint: give --model DIR or --artifact-dir DIR "
+                          "(the random-init bench model is built in memory)")
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from rlhf.data import load_sft, prompt_text

@@ -35,7 +35,7 @@ def _randomised_adapters(model, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama3"])
+@pytest.mark.parametrize("family", ["gpt2", "pythia", "qwen2", "llama3", "opt"])
 @pytest.mark.parametrize("kind", ["policy", "reward"])
 def test_merged_export_computes_what_the_4bit_lora_model_computes(family_checkpoints, tmp_path, family, kind):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
