@@ -219,6 +219,22 @@ def trainable_in_dtype(model: Any, dtype: str) -> None:
             param.data = param.data.to(DTYPES[dtype])
 
 
+def weights_mib(*models_: Any) -> float:
+    """MiB the parameters and buffers of `models_` occupy (storage shared between them, or tied
+    weights, counted once; a 4-bit layer at its packed size). Before DeepSpeed partitions them."""
+    seen: set = set()
+    total = 0
+    for model in models_:
+        if model is None:
+            continue
+        for t in [*model.parameters(), *model.buffers()]:
+            key = (t.device, t.untyped_storage().data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total / 2**20
+
+
 def four_bit_layers(model: Any) -> list:
     """The bitsandbytes 4-bit linear layers of `model` (any wrapper), in module order."""
     if not is_quantized(model):

@@ -58,6 +58,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                           rm_path=str(rm_art.path), pad_token_id=tokenizer.pad_token_id,
                           rm_pad_token_id=_pad_id(bridge.rm_tok) if bridge is not None else None,
                           quantization=quant)
+    weights_mib = models.weights_mib(four.actor, four.reference, four.critic, four.reward)
+    say(PPO, f"models: {weights_mib:.4g} MiB of weights (actor, reference, critic and reward model, shared weights once)")
 
     # 3. data -----------------------------------------------------------------------------
     def render(prompt) -> str:
@@ -94,11 +96,11 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     critic = {"critic": None} if trainer.critic is None else {
         "critic": f"{CRITIC_DIR}/", "critic_value_scale": {"mean": trainer.value_scale[0], "std": trainer.value_scale[1],
                                                            "meaning": "values in PPO units = (head output - mean) / std"}}
-    return finish(cfg.artifact_dir, PPO, staged, ckpt_dir, tracker, clock, ppo_run.summary(evaluation, started),
+    return finish(cfg.artifact_dir, PPO, staged, ckpt_dir, tracker, clock,
+                  {**ppo_run.summary(evaluation, started), "weights_mib": round(weights_mib, 1)},
                   HEADLINE[PPO], config=config, parents=[sft, rm_art], tokenizer_fp=tok_fp, data=data,
                   reward_stats=reward_stats, model={"base": str(sft.path), "lora": "merged" if ppo_cfg.lora else None,
-                         "quantization": models.trained_on(quant),
-                                                    "use_chat_template": sft.use_chat_template, **critic,
+                         "quantization": models.trained_on(quant), "use_chat_template": sft.use_chat_template, **critic,
                                                     "reward_scored_on": "text" if bridge is not None else "tokens"})
 
 

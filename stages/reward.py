@@ -84,13 +84,16 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                                     data_collator=WeightedPreferenceCollator(pad_token_id=tokenizer.pad_token_id),
                                     callbacks=[TrackerCallback(tracker)], groups=[r["group"] for r in train_rows])
     models.trainable_in_dtype(trainer.model, model_cfg.dtype)
-    if quant is not None:
-        say(REWARD, f"LoRA on a base in {models.trained_on(quant)}; the score head trains in {model_cfg.dtype}")
+    weights_mib = models.weights_mib(trainer.model)
+    say(REWARD, f"model: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters ({weights_mib:.4g} MiB)"
+                + (f"; LoRA on a base in {models.trained_on(quant)}, the score head trains in {model_cfg.dtype}"
+                   if quant is not None else ""))
     if resume_from:
         say(REWARD, f"resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)
     # over the whole training, resumed runs included (the trainer's own figures cover its last run)
-    metrics: dict = {S.TRAIN_LOSS: train_loss(trainer.state.log_history, result), "train_steps": result.global_step,
+    metrics: dict = {"weights_mib": round(weights_mib, 1),
+                     S.TRAIN_LOSS: train_loss(trainer.state.log_history, result), "train_steps": result.global_step,
                      "ties_dropped": train.ties_dropped,
                      **{f"skipped_{k}": v for k, v in train.skipped.items()},
                      **{f"train_{k}": v for k, v in train_counts.items()}, **{f"eval_{k}": v for k, v in eval_counts.items()}}

@@ -70,7 +70,8 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     models.resize_for_tokenizer(model, tokenizer)
     if sft_cfg.lora:
         model = models.add_lora(model, model_cfg.lora, "CAUSAL_LM")
-    say(SFT, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    weights_mib = models.weights_mib(model)
+    say(SFT, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({weights_mib:.4g} MiB), "
              f"vocabulary {len(tokenizer)}, {distributed.world_size()} process(es), ZeRO-{cfg.deepspeed.zero_stage}"
              + (f"; base in {models.trained_on(quant)}" if quant is not None else ""))
 
@@ -116,7 +117,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[TrackerCallback(tracker)])
     models.trainable_in_dtype(trainer.model, model_cfg.dtype)
-    metrics: dict = {"train_rows": train_data.rows, "train_examples": len(train_ds), "train_truncated": train_truncated,
+    metrics: dict = {"weights_mib": round(weights_mib, 1), "train_rows": train_data.rows, "train_examples": len(train_ds), "train_truncated": train_truncated,
                      "train_dropped_no_response_left": train_dropped,
                      **{f"skipped_{k}": v for k, v in train_data.skipped.items()}}
     initial_file = ckpt_dir / "initial_eval.json"
