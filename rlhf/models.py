@@ -202,8 +202,18 @@ def _quantized(model: Any) -> Any:
     runs without gradients on a CPU with AVX512-BF16, into a layout of its own that computes in
     bfloat16 and fails for widths not a multiple of its block; a DeepSpeed partition would be
     rewritten under the engine.)"""
-    for module in four_bit_layers(model):
+    four_bit = four_bit_layers(model)
+    for module in four_bit:
         module.support_avx512bf16_for_cpu = False
+    if four_bit:
+        # the weights that stay in model.dtype (embeddings, norms, heads) are loaded as views into the checkpoint's
+        # memory map, which then keeps every page the quantization read (the whole file) resident: own copies
+        # release it (measured: 386 MiB of resident memory for a 134M-parameter checkpoint)
+        packed = {id(m.weight) for m in four_bit}
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                if id(tensor) not in packed and tensor.device.type == "cpu":
+                    tensor.data = tensor.data.clone()
     return model
 
 
