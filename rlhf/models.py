@@ -229,6 +229,15 @@ def trainable_in_dtype(model: Any, dtype: str) -> None:
             param.data = param.data.to(DTYPES[dtype])
 
 
+def parameter_count(model: Any) -> int:
+    """Parameters of `model` as the plain model counts them (a 4-bit weight by its unpacked shape)."""
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        total += state.shape.numel() if state is not None else p.numel()
+    return total
+
+
 def weights_mib(*models_: Any) -> float:
     """MiB the parameters and buffers of `models_` occupy (storage shared between them, or tied
     weights, counted once; a 4-bit layer at its packed size). Before DeepSpeed partitions them."""

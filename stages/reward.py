@@ -85,7 +85,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
                                     callbacks=[TrackerCallback(tracker)], groups=[r["group"] for r in train_rows])
     models.trainable_in_dtype(trainer.model, model_cfg.dtype)
     weights_mib = models.weights_mib(trainer.model)
-    say(REWARD, f"model: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters ({weights_mib:.4g} MiB)"
+    say(REWARD, f"model: {models.parameter_count(trainer.model) / 1e6:.2f}M parameters ({weights_mib:.4g} MiB)"
                 + (f"; LoRA on a base in {models.trained_on(quant)}, the score head trains in {model_cfg.dtype}"
                    if quant is not None else ""))
     if resume_from:

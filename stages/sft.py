@@ -71,7 +71,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     if sft_cfg.lora:
         model = models.add_lora(model, model_cfg.lora, "CAUSAL_LM")
     weights_mib = models.weights_mib(model)
-    say(SFT, f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({weights_mib:.4g} MiB), "
+    say(SFT, f"model: {models.parameter_count(model) / 1e6:.2f}M parameters ({weights_mib:.4g} MiB), "
              f"vocabulary {len(tokenizer)}, {distributed.world_size()} process(es), ZeRO-{cfg.deepspeed.zero_stage}"
              + (f"; base in {models.trained_on(quant)}" if quant is not None else ""))
 
