@@ -266,9 +266,9 @@ class VLLMEngine:
             kw["distributed_executor_backend"] = "external_launcher"
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix="rlhf-vllm-") as tmp, _process_state_kept(), _model_classes_kept(model):
-            # the architecture only: the weights come by sync_weights, dense (a 4-bit base's config without its
-            # quantization settings: vLLM is sent the 16-bit weights it computes)
-            plain_config(model).save_pretrained(tmp)
+            # the architecture only (a 4-bit base's config without its quantization settings): the weights come
+            # by sync_weights, dense
+            config.save_pretrained(tmp)
             self.llm = vllm.LLM(model=tmp, **kw)
         self.startup_seconds = time.time() - t0
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
