@@ -176,7 +176,7 @@ def require_bitsandbytes(key: str) -> None:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # ImportError, or a broken native library
         raise ConfigError(f"{key} needs bitsandbytes ({type(e).__name__}: {e}); install it with "
-                          "`pip install 'bitsandbytes>=0.48'` (on CPUs it needs AVX2), or set "
+                          "`pip install 'bitsandbytes>=0.49,<0.51'` (on CPUs it needs AVX2), or set "
                           "model.quantization=none") from None
 
 
