@@ -33,10 +33,6 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         raise ConfigError("set model.name_or_path (hub id or local dir) or model.scratch (a from-scratch spec)")
     if sft_cfg.lora and model_cfg.name_or_path is None:
         raise ConfigError("sft.lora=true needs a pretrained base (model.name_or_path); a scratch model trains all weights")
-    if model_cfg.quantization != "none" and model_cfg.name_or_path is None:
-        raise ConfigError(f"model.quantization={model_cfg.quantization} needs a pretrained base (model.name_or_path) "
-                          "to quantize; a scratch model (model.scratch) trains all its weights: set "
-                          "model.quantization=none")
     quant = models.stage_quantization(model_cfg, sft_cfg.lora, "sft.lora")
     data = artifacts.data_fingerprint({"train_data": train_src, "eval_data": sft_cfg.eval_data})
     done = skip_if_up_to_date(cfg.artifact_dir, SFT, config, [], cfg.force, data)

@@ -106,8 +106,7 @@ def plain_weights(model: Any, zero_stage: int = 0) -> Iterator[tuple[str, torch.
     four_bit = {id(m) for m in models.four_bit_layers(module)}
     conv1d = models.conv1d_names(module) if four_bit else set()
 
-    def dense(layer: Any, name: str) -> torch.Tensor:
-        weight = models.dense_weight(layer)
+    def oriented(name: str, weight: torch.Tensor) -> torch.Tensor:  # a dense (out, in) weight as `name` holds it
         return weight.T.contiguous() if name.removesuffix(".weight") in conv1d else weight
 
     skip: list[str] = []  # modules inside a LoRA layer: yielded with it
@@ -125,7 +124,7 @@ def plain_weights(model: Any, zero_stage: int = 0) -> Iterator[tuple[str, torch.
                 for a in adapters:
                     weight += mod.get_delta_weight(a).to(weight.dtype)
                 name = _plain_name(prefix + "weight")
-                yield name, (weight.T.contiguous() if quantized and name.removesuffix(".weight") in conv1d else weight)
+                yield name, oriented(name, weight) if quantized else weight
                 if getattr(base, "bias", None) is not None:
                     yield _plain_name(prefix + "bias"), base.bias.detach().clone()
             continue
@@ -137,7 +136,8 @@ def plain_weights(model: Any, zero_stage: int = 0) -> Iterator[tuple[str, torch.
         with models.gathered([p for _, p in own], zero_stage), torch.no_grad():
             for n, t in own + buffers:
                 name = _plain_name(prefix + n)
-                yield name, dense(mod, name) if id(mod) in four_bit and n == "weight" else t.detach().clone()
+                yield name, (oriented(name, models.dense_weight(mod)) if id(mod) in four_bit and n == "weight"
+                             else t.detach().clone())
 
 
 # ------------------------------------------------------------------------------------------- engine
