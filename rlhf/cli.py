@@ -342,6 +342,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 line += f"  {artifacts.origin(m)}"
             if args.verify:
                 line += f"  ({len(m['files'])} files verified)"
+            metrics = m["metrics"]
+            if metrics.get("selected_update") is not None and metrics.get("guard_reason"):
+                line += f"\n        published update {metrics['selected_update']}: {metrics['guard_reason']}"
+            line += "".join(f"\n        warning: {w}" for w in metrics.get("warnings") or [])
         elif state == "damaged":
             damaged_any = True
             line += (f"  {'; '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''}: the next stage will refuse it; "

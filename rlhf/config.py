@@ -161,6 +161,9 @@ class RewardStageConfig:
     logging_steps: int = _f(10, "optimizer steps between metric logs")
     max_grad_norm: float = _f(1.0, "gradient clipping")
     stats_samples: int = _f(256, "SFT-policy responses scored to measure reward_stats")
+    ensemble: int = _f(1, "reward-model ensemble members: K score heads on one shared body, each trained on its own "
+                          "bootstrap of the pairs (1 = a single reward model); the artifact loads as one model whose "
+                          "score is the members' mean")
     max_skipped_fraction: float = _f(0.01, "fail when more than this fraction of rows is unusable (empty response, "
                                            "chosen == rejected, tie); fewer are skipped and counted")
 
@@ -190,8 +193,16 @@ class PPOStageConfig:
     kl_estimator: str = _f("k1", "per-token KL estimator: k1, k2 or k3 (in the loss, kl_penalty=loss: k2 or k3)")
     kl_budget: float = _f(10.0, "KL(PPO || SFT) per response on the held-out prompts the published policy must stay "
                                 "within (the guard selects only such updates; with early_stop, exceeding it stops)")
-    keep_best: str = _f("auto", "the evaluation metric the published policy is chosen by: gold_score, rm_score, "
-                                "auto (gold_score with eval.gold_scorer, else rm_score) or last (the last update)")
+    keep_best: str = _f("auto", "how the published policy is chosen: gold_score, conservative (without gold: the "
+                                "ensemble's conservative score, or the RM score, up to the first evaluation whose drift "
+                                "signals flag exploitation), rm_score, auto (gold_score with eval.gold_scorer, else "
+                                "conservative) or last (the last update)")
+    reward_aggregation: str = _f("mean", "with a reward-model ensemble, the score PPO maximises from the members' "
+                                         "normalised scores: mean, worst (their minimum) or uncertainty (mean - "
+                                         "uncertainty_coef * their standard deviation; Coste et al. 2023)")
+    uncertainty_coef: float = _f(1.0, "lambda of reward_aggregation=uncertainty and of the guard's conservative score")
+    hold_out_member: bool = _f(True, "with an ensemble of 3 or more, PPO never optimises its last member: the guard "
+                                     "watches that member's score as an independent check")
     early_stop: int | None = _f(None, "stop after this many held-out evaluations without improvement of keep_best's "
                                       "metric, or when one exceeds kl_budget (None = run every update)")
     gamma: float = _f(1.0, "discount")
@@ -561,6 +572,8 @@ def _validate(cfg: Any, where: str) -> None:
             raise bad("dropout", f"must be in [0, 1), got {cfg.dropout}")
     if isinstance(cfg, (SFTStageConfig, RewardStageConfig)) and not 0 <= cfg.max_skipped_fraction <= 1:
         raise bad("max_skipped_fraction", f"must be in [0, 1], got {cfg.max_skipped_fraction}")
+    if isinstance(cfg, RewardStageConfig) and not 1 <= cfg.ensemble <= 16:
+        raise bad("ensemble", f"must be 1 (a single reward model) to 16 members, got {cfg.ensemble}")
     if isinstance(cfg, RewardStageConfig) and cfg.pair_weighting not in ("per_prompt", "uniform"):
         raise bad("pair_weighting", f"must be per_prompt or uniform, got {cfg.pair_weighting!r}")
     if isinstance(cfg, PPOStageConfig):
@@ -610,8 +623,12 @@ def _validate(cfg: Any, where: str) -> None:
                 raise bad(key, f"must be > 0, got {getattr(cfg, key)}")
         if cfg.kl_coef < 0:
             raise bad("kl_coef", f"must be >= 0, got {cfg.kl_coef}")
-        if cfg.keep_best not in ("auto", "gold_score", "rm_score", "last"):
-            raise bad("keep_best", f"must be auto, gold_score, rm_score or last, got {cfg.keep_best!r}")
+        if cfg.keep_best not in KEEP_BEST:
+            raise bad("keep_best", f"must be one of {', '.join(KEEP_BEST)}, got {cfg.keep_best!r}")
+        if cfg.reward_aggregation not in REWARD_AGGREGATIONS:
+            raise bad("reward_aggregation", f"must be one of {', '.join(REWARD_AGGREGATIONS)}, got {cfg.reward_aggregation!r}")
+        if cfg.uncertainty_coef < 0:
+            raise bad("uncertainty_coef", f"must be >= 0, got {cfg.uncertainty_coef}")
         if cfg.early_stop is not None and cfg.early_stop < 1:
             raise bad("early_stop", f"must be >= 1 evaluations (or unset), got {cfg.early_stop}")
     if isinstance(cfg, VLLMConfig):
@@ -639,6 +656,8 @@ def _validate(cfg: Any, where: str) -> None:
 
 
 QUANTIZATIONS = ("none", "4bit")
+KEEP_BEST = ("auto", "gold_score", "conservative", "rm_score", "last")
+REWARD_AGGREGATIONS = ("mean", "worst", "uncertainty")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt")
 _POSITIVE = {"epochs", "learning_rate", "critic_learning_rate", "batch_size", "grad_accum", "max_length",

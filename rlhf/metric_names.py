@@ -64,6 +64,17 @@ class Eval:
     KL_TO_SFT = "eval/kl_to_sft"
     RESPONSE_LENGTH = "eval/response_length"
     EOS_RATE = "eval/eos_rate"
+    # signals of reward hacking that need no gold scorer (rlhf.ppo.drift), against update 0's samples
+    TOKEN_KL = "eval/token_kl_to_sft"        # KL of the response-token frequencies from the SFT policy's
+    TOP_TOKEN_SHARE = "eval/top_token_share"  # the part of it the few most-grown tokens carry
+    DISTINCT_2 = "eval/distinct_2"
+    REPETITION = "eval/repetition"
+    # with a reward-model ensemble (reward.ensemble): normalised member scores (rlhf.ensemble)
+    ENSEMBLE_MEAN = "eval/ensemble_mean"      # mean over the members PPO optimises
+    ENSEMBLE_SPREAD = "eval/ensemble_spread"  # standard deviation across all members, mean over responses
+    SPREAD_RATIO = "eval/spread_ratio"        # ... over the same at update 0 (the SFT policy)
+    CONSERVATIVE_SCORE = "eval/conservative_score"  # mean over responses of mean - lambda * spread (all members)
+    HELD_OUT_MEMBER = "eval/held_out_member_score"  # the member PPO never optimises against
     ALL = (RM_SCORE, GOLD_SCORE, KL_TO_SFT, RESPONSE_LENGTH, EOS_RATE)
 
     @staticmethod
@@ -133,6 +144,8 @@ class Summary:
     SELECTED_UPDATE = "selected_update"
     STOP_REASON = "stop_reason"
     GUARD_METRIC = "guard_metric"
+    GUARD_REASON = "guard_reason"      # why the published update was selected, in words
+    EXPLOITATION = "exploitation"      # [{update, signal, detail, ...}]: the drift flags of the held-out evaluations
     EVAL_CURVE = "eval_curve"          # [{update, kl, rm_score, gold_score, response_length, eos_rate}]
     BEST_OF_N = "best_of_n"            # [{n, kl, rm_score, gold_score}], kl analytic
     KL_BUDGET = "kl_budget"

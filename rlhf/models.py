@@ -105,14 +105,15 @@ def load_causal_lm(path: str, dtype: str, trust_remote_code: bool = False, quant
 
 
 def load_reward_model(path: str, dtype: str, pad_token_id: int, trust_remote_code: bool = False,
-                      quantization: Any = None) -> Any:
+                      quantization: Any = None, num_labels: int = 1) -> Any:
     """A sequence-classification model with one output (a new head when `path` is a causal LM).
-    With `quantization` its linear layers are 4-bit, the `score` head stays in `dtype`."""
+    With `quantization` its linear layers are 4-bit, the `score` head stays in `dtype`.
+    `num_labels` > 1: a new head of that many outputs (the members of a reward ensemble)."""
     from transformers import AutoModelForSequenceClassification
 
     model = _quantized(AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
-        **_quantized_load_kwargs(quantization)))
+        path, num_labels=num_labels, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
+        **({"ignore_mismatched_sizes": True} if num_labels > 1 else {}), **_quantized_load_kwargs(quantization)))
     model.config.pad_token_id = pad_token_id
     return model
 
@@ -386,7 +387,8 @@ def has_score_head(model: Any) -> bool:
 def token_values(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) scalar head applied at every position of a sequence-classification model
-    (a DeepSpeed engine is unwrapped; its ZeRO-3 hooks live on the submodules)."""
+    (a DeepSpeed engine is unwrapped; its ZeRO-3 hooks live on the submodules); (B, T, K) for a
+    head of K outputs (a reward ensemble's members, rlhf.ensemble)."""
     base, parts = unwrap(model), body_and_head(model)
     if parts is None or getattr(base, "score", None) is None:
         raise ValueError(f"{type(base).__name__} has no '{getattr(base, 'base_model_prefix', '?')}' body and 'score' "

@@ -16,6 +16,7 @@ import html
 import json
 import math
 import random
+from typing import Any
 from pathlib import Path
 
 from rlhf import artifacts
@@ -49,6 +50,8 @@ SUMMARY_KEYS = {  # summary key -> (stage, manifest metric)
     "selected_update": ("ppo", S.SELECTED_UPDATE),
     "stop_reason": ("ppo", S.STOP_REASON),
     "guard_metric": ("ppo", S.GUARD_METRIC),
+    "guard_reason": ("ppo", S.GUARD_REASON),
+    "ppo_warnings": ("ppo", S.WARNINGS),  # possible reward hacking, with its evidence (rlhf.ppo.drift)
     "eval_curve": ("ppo", S.EVAL_CURVE),    # [{update, kl, rm_score, gold_score, response_length, eos_rate}]
     "best_of_n": ("ppo", S.BEST_OF_N),      # [{n, kl, rm_score, gold_score}], kl analytic
 }
@@ -196,13 +199,23 @@ def overoptimisation_plot(path: Path, ppo_metrics: dict, ppo_rows: list[dict]) -
     else:
         ppo_label = "PPO, held-out evaluation (one point per evaluation)"
     has_gold = any(_num(p.get("gold_score")) for p in curve + bon)
-    panels = [("rm_score", "proxy: reward-model score (raw)")] + ([("gold_score", "gold score")] if has_gold else [])
+    has_ensemble = any(_num(p.get("conservative_score")) for p in curve)
+    panels = ([("rm_score", "proxy: reward-model score (raw)")] + ([("gold_score", "gold score")] if has_gold else [])
+              + ([("conservative_score", "ensemble, normalised units")] if has_ensemble else []))
     plt = _pyplot()
-    fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7.2, 6.4) if has_gold else (7.2, 4.0), dpi=100,
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7.2, 1.6 + 2.4 * len(panels)), dpi=100,
                              squeeze=False)
+    flagged = [p for p in curve if p.get("flags")]
     for ax, (key, ylabel) in zip(axes[:, 0], panels):
         pts = [(_sqrt_kl(p["kl"]), p[key], p["update"]) for p in curve if _num(p.get(key))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color="C0", ms=4, label=ppo_label)
+        if key == "conservative_score":
+            _ensemble_panel(ax, curve)
+        else:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color="C0", ms=4, label=ppo_label)
+        fpts = [(_sqrt_kl(p["kl"]), p[key]) for p in flagged if _num(p.get(key))]
+        if fpts:
+            ax.plot([x for x, _ in fpts], [y for _, y in fpts], "x", color="C3", ms=9, mew=2, zorder=6,
+                    label=f"drift flagged ({', '.join(sorted({f for p in flagged for f in p['flags']}))})")
         for (x, y, u), dy in ((pts[0], -11), (pts[-1], -14))[: min(2, len(pts))]:  # where the curve starts and ends
             ax.annotate("SFT" if u == 0 else f"update {u}", (x, y), textcoords="offset points", xytext=(6, dy),
                         fontsize=7, color="C0")
@@ -224,7 +237,27 @@ def overoptimisation_plot(path: Path, ppo_metrics: dict, ppo_rows: list[dict]) -
     axes[0, 0].set_title("Over-optimisation: score against sqrt(KL to the SFT policy)")
     axes[-1, 0].set_xlabel("sqrt(KL(policy || SFT)) per response  [sqrt(nats)]")
     axes[0, 0].legend(fontsize=7.5, loc="best")
+    if has_ensemble:
+        axes[-1, 0].legend(fontsize=7, loc="best")
     return _save(fig, path)
+
+
+def _ensemble_panel(ax: Any, curve: list[dict]) -> None:
+    """A reward ensemble on the over-optimisation chart: the optimised members' mean with a band of
+    +-1 spread (their disagreement), the conservative score the guard selects by, and the held-out
+    member PPO never optimised, in the members' SFT units (0 = the SFT policy's mean)."""
+    pts = sorted((_sqrt_kl(p["kl"]), p) for p in curve if _num(p.get("conservative_score")))
+    xs = [x for x, _ in pts]
+    mean = [p.get("ensemble_mean") for _, p in pts]
+    spread = [p.get("ensemble_spread") for _, p in pts]
+    if all(_num(v) for v in mean + spread):
+        ax.plot(xs, mean, "-", color="C0", lw=1.2, label="members' mean (optimised)")
+        ax.fill_between(xs, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
+                        color="C0", alpha=0.18, label="+-1 spread across members")
+    ax.plot(xs, [p["conservative_score"] for _, p in pts], "-o", color="C4", ms=4, label="conservative: mean - lambda x spread")
+    held = [(x, p["held_out_member_score"]) for x, p in pts if _num(p.get("held_out_member_score"))]
+    if held:
+        ax.plot([x for x, _ in held], [y for _, y in held], ":", color="C5", lw=1.5, label="held-out member")
 
 
 def eval_curve_plot(path: Path, ppo_metrics: dict) -> bool:
@@ -232,7 +265,8 @@ def eval_curve_plot(path: Path, ppo_metrics: dict) -> bool:
     each, the published update marked: where the gold score turns while the RM score still rises."""
     curve = [p for p in ppo_metrics.get(S.EVAL_CURVE) or [] if _num(p.get("update"))]
     panels = [(k, lab) for k, lab in (("rm_score", "RM score (raw)"), ("gold_score", "gold score"),
-                                      ("kl", "KL to SFT [nats/response]"))
+                                      ("conservative_score", "conservative score"),
+                                      ("token_kl", "token-frequency KL to SFT"), ("kl", "KL to SFT [nats/response]"))
               if any(_num(p.get(k)) for p in curve)]
     if len(curve) < 2 or not panels:
         return False
@@ -244,6 +278,9 @@ def eval_curve_plot(path: Path, ppo_metrics: dict) -> bool:
         ax.plot([u for u, _ in pts], [v for _, v in pts], "-o", ms=3, color={"rm_score": "C0", "gold_score": "C2"}.get(key, "C4"))
         if selected is not None:
             ax.axvline(selected, color="C3", ls="--", lw=1, label=f"published (update {selected})")
+        first_flag = next((p["update"] for p in curve if p.get("flags")), None)
+        if first_flag is not None:
+            ax.axvline(first_flag, color="C1", ls=":", lw=1.5, label=f"first drift flag (update {first_flag})")
         if key == "kl" and _num(ppo_metrics.get(S.KL_BUDGET)):
             ax.axhline(ppo_metrics[S.KL_BUDGET], color="grey", ls=":", lw=1.2, label=f"KL budget ({ppo_metrics[S.KL_BUDGET]:g})")
         ax.set_ylabel(label)
@@ -575,7 +612,7 @@ def _html(artifact_dir: Path, summary: dict, plots: dict, samples: list[dict], w
     stages = " · ".join(f"{e(s)}: <b>{e(str(v))}</b>" for s, v in summary["stages"].items())
     figures = "".join(f"<tr><td>{e(LABELS.get(k, k))}</td><td><code>{e(k)}</code></td><td>{_fmt(v)}</td></tr>"
                       for k, v in summary.items() if _num(v))
-    warn = list(summary.get("rm_warnings") or [])
+    warn = list(summary.get("rm_warnings") or []) + list(summary.get("ppo_warnings") or [])
     selected = summary.get("selected_update")
     if summary.get("stop_reason") not in (None, "completed"):
         warn.append(f"PPO stopped early ({summary['stop_reason']}) after update {summary.get('updates')}.")
@@ -589,7 +626,8 @@ def _html(artifact_dir: Path, summary: dict, plots: dict, samples: list[dict], w
         est, k = summary.get("advantage_estimator"), summary.get("samples_per_prompt")
         trained = f" (advantages: <code>{e(str(est))}</code>, {k} sample{'s' if k != 1 else ''} per prompt)" if est else ""
         selection = (f"<p>Published policy{trained}: update <b>{selected}</b> of {summary.get('updates', '?')}, "
-                     + (f"the best <code>{e(guard)}</code> among the evaluations within the KL budget"
+                     + (e(summary["guard_reason"]) if summary.get("guard_reason") else
+                        f"the best <code>{e(guard)}</code> among the evaluations within the KL budget"
                         if guard else "the last update")
                      + f"; stop reason: <code>{e(str(summary.get('stop_reason')))}</code>.</p>")
     curve = summary.get("eval_curve") or []

@@ -12,17 +12,21 @@ from torch.utils.data import Sampler
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
+from rlhf.ensemble import member_loss
 from rlhf.metric_names import Summary as S
-from rlhf.scoring import bradley_terry_loss, reward_scores
+from rlhf.scoring import bradley_terry_loss, pearson, reward_scores  # noqa: F401 (pearson: re-exported)
 from rlhf.tokenization import pad_batch
 
 
 class WeightedPreferenceCollator(DataCollatorForPreference):
-    """TRL's preference collator plus the per-pair `weight` and an always-present `margin`."""
+    """TRL's preference collator plus the per-pair `weight`, an always-present `margin` and, for a
+    reward ensemble, each pair's bootstrap weights per member (`boot`, (N, K))."""
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        out = super().torch_call([{k: v for k, v in e.items() if k != "weight"} for e in examples])
+        out = super().torch_call([{k: v for k, v in e.items() if k not in ("weight", "boot")} for e in examples])
         out["weight"] = torch.tensor([e.get("weight", 1.0) for e in examples], dtype=torch.float)
+        if "boot" in examples[0]:
+            out["boot"] = torch.tensor([e["boot"] for e in examples], dtype=torch.float)
         return out
 
 
@@ -58,19 +62,24 @@ class WeightedRewardTrainer(RewardTrainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "weight"]
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "weight", "boot"]
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler:
         return GroupedShuffleSampler(self._groups, self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         mode = "train" if self.model.training else "eval"
-        weight, margin = inputs.pop("weight"), inputs.pop("margin", None)
+        weight, margin, boot = inputs.pop("weight"), inputs.pop("margin", None), inputs.pop("boot", None)
         rewards = reward_scores(model, inputs["input_ids"], inputs["attention_mask"])
-        r_chosen, r_rejected = torch.chunk(rewards, chunks=2)  # (N,), (N,)
-        loss = bradley_terry_loss(r_chosen, r_rejected, margin, weight)
+        r_chosen, r_rejected = torch.chunk(rewards, chunks=2)  # (N,), (N,); an ensemble's (N, K), (N, K)
+        if rewards.dim() == 2:  # each member on its own bootstrap of the pairs (rlhf.ensemble)
+            loss = member_loss(r_chosen, r_rejected, margin, weight, boot, bradley_terry_loss)
+        else:
+            loss = bradley_terry_loss(r_chosen, r_rejected, margin, weight)
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * torch.mean((r_chosen + r_rejected) ** 2)
+        if rewards.dim() == 2:  # the figures below: the members' mean, the score the artifact publishes
+            r_chosen, r_rejected = r_chosen.mean(1), r_rejected.mean(1)
         with torch.no_grad():
             acc = (r_chosen > r_rejected).float().mean()
             self._metrics[mode]["accuracy"].append(self.accelerator.gather_for_metrics(acc).mean().item())
@@ -98,6 +107,10 @@ def evaluate_pairs(model: Any, pairs: list[dict], pad_id: int, batch_size: int,
         rr.append(r[len(chunk):].float().cpu())
     model.train(was_training)
     r_c, r_r = torch.cat(rc), torch.cat(rr)
+    members = None
+    if r_c.dim() == 2:  # an ensemble: each member's accuracy; the figures below are of the members' mean
+        members = [round(float(v), 6) for v in (r_c > r_r).float().mean(0)]
+        r_c, r_r = r_c.mean(1), r_r.mean(1)
     correct = (r_c > r_r).float()
     dist = torch.tensor([p["rank_distance"] for p in pairs])
     out = {
@@ -107,6 +120,8 @@ def evaluate_pairs(model: Any, pairs: list[dict], pad_id: int, batch_size: int,
         "eval_reward_rejected_mean": r_r.mean().item(), "eval_reward_rejected_std": r_r.std().item(),
         "eval_pairs": len(pairs),
     }
+    if members is not None:
+        out["eval_member_accuracy"] = members
     if (dist == 1).any():
         out["eval_accuracy_adjacent"] = correct[dist == 1].mean().item()
     if (dist >= 2).any():
@@ -157,21 +172,6 @@ def calibration(r_chosen: list[float], r_rejected: list[float],
             ece += k / n * abs(row["accuracy"] - row["confidence"])
         out.append(row)
     return (ece if n else 0.0), out
-
-
-def pearson(x: list[float], y: list[float]) -> float | None:
-    """Pearson correlation coefficient; None with fewer than 2 points or a constant series."""
-    if len(x) != len(y):
-        raise ValueError("x and y differ in length")
-    if len(x) < 2:
-        return None
-    mx, my = math.fsum(x) / len(x), math.fsum(y) / len(y)
-    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = math.fsum((a - mx) ** 2 for a in x)
-    syy = math.fsum((b - my) ** 2 for b in y)
-    if sxx <= 0 or syy <= 0:
-        return None
-    return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
 
 
 def reward_histogram(r_chosen: list[float], r_rejected: list[float], bins: int = HISTOGRAM_BINS) -> dict:

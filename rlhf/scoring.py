@@ -5,6 +5,7 @@ packed (rlhf.ppo.rollout.packed_scores, tested equal). Token ids come from rlhf.
 the one encoding every stage uses."""
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -36,7 +37,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) scalar reward read at each row's last attended token (rows may be left- and
+    """(B,) scalar reward read at each row's last attended token ((B, K) for an ensemble's K heads) (rows may be left- and
     right-padded, as PPO's query|response rows are): training, evaluation and reward_stats score
     through this function, and PPO's packed scoring reads the same position.
 
@@ -45,8 +46,8 @@ def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     right-padded (TextBridge)."""
     if not has_score_head(model):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-    values = token_values(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))  # (B, T)
-    return values.gather(1, last_index(attention_mask)[:, None]).squeeze(1)
+    values = token_values(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))  # (B, T[, K])
+    return values[torch.arange(values.shape[0], device=values.device), last_index(attention_mask)]  # (B[, K])
 
 
 @torch.no_grad()
@@ -115,6 +116,21 @@ class TextBridge:
         return pad_batch(seqs, self.pad_id, "right", response_ids.device)
 
 
+def pearson(x: list[float], y: list[float]) -> float | None:
+    """Pearson correlation coefficient; None with fewer than 2 points or a constant series."""
+    if len(x) != len(y):
+        raise ValueError("x and y differ in length")
+    if len(x) < 2:
+        return None
+    mx, my = math.fsum(x) / len(x), math.fsum(y) / len(y)
+    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = math.fsum((a - mx) ** 2 for a in x)
+    syy = math.fsum((b - my) ** 2 for b in y)
+    if sxx <= 0 or syy <= 0:
+        return None
+    return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+
+
 def spearman(x: list[float], y: list[float]) -> float:
     """Spearman rank correlation (average ranks for ties)."""
     def ranks(v: list[float]) -> torch.Tensor:
@@ -154,6 +170,7 @@ def policy_reward_stats(engine: Any, reward_model: Any, tokenizer: Any, prompt_t
                                                                           g.response_mask, g.ended))) for g in gens])
     device = next(reward_model.parameters()).device
     scores: list[float] = []
+    members: list[torch.Tensor] = []  # (B, K) per batch, for a reward ensemble
     texts: list[str] = []
     row = 0
     for g in batches:
@@ -164,11 +181,18 @@ def policy_reward_stats(engine: Any, reward_model: Any, tokenizer: Any, prompt_t
             ids = torch.cat([g.query_ids, g.response_ids], 1).to(device)
             mask = torch.cat([g.query_mask, g.response_mask], 1).to(device)
         row += len(g.response_ids)
-        scores.extend(reward_scores(reward_model, ids, mask).tolist())
+        r = reward_scores(reward_model, ids, mask).float()
+        if r.dim() == 2:  # an ensemble: its published single score is the members' mean
+            members.append(r.cpu())
+            r = r.mean(1)
+        scores.extend(r.tolist())
         texts.extend(decode_responses(tokenizer, g))
     stats = {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "n": len(scores),
              "source": "responses sampled from the SFT policy as PPO samples them",
              "sampling": reward_stats_sampling(sampling, max_new_tokens, engine.max_prompt_length)}
+    if members:
+        m = torch.cat(members)
+        stats["members"] = [{"mean": float(c.mean()), "std": float(c.std(unbiased=False)) or 1.0} for c in m.T]
     return stats, texts, scores
 
 

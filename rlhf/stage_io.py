@@ -168,6 +168,11 @@ def summary_line(stage: str, art: artifacts.Artifact, keys: list[str]) -> None:
     say(stage, f"done in {art.manifest.get('duration_s', 0):.0f}s: {art.path}" + (f" ({shown})" if shown else ""))
     if isinstance(m.get("peak_memory_mb"), (int, float)):
         say(stage, f"peak memory {m['peak_memory_mb']:.0f} MiB ({m.get('peak_memory_kind')}, rank 0)")
+    if stage == "ppo" and m.get("guard_reason"):
+        say(stage, f"published update {m.get('selected_update')}: {m['guard_reason']}")
+    if stage == "ppo":  # the reward stage prints its own warnings as it finds them
+        for w in m.get("warnings") or []:
+            say(stage, f"warning: {w}")
 
 
 def main(stage: str, run: Callable[[Any], Any], argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import time
 import torch
 from datasets import Dataset
 
-from rlhf import artifacts, distributed, engines, faults, models
+from rlhf import artifacts, distributed, engines, ensemble, faults, models
 from rlhf.artifacts import REWARD, SFT
 from rlhf.config import ConfigError, PipelineConfig, per_process, require
 from rlhf.data import load_preferences, prompt_text, render_prompt, render_response
@@ -57,8 +57,10 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
         if artifacts.tokenizer_fingerprint(other) != tok_fp:
             raise ConfigError(f"reward.model={reward_cfg.model} has a different tokenizer from the SFT artifact {sft.path}; "
                               "the reward model must share the policy's tokenizer (unset reward.model to start from the SFT model)")
+    k = reward_cfg.ensemble
     model = models.load_reward_model(init_path, model_cfg.dtype, tokenizer.pad_token_id, model_cfg.trust_remote_code,
-                                     quantization=quant)
+                                     quantization=quant, num_labels=k)
+    model.config.num_labels = 1  # TRL's RewardTrainer insists; the K heads are split off at publishing
     models.resize_for_tokenizer(model, tokenizer)
     if reward_cfg.lora:
         model = models.add_lora(model, model_cfg.lora, "SEQ_CLS")
@@ -68,7 +70,12 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     train_rows, train_counts = encode_pairs(train.pairs, "train", tokenizer, use_template, reward_cfg.max_length)
     eval_rows, eval_counts = (encode_pairs(evals.pairs, "eval", tokenizer, use_template, reward_cfg.max_length)
                               if evals else (None, {}))
-    train_ds = Dataset.from_list([{k: r[k] for k in ("chosen_ids", "rejected_ids", "margin", "weight")} for r in train_rows])
+    columns = [{c: r[c] for c in ("chosen_ids", "rejected_ids", "margin", "weight")} for r in train_rows]
+    if k > 1:  # each member's bootstrap of the pairs (rlhf.ensemble)
+        for row, boot in zip(columns, ensemble.bootstrap_weights(len(columns), k, cfg.seed).tolist()):
+            row["boot"] = boot
+        say(REWARD, f"ensemble: {k} score heads on one body, each trained on its own bootstrap of the {len(columns)} pairs")
+    train_ds = Dataset.from_list(columns)
 
     # 4. train ----------------------------------------------------------------------------
     from trl import RewardConfig
@@ -115,11 +122,17 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     # 5. publish --------------------------------------------------------------------------
     staged = artifacts.staging_dir(cfg.artifact_dir, REWARD)
     models.publish_model(trainer.model_wrapped, cfg.deepspeed.zero_stage, staged, tokenizer)
+    if k > 1 and distributed.is_main():  # a plain one-score model (the members' mean) + the members' heads
+        ensemble.split_published_head(staged)
+        say(REWARD, f"ensemble: member accuracies {metrics.get('eval_member_accuracy')}; the published model scores "
+                    f"their mean, the {k} heads are in {ensemble.ENSEMBLE_FILE}")
     return finish(cfg.artifact_dir, REWARD, staged, ckpt_dir, tracker, clock, metrics,
                   HEADLINE[REWARD],
                   config=config, parents=[sft], tokenizer_fp=tok_fp, data=data, reward_stats=reward_stats,
                   model={"base": init_path, "lora": "merged" if reward_cfg.lora else None,
-                         "quantization": models.trained_on(quant), "use_chat_template": use_template})
+                         "quantization": models.trained_on(quant), "use_chat_template": use_template,
+                         "ensemble": ({"members": k, "heads": ensemble.ENSEMBLE_FILE, "bootstrap": "poisson(1) per pair",
+                                       "single_score": "the members' mean"} if k > 1 else None)})
 
 
 def encode_pairs(pairs, name: str, tokenizer, use_template: bool, max_length: int) -> tuple[list[dict], dict]:

@@ -136,6 +136,21 @@ def check_published(d) -> None:
     assert any(not torch.equal(sft[k], ppo[k]) for k in sft), "PPO did not change the policy"
 
 
+def junk_word_preferences(src: str, dst, rows: int, word: str) -> str:
+    """The first `rows` demo preference rows of `src`, with every ranking that holds `word` re-ranked
+    by how often a response says it (most first; the original order otherwise): data for a reward
+    model that pays for a junk word the gold scorer charges for (off topic for most prompts)."""
+    import re
+
+    with dst.open("w") as out:
+        for line in (ROOT / "reward_data" / "demo" / src).read_text().splitlines()[:rows]:
+            row = json.loads(line)
+            said = [len(re.findall(rf"\b{word}\b", r)) for r in row["responses"]]
+            order = sorted(range(len(said)), key=lambda i: (-said[i], i))
+            out.write(json.dumps({"prompt": row["prompt"], "responses": [row["responses"][i] for i in order]}) + "\n")
+    return str(dst)
+
+
 def length_preferences(src: str, dst, rows: int) -> str:
     """The first `rows` demo preference rows of `src` re-ranked by word count, longest first: data
     for a reward model that pays for length whatever the gold scorer says."""

@@ -14,6 +14,7 @@ from rlhf.data import prompt_text
 from rlhf.generation import Generated, Sampling, decode_responses
 from rlhf.metric_names import Eval
 from rlhf.metric_names import Summary as S
+from rlhf.ppo import drift
 
 EVAL_SEED = 12345  # both policies sample with the same seed: differences come from the policies
 
@@ -45,6 +46,7 @@ class Drawn:
     update: int
     gens: list
     rm: torch.Tensor
+    tokens: list | None = None  # each response's token ids (response_tokens), for the drift signals
 
 
 @torch.no_grad()
@@ -114,22 +116,45 @@ def _seeded(seed: int):
 @torch.no_grad()
 def held_out_point(trainer: Policies, prompts: list, texts: list[str], gold: Any, max_new_tokens: int) -> tuple[dict, Drawn]:
     """The current policy on the fixed held-out prompts with a fixed sampling seed: mean RM score,
-    gold score (with a gold scorer), KL(policy || SFT) per response, response length, EOS rate;
+    gold score (with a gold scorer), KL(policy || SFT) per response, response length, EOS rate,
+    distinct-2 and repetition, and with a reward ensemble its signals (rlhf.ensemble.Ensemble.signals);
     and the samples themselves (evaluate's, should this policy be published).
     Every rank calls it (sampling is collective under ZeRO-3); every rank gets the same figures."""
+    ensemble = getattr(trainer, "ensemble", None)
     ctx = _seeded(EVAL_SEED)
     try:
-        gens, rm = trainer.sample(texts, max_new_tokens=max_new_tokens)
+        if ensemble is not None:
+            gens, members = trainer.sample(texts, max_new_tokens=max_new_tokens, members=True)
+            rm = members.mean(1)
+        else:
+            gens, rm = trainer.sample(texts, max_new_tokens=max_new_tokens)
     finally:
         ctx.__exit__(None, None, None)
     kl = torch.cat([trainer.kl_to_reference(g) for g in gens])
     out = {Eval.RM_SCORE: float(rm.float().mean()), Eval.KL_TO_SFT: float(kl.mean()),
            Eval.RESPONSE_LENGTH: float(torch.cat([g.response_mask.sum(1) for g in gens]).float().mean()),
            Eval.EOS_RATE: float(torch.cat([g.ended for g in gens]).float().mean())}
+    seqs = response_tokens(gens, trainer.tokenizer)
+    for key, value in ((Eval.DISTINCT_2, drift.distinct_n(seqs, 2)), (Eval.REPETITION, drift.repetition(seqs))):
+        if value is not None:
+            out[key] = value
+    if ensemble is not None:
+        sig = ensemble.signals(members)
+        out.update({Eval.ENSEMBLE_MEAN: sig["mean"], Eval.ENSEMBLE_SPREAD: sig["spread"],
+                    Eval.CONSERVATIVE_SCORE: sig["conservative"]})
+        if sig["held_out"] is not None:
+            out[Eval.HELD_OUT_MEMBER] = sig["held_out"]
     if gold is not None:
         responses = [t for g in gens for t in decode_responses(trainer.tokenizer, g)]
         out[Eval.GOLD_SCORE] = statistics.fmean(gold(prompt_text(p), r) for p, r in zip(prompts, responses))
-    return out, Drawn(trainer.update, gens, rm)
+    return out, Drawn(trainer.update, gens, rm, seqs)
+
+
+def response_tokens(gens: list[Generated], tokenizer: Any) -> list[list[int]]:
+    """Each response's token ids, without padding and special tokens (EOS)."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return [[t for t, m in zip(ids, mask) if m and t not in special]
+            for g in gens for ids, mask in zip(g.response_ids.tolist(), g.response_mask.tolist())]
 
 
 @torch.no_grad()
@@ -168,26 +193,35 @@ class Selector:
     """The over-optimisation guard: which evaluated update to publish, and when to stop.
 
     `metric` (an eval/* key; None: keep the last update) is maximised over the evaluations whose
-    KL to the SFT policy is within `kl_budget`. With `patience`, training stops once the metric
-    has not improved for that many evaluations, or as soon as an evaluation exceeds the KL
-    budget. Its state is plain data, saved with the PPO checkpoint."""
+    KL to the SFT policy is within `kl_budget`. With `gate` (the guard without a gold scorer), no
+    update from the first evaluation whose drift signals flag exploitation on is eligible
+    (rlhf.ppo.drift.flags). With `patience`, training stops once the metric has not improved for
+    that many evaluations, as soon as an evaluation exceeds the KL budget, or (with `gate`) as
+    soon as one is flagged. Its state is plain data, saved with the PPO checkpoint."""
 
-    def __init__(self, metric: str | None, kl_budget: float, patience: int | None):
-        self.metric, self.kl_budget, self.patience = metric, kl_budget, patience
+    def __init__(self, metric: str | None, kl_budget: float, patience: int | None, gate: bool = False):
+        self.metric, self.kl_budget, self.patience, self.gate = metric, kl_budget, patience, gate
         self.best_update: int | None = None
         self.best_value: float | None = None
         self.since_best = 0
         self.curve: list[dict] = []
+        self.flags: list[dict] = []        # [{update, signal, detail, ...}] of every flagged evaluation
+        self.flagged_at: int | None = None  # the first flagged evaluation's update
+        self.reference: dict | None = None  # update 0's view the drift signals compare against (PPORun)
 
-    def observe(self, update: int, point: dict) -> tuple[bool, str | None]:
-        """Record an evaluation; (is it the new best?, stop reason or None)."""
-        self.curve.append({"update": update, **point})
+    def observe(self, update: int, point: dict, flags: list[dict] | tuple = ()) -> tuple[bool, str | None]:
+        """Record an evaluation and its exploitation flags; (is it the new best?, stop reason or None)."""
+        self.curve.append({"update": update, **point, "flags": [f["signal"] for f in flags]})
+        self.flags.extend({"update": update, **f} for f in flags)
+        if flags and self.flagged_at is None:
+            self.flagged_at = update
         within = point[Eval.KL_TO_SFT] <= self.kl_budget
+        eligible = within and not (self.gate and self.flagged_at is not None)
         value = point.get(self.metric) if self.metric else None
         if self.metric is None:
-            better = within
+            better = eligible
         else:
-            better = within and value is not None and (self.best_value is None or value > self.best_value)
+            better = eligible and value is not None and (self.best_value is None or value > self.best_value)
         if better:
             self.best_update, self.best_value, self.since_best = update, value, 0
         else:
@@ -195,14 +229,31 @@ class Selector:
         if self.patience:
             if not within:
                 return better, "kl_budget"
+            if self.gate and self.flagged_at is not None:
+                return better, "exploitation"
             if self.metric is not None and self.since_best >= self.patience:
                 return better, "no_improvement"
         return better, None
 
+    def reason(self, published: int) -> str:
+        """Why `published` is the update published, in words (manifest guard_reason, closing line)."""
+        if self.metric is None:
+            return f"ppo.keep_best=last: the last update within the KL budget ({self.kl_budget:g})"
+        text = (f"the highest {self.metric} ({self.best_value:.4g}) among the held-out evaluations within the KL budget "
+                f"({self.kl_budget:g})" if self.best_update == published else f"the last update ({published}): no "
+                f"evaluation was eligible")
+        if self.gate and self.flagged_at is not None:
+            first = [f["signal"] for f in self.flags if f["update"] == self.flagged_at]
+            text += (f", before update {self.flagged_at}, the first whose drift signals flagged exploitation "
+                     f"({', '.join(first)})")
+        return text
+
     def state_dict(self) -> dict:
         return {"best_update": self.best_update, "best_value": self.best_value, "since_best": self.since_best,
-                "curve": self.curve}
+                "curve": self.curve, "flags": self.flags, "flagged_at": self.flagged_at, "reference": self.reference}
 
     def load_state_dict(self, state: dict) -> None:
         self.best_update, self.best_value = state["best_update"], state["best_value"]
         self.since_best, self.curve = state["since_best"], list(state["curve"])
+        self.flags, self.flagged_at = list(state.get("flags", [])), state.get("flagged_at")
+        self.reference = state.get("reference")

@@ -28,7 +28,7 @@ class PPOModels:
 
 def build_models(ppo: PPOStageConfig, lora: LoraConfig, dtype: str, *, load_policy: Callable[..., Any],
                  load_reward: Callable[..., Any], load_critic: Callable[..., Any],
-                 quantization: Any = None) -> PPOModels:
+                 quantization: Any = None, own_reward: bool = False) -> PPOModels:
     """Load and arrange the PPO models as the `ppo` section says: `lora` (LoRA actor, with
     `lora`'s settings), `critic_lora` (with LoRA, the critic is base + adapter too),
     `critic_from_reward` (with critic_lora, the reward model is then the critic's base),
@@ -44,7 +44,8 @@ def build_models(ppo: PPOStageConfig, lora: LoraConfig, dtype: str, *, load_poli
 
     The loads run in a fixed order (actor, its adapter, reference, critic, its adapter, reward
     model): fresh heads and adapters draw from the seeded RNG, so the order is part of a run's
-    reproducibility."""
+    reproducibility. `own_reward`: the reward model is always a model of its own (a reward ensemble,
+    whose K heads the critic's base would not have)."""
     if quantization is not None and not ppo.lora:
         raise ValueError("a 4-bit base needs ppo.lora")
 
@@ -68,18 +69,29 @@ def build_models(ppo: PPOStageConfig, lora: LoraConfig, dtype: str, *, load_poli
     lora_critic = critic is not None and ppo.lora and ppo.critic_lora
     if lora_critic:
         critic = models.add_lora(critic, lora, "SEQ_CLS")
-    reward = None if lora_critic and ppo.critic_from_reward else load(load_reward, True)
+    reward = None if lora_critic and ppo.critic_from_reward and not own_reward else load(load_reward, True)
     return PPOModels(actor, reference, critic, reward)
 
 
 def from_artifacts(ppo: PPOStageConfig, lora: LoraConfig, dtype: str, *, sft_path: str, rm_path: str,
                    pad_token_id: int, rm_pad_token_id: int | None = None, quantization: Any = None) -> PPOModels:
     """build_models from a pipeline's SFT and reward artifacts (directories), as PPO loads them.
-    `rm_pad_token_id`: the reward model's own (when it has its own tokenizer), else the policy's."""
+    `rm_pad_token_id`: the reward model's own (when it has its own tokenizer), else the policy's.
+    A reward ensemble's artifact (rlhf.ensemble) is loaded with its K member heads."""
+    from rlhf import ensemble
+
+    heads = ensemble.load_heads(rm_path)
+
+    def load_reward(q=None):
+        model = models.load_reward_model(rm_path, dtype, rm_pad, quantization=q)
+        if heads is not None:
+            ensemble.attach_heads(model, heads)
+        return model
+
     critic_src = rm_path if ppo.critic_from_reward else sft_path
     rm_pad = pad_token_id if rm_pad_token_id is None else rm_pad_token_id
     return build_models(
-        ppo, lora, dtype, quantization=quantization,
+        ppo, lora, dtype, quantization=quantization, own_reward=heads is not None,
         load_policy=lambda q=None: models.load_causal_lm(sft_path, dtype, quantization=q),
-        load_reward=lambda q=None: models.load_reward_model(rm_path, dtype, rm_pad, quantization=q),
+        load_reward=load_reward,
         load_critic=lambda q=None: models.load_reward_model(critic_src, dtype, pad_token_id, quantization=q))

@@ -92,7 +92,7 @@ def _packed_head(body: Any, head: Any, pk: Packing, rows: torch.Tensor, cols: to
 def _dense_head(model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                 body_head: tuple[Any, Any] | None) -> torch.Tensor:
     pos = position_ids_from_mask(mask)
-    if body_head is not None and getattr(body_head[1], "out_features", None) == 1:  # a value / reward head
+    if body_head is not None and getattr(unwrap(model), "score", None) is body_head[1]:  # a value / reward head
         hidden = body_head[0](input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
         return body_head[1](hidden[rows, cols])
     # the LM head only on the last positions, from the first that predicts a response token
@@ -116,7 +116,7 @@ def response_positions(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, to
 def head_at(model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """The model's head output at dense positions (rows, cols) of a batch whose rows hold one
     contiguous run of real tokens each: (K, V) logits of a causal LM or (K, 1) values of a
-    sequence-classification model. Runs packed when the model is verified to allow it."""
+    sequence-classification model ((K, M) for a reward ensemble's M heads). Runs packed when the model is verified to allow it."""
     parts = body_and_head(model)
     if parts is None:
         return _dense_head(model, ids, mask, rows, cols, parts)

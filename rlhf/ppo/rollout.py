@@ -26,7 +26,7 @@ class Rollout:
     ended: torch.Tensor          # (B,) bool: response ends with EOS
     logprobs: torch.Tensor       # (B, R) log pi_old(a_t | s_t) under the sampling distribution (temperature, top-k/p)
     ref_logprobs: torch.Tensor   # (B, R) log pi_ref(a_t | s_t): the SFT policy at the same temperature, untruncated
-    raw_scores: torch.Tensor     # (B,) reward model output
+    raw_scores: torch.Tensor     # (B,) reward model output; (B, K) for an ensemble's K members
     values: torch.Tensor | None = None  # (B, R) V_old(s_t), the critic's value before emitting a_t; None without a critic
     engine_logprobs: torch.Tensor | None = None  # (B, R) the rollout engine's own log-probs (vllm), compared with logprobs
 
@@ -76,7 +76,7 @@ def value_forward(critic: Any, full_ids: torch.Tensor, full_mask: torch.Tensor, 
 
 
 def packed_scores(model: Any, full_ids: torch.Tensor, full_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) reward-model scores at each row's last real token (rlhf.scoring.reward_scores), with the
+    """(B,) reward-model scores ((B, K) for an ensemble's K heads) at each row's last real token (rlhf.scoring.reward_scores), with the
     rows packed and the head applied to those B positions only."""
     rows = torch.arange(full_ids.shape[0], device=full_ids.device)
     return head_at(model, full_ids, full_mask, rows, last_index(full_mask)).squeeze(-1).float()

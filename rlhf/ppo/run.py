@@ -5,9 +5,11 @@ stages/ppo.py only wires it: what to load, and where to publish."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from tqdm.auto import tqdm
 
 from rlhf import artifacts, distributed, faults
@@ -16,7 +18,9 @@ from rlhf.config import ConfigError, EvalConfig
 from rlhf.distributed import distinct_count
 from rlhf.metric_names import PPO, Eval
 from rlhf.metric_names import Summary as S
+from rlhf.ppo import drift
 from rlhf.ppo.evaluation import Drawn, Selector, best_of_n, evaluate, held_out_point, sample_rows
+from rlhf.scoring import pearson
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
 from rlhf.stage_io import say
 
@@ -42,7 +46,8 @@ class PPORun:
         self.eval_tokens = eval_cfg.max_new_tokens or ppo_cfg.max_new_tokens  # the one place this default applies
         self.every = eval_cfg.every or max(1, trainer.plan.num_updates // 8)
         self.best_of_n_sizes, self.best_of_n_prompts = eval_cfg.best_of_n, eval_cfg.best_of_n_prompts
-        self.selector = Selector(guard_metric(ppo_cfg.keep_best, gold), ppo_cfg.kl_budget, ppo_cfg.early_stop)
+        metric, gate = guard_metric(ppo_cfg.keep_best, gold, getattr(trainer, "ensemble", None) is not None)
+        self.selector = Selector(metric, ppo_cfg.kl_budget, ppo_cfg.early_stop, gate=gate)
         if "selector" in trainer.extra_state:
             self.selector.load_state_dict(trainer.extra_state["selector"])
         self.best_of_n: list[dict] | None = trainer.extra_state.get("best_of_n")
@@ -98,7 +103,13 @@ class PPORun:
         """The held-out evaluation of the current policy, observed by the guard (which may set a stop reason)."""
         trainer, selector = self.trainer, self.selector
         point, samples = held_out_point(trainer, self.eval_prompts, self.eval_texts, self.gold, self.eval_tokens)
-        new_best, self.stop_reason = selector.observe(trainer.update, point)
+        flags = self._drift(point, samples)
+        for f in flags:
+            say(STAGE, f"warning: update {trainer.update}: {f['detail']}")
+        grown = point.pop("grown_tokens", None)  # not a scalar: kept in the guard's curve, not logged
+        new_best, self.stop_reason = selector.observe(trainer.update, point, flags)
+        if grown is not None:
+            selector.curve[-1]["grown_tokens"] = grown
         if trainer.update == 0 and trainer.reference_sampling == trainer.sampling:
             self.drawn["sft"] = samples
         if new_best or selector.metric is None:
@@ -106,6 +117,27 @@ class PPORun:
         if new_best and selector.metric is not None:  # kept on disk, so that a kill does not lose it
             trainer.save_policy_weights(self._best_path(trainer.update))
         return point
+
+    def _drift(self, point: dict, samples: Drawn) -> list[dict]:
+        """The drift signals of this evaluation against update 0's (the SFT policy's samples, kept in
+        the guard's state), added to `point`; the exploitation flags they raise (rlhf.ppo.drift)."""
+        selector, counts = self.selector, drift.token_counts(samples.tokens)
+        lengths = torch.cat([g.response_mask.sum(1) for g in samples.gens]).float()
+        view = {"response_length": point[Eval.RESPONSE_LENGTH], "spread": point.get(Eval.ENSEMBLE_SPREAD)}
+        if selector.reference is None:  # update 0: the SFT policy itself
+            selector.reference = {**view, "counts": sorted(counts.items()),
+                                  "length_corr": pearson([float(v) for v in samples.rm], lengths.tolist())}
+            return []
+        ref = selector.reference
+        d = drift.token_drift(counts, Counter(dict(ref["counts"])))
+        point[Eval.TOKEN_KL], point[Eval.TOP_TOKEN_SHARE] = d["kl"], d["top_share"]
+        if view["spread"] is not None and ref.get("spread"):
+            point[Eval.SPREAD_RATIO] = view["spread"] / ref["spread"]
+        names = {t["token"]: self.trainer.tokenizer.decode([t["token"]]) for t in d["tokens"]}
+        point["grown_tokens"] = [{"token": names[t["token"]], "sft": round(t["sft"], 5),
+                                            "policy": round(t["policy"], 5), "ratio": round(t["ratio"], 3),
+                                            "share": round(t["share"], 4)} for t in d["tokens"]]
+        return drift.flags({**view, "drift": d}, ref, reward_length_corr=ref.get("length_corr"), names=names)
 
     def _best_path(self, update: int) -> Path:
         """The guard's best policy of `update`, referenced by the checkpoints."""
@@ -130,9 +162,8 @@ class PPORun:
             trainer.load_policy_weights(self._best_path(selector.best_update))
             self.selected = selector.best_update
         if self.stop_reason != "completed" or self.selected != trainer.update:
-            best = selector.best_value if selector.best_value is None else round(selector.best_value, 4)
             say(STAGE, f"stopped: {self.stop_reason} after update {trainer.update}; publishing the policy of update "
-                       f"{self.selected} ({selector.metric} {best})")
+                       f"{self.selected}: {selector.reason(self.selected)}")
 
     # ------------------------------------------------------------------ the result
     def final_evaluation(self) -> tuple[dict, list[dict]]:
@@ -155,6 +186,8 @@ class PPORun:
                    "evaluation_s": time.time() - self._t_eval}
         out = {S.UPDATES: trainer.update, S.EPISODES: trainer.update * trainer.plan.episodes_per_update,
                S.SELECTED_UPDATE: self.selected, S.STOP_REASON: self.stop_reason, S.GUARD_METRIC: selector.metric,
+               S.GUARD_REASON: selector.reason(self.selected) if self.selected is not None else None,
+               S.EXPLOITATION: selector.flags, S.WARNINGS: warnings(selector, self.selected),
                S.EVAL_CURVE: [curve_row(p) for p in selector.curve], S.BEST_OF_N: self.best_of_n or [],
                S.FINAL_SCORES: final.get(PPO.SCORES), S.FINAL_KL: final.get(PPO.KL),
                S.FINAL_KL_COEF: trainer.kl_ctl.value, S.KL_BUDGET: trainer.cfg.kl_budget, **evaluation,
@@ -164,19 +197,50 @@ class PPORun:
         return out
 
 
-def guard_metric(keep_best: str, gold: Any) -> str | None:
-    """The eval/* metric the published policy is chosen by (ppo.keep_best); None: the last update."""
+def guard_metric(keep_best: str, gold: Any, ensemble: bool = False) -> tuple[str | None, bool]:
+    """(the eval/* metric the published policy is chosen by (ppo.keep_best; None: the last update),
+    whether the drift signals gate it). Without a gold scorer (`conservative`, and `auto` without
+    one): a reward ensemble's conservative score, else the RM score, gated."""
     if keep_best == "auto":
-        return Eval.GOLD_SCORE if gold is not None else Eval.RM_SCORE
+        keep_best = "gold_score" if gold is not None else "conservative"
     if keep_best == "last":
-        return None
+        return None, False
+    if keep_best == "conservative":
+        return (Eval.CONSERVATIVE_SCORE if ensemble else Eval.RM_SCORE), True
     if keep_best == "gold_score" and gold is None:
-        raise ConfigError("ppo.keep_best=gold_score needs eval.gold_scorer; use rm_score, auto or last")
-    return Eval.of(keep_best)
+        raise ConfigError("ppo.keep_best=gold_score needs eval.gold_scorer; use conservative, rm_score, auto or last")
+    return Eval.of(keep_best), False
+
+
+def warnings(selector: Selector, published: int | None) -> list[str]:
+    """The manifest's warnings: one per drift signal that flagged an evaluation, at its first
+    flagged update, with the evidence and where the published update stands."""
+    out, seen = [], set()
+    for f in selector.flags:
+        if f["signal"] in seen:
+            continue
+        seen.add(f["signal"])
+        where = ("" if published is None else
+                 f"; the published update {published} is before it" if published < f["update"] else
+                 f"; the published update {published} is at or after it: check its samples")
+        name = {"tokens": "token drift", "length": "length", "spread": "ensemble spread"}.get(f["signal"], f["signal"])
+        out.append(f"possible reward hacking ({name}) from update {f['update']}: {f['detail']}{where}")
+    return out
+
+
+CURVE_KEYS = {"rm_score": Eval.RM_SCORE, "gold_score": Eval.GOLD_SCORE, "response_length": Eval.RESPONSE_LENGTH,
+              "eos_rate": Eval.EOS_RATE, "distinct_2": Eval.DISTINCT_2, "repetition": Eval.REPETITION,
+              "token_kl": Eval.TOKEN_KL, "top_token_share": Eval.TOP_TOKEN_SHARE, "ensemble_mean": Eval.ENSEMBLE_MEAN,
+              "ensemble_spread": Eval.ENSEMBLE_SPREAD, "spread_ratio": Eval.SPREAD_RATIO,
+              "conservative_score": Eval.CONSERVATIVE_SCORE, "held_out_member_score": Eval.HELD_OUT_MEMBER}
 
 
 def curve_row(point: dict) -> dict:
-    """One held-out evaluation as the manifest's eval_curve lists it."""
-    return {"update": point["update"], "kl": point[Eval.KL_TO_SFT], "rm_score": point[Eval.RM_SCORE],
-            "gold_score": point.get(Eval.GOLD_SCORE), "response_length": point[Eval.RESPONSE_LENGTH],
-            "eos_rate": point[Eval.EOS_RATE]}
+    """One held-out evaluation as the manifest's eval_curve lists it (a signal the run did not
+    compute is left out; gold_score is None without a gold scorer)."""
+    row = {"update": point["update"], "kl": point[Eval.KL_TO_SFT]}
+    row.update({k: point.get(e) for k, e in CURVE_KEYS.items() if e in point or k == "gold_score"})
+    row["flags"] = point.get("flags", [])
+    if "grown_tokens" in point:
+        row["grown_tokens"] = point["grown_tokens"]
+    return row

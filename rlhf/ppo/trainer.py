@@ -165,7 +165,7 @@ class PPOTrainer:
     def __init__(self, *, cfg: PPOStageConfig, ds: DeepSpeedConfig, dtype: str, actor_model: Any,
                  critic_model: Any | None, reward_model: Any | None, ref_model: Any | None, tokenizer: Any,
                  reward_stats: dict, timer: PhaseTimer | None = None, vllm: Any = None, seed: int = 0,
-                 reward_bridge: Any = None):
+                 reward_bridge: Any = None, ensemble: Any = None):
         """`ref_model=None`: the actor is a LoRA model and the reference is its base (adapter
         disabled). `reward_model=None`: the critic is a LoRA model on the reward model, and the
         reward model is its base (adapter disabled). Neither keeps a second copy of the weights.
@@ -173,7 +173,9 @@ class PPOTrainer:
         `timer`: where phase seconds go (the benchmark's waits for the GPU at each phase's end).
         `vllm`: the config's vllm section (ppo.rollout_engine=vllm); `seed`: the vLLM engine's start-up seed.
         `reward_bridge`: a rlhf.scoring.TextBridge when the reward model has its own tokenizer (it is
-        then scored on the responses' text, and cannot be the critic's base)."""
+        then scored on the responses' text, and cannot be the critic's base).
+        `ensemble`: a rlhf.ensemble.Ensemble when the reward model's head has K member outputs: PPO
+        then maximises its aggregate of the normalised member scores (ppo.reward_aggregation)."""
         self.estimator = core.advantage_estimator(cfg.advantage_estimator)
         self.aggregation = loss_aggregation(cfg)   # how the per-token policy loss becomes a scalar
         self.kl_in_loss = cfg.kl_penalty == "loss"
@@ -185,6 +187,9 @@ class PPOTrainer:
         if reward_bridge is not None and reward_model is None:
             raise ValueError("a reward model with its own tokenizer cannot be the critic's base")
         self.reward_bridge = reward_bridge
+        self.ensemble = ensemble
+        if ensemble is not None and reward_model is None:
+            raise ValueError("a reward-model ensemble is loaded as a model of its own, not as the critic's base")
         self.plan = Plan.make(cfg, distributed.world_size())
         self.configured_zero_stage = ds.zero_stage
         ds = engine_deepspeed(ds, dtype, self.plan.world)
@@ -258,6 +263,8 @@ class PPOTrainer:
             critic = ("LoRA critic" if hasattr(self.critic.module, "disable_adapter") else "full critic") + ", frozen reward model"
         if self.reward_bridge is not None:
             critic += " (its own tokenizer: scored on the responses' text)"
+        if self.ensemble is not None:
+            critic += f"; {self.ensemble.describe()}"
         four_bit = [name for name, m in (("actor", self.actor), ("critic", self.critic),
                                                    ("reward model", self.reward_model)) if m is not None and is_quantized(m)]
         if four_bit:
@@ -313,9 +320,10 @@ class PPOTrainer:
     # --------------------------------------------------------------- sampling for evaluation
     @torch.no_grad()
     def sample(self, prompt_texts: list[str], *, max_new_tokens: int, reference: bool = False,
-               sampling: Sampling | None = None) -> tuple[list[Generated], torch.Tensor]:
+               sampling: Sampling | None = None, members: bool = False) -> tuple[list[Generated], torch.Tensor]:
         """Responses of the policy (or of the frozen SFT reference) in chunks of
-        forward_batch_size, and their raw reward-model scores (B,). Every rank calls it."""
+        forward_batch_size, and their raw reward-model scores (B,): with an ensemble the members'
+        mean (the artifact's single score), or with `members` all of them (B, K). Every rank calls it."""
         cfg = self.cfg
         sampling = sampling or self.sampling
         gens = self._generate(prompt_texts, reference=reference, max_new_tokens=max_new_tokens,
@@ -326,7 +334,8 @@ class PPOTrainer:
             scores.append(self.raw_scores(torch.cat([g.query_ids, g.response_ids], 1), torch.cat([g.query_mask, g.response_mask], 1),
                                           g.query_ids.shape[1], prompt_texts[row:row + len(g.query_ids)]))
             row += len(g.query_ids)
-        return gens, torch.cat(scores)
+        out = torch.cat(scores)
+        return gens, (out.mean(1) if out.dim() == 2 and not members else out)
 
     @torch.no_grad()
     def kl_to_reference(self, g: Generated) -> torch.Tensor:
@@ -422,7 +431,10 @@ class PPOTrainer:
         t_rollout = time.time() - t0
         mask = rollout.response_mask.float()                                   # (B, R) 1 on response tokens
         # 2. sequence scores in normalised units (reward_stats), EOS penalty, clip        (B,)
-        scores = (rollout.raw_scores - self.score_mean) / self.score_std
+        if self.ensemble is not None:  # the aggregate of the members' normalised scores (rlhf.ensemble)
+            scores = self.ensemble.score(rollout.raw_scores.float())
+        else:
+            scores = (rollout.raw_scores - self.score_mean) / self.score_std
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~rollout.ended).float()
         if cfg.score_clip is not None:
