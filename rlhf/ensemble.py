@@ -1,12 +1,13 @@
 """A reward-model ensemble (reward.ensemble = K): K linear score heads on one shared body.
 
 Why heads on a shared body: the members then cost one forward pass of the body, in training and
-in every PPO rollout, where K LoRA adapters or K models cost K passes; the reward stage stays
-within a few per cent of a single model's time. Each head is trained as a Bradley-Terry model on
-its own bootstrap of the pairs (Poisson(1) weights per pair and member, the online bootstrap) from
-its own random initialisation, so the members agree where the data pins the reward down and
-spread where it does not (Coste et al. 2023 and Zhang et al. 2024 use ensembles of this kind
-against over-optimisation).
+in every PPO rollout, where K LoRA adapters or K models cost K passes. Each head is trained as a
+Bradley-Terry model on its own bootstrap of the pairs (Poisson(1) weights per pair and member, the
+online bootstrap) from its own random initialisation, on the body's features with the body's
+gradient cut; the body (and the heads) learn from every pair through the members' mean, the score
+the artifact publishes. So the mean is as accurate as a single reward model, and the members agree
+where the data pins the reward down and spread where it does not (Coste et al. 2023 and Zhang et
+al. 2024 use ensembles against over-optimisation; the latter's share one body).
 
 The published artifact is a plain one-output sequence-classification model whose head is the
 members' mean (a mean of linear heads is a linear head: its score equals the mean of the members'

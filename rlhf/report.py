@@ -634,10 +634,12 @@ def _html(artifact_dir: Path, summary: dict, plots: dict, samples: list[dict], w
     curve_rows = "".join(
         f"<tr{' class=sel' if p.get('update') == selected else ''}><td>{p.get('update')}</td><td>{_fmt(p.get('kl'))}</td>"
         f"<td>{_fmt(_sqrt_kl(p['kl']) if _num(p.get('kl')) else None)}</td><td>{_fmt(p.get('rm_score'))}</td>"
-        f"<td>{_fmt(p.get('gold_score'))}</td><td>{_fmt(p.get('response_length'))}</td><td>{_fmt(p.get('eos_rate'))}</td></tr>"
+        f"<td>{_fmt(p.get('gold_score'))}</td><td>{_fmt(p.get('response_length'))}</td><td>{_fmt(p.get('eos_rate'))}</td>"
+        f"<td>{_fmt(p.get('conservative_score'))}</td><td>{e(', '.join(p.get('flags') or []))}</td></tr>"
         for p in curve)
     curve_table = ("<h3>Held-out evaluations during PPO</h3><table><tr><th>update</th><th>KL [nats/response]</th>"
                    "<th>sqrt KL</th><th>RM score (raw)</th><th>gold score</th><th>length [tokens]</th><th>EOS rate</th>"
+                   "<th>conservative score</th><th>drift flags</th>"
                    "</tr>" + curve_rows + "</table>"
                    if curve else "")
     bon = summary.get("best_of_n") or []

@@ -14,7 +14,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from rlhf.ensemble import member_loss
 from rlhf.metric_names import Summary as S
-from rlhf.scoring import bradley_terry_loss, pearson, reward_scores  # noqa: F401 (pearson: re-exported)
+from rlhf.scoring import bradley_terry_loss, last_features, pearson, reward_scores  # noqa: F401 (pearson: re-exported)
 from rlhf.tokenization import pad_batch
 
 
@@ -70,16 +70,18 @@ class WeightedRewardTrainer(RewardTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         mode = "train" if self.model.training else "eval"
         weight, margin, boot = inputs.pop("weight"), inputs.pop("margin", None), inputs.pop("boot", None)
-        rewards = reward_scores(model, inputs["input_ids"], inputs["attention_mask"])
-        r_chosen, r_rejected = torch.chunk(rewards, chunks=2)  # (N,), (N,); an ensemble's (N, K), (N, K)
-        if rewards.dim() == 2:  # each member on its own bootstrap of the pairs (rlhf.ensemble)
-            loss = member_loss(r_chosen, r_rejected, margin, weight, boot, bradley_terry_loss)
-        else:
+        if boot is None:
+            rewards = reward_scores(model, inputs["input_ids"], inputs["attention_mask"])
+            r_chosen, r_rejected = torch.chunk(rewards, chunks=2)  # (N,), (N,)
             loss = bradley_terry_loss(r_chosen, r_rejected, margin, weight)
+        else:  # a reward ensemble (rlhf.ensemble): the published mean on every pair, each head on its bootstrap
+            features, head = last_features(model, inputs["input_ids"], inputs["attention_mask"])  # (2N, H)
+            r_chosen, r_rejected = torch.chunk(head(features).float().mean(1), chunks=2)         # (N,), (N,)
+            loss = bradley_terry_loss(r_chosen, r_rejected, margin, weight)
+            members = head(features.detach()).float()  # (2N, K): the heads alone, on the body's features
+            loss = loss + member_loss(*torch.chunk(members, chunks=2), margin, weight, boot, bradley_terry_loss)
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * torch.mean((r_chosen + r_rejected) ** 2)
-        if rewards.dim() == 2:  # the figures below: the members' mean, the score the artifact publishes
-            r_chosen, r_rejected = r_chosen.mean(1), r_rejected.mean(1)
         with torch.no_grad():
             acc = (r_chosen > r_rejected).float().mean()
             self._metrics[mode]["accuracy"].append(self.accelerator.gather_for_metrics(acc).mean().item())
@@ -205,7 +207,9 @@ def length_warning(corr: float | None, where: str, threshold: float = LENGTH_COR
             f"{longer} rather than better. Check whether the preferred responses of the preference data are "
             f"systematically {longer}; if so, balance response lengths in the data (or keep length-matched pairs) and "
             f"retrain the reward model. If you go on with PPO, watch eval/response_length, keep ppo.kl_budget tight and "
-            f"select the published update with a gold scorer where you have one (ppo.keep_best=gold_score).")
+            f"select the published update with a gold scorer where you have one (ppo.keep_best=gold_score); without one, "
+            f"the guard (ppo.keep_best=conservative, the default then) publishes nothing past the first evaluation whose "
+            f"responses grew in the direction this reward model pays for.")
 
 
 def _thin(length: list[int], reward: list[float], limit: int = MAX_POINTS) -> dict:

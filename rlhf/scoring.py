@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from rlhf import distributed
 from rlhf.config import load_function
 from rlhf.generation import Generated, decode_responses
-from rlhf.models import has_score_head, token_values
+from rlhf.models import body_and_head, has_score_head, token_values
 from rlhf.tokenization import encode_pair, encode_prompt, fit, last_index, pad_batch
 
 
@@ -48,6 +48,16 @@ def reward_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
     values = token_values(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))  # (B, T[, K])
     return values[torch.arange(values.shape[0], device=values.device), last_index(attention_mask)]  # (B[, K])
+
+
+def last_features(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """(the body's (B, H) hidden state at each row's last attended token, the `score` head): what
+    reward_scores applies the head to, for a loss that treats the body and the head apart (a reward
+    ensemble's members, rlhf.ensemble)."""
+    body, head = body_and_head(model)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                  use_cache=False).last_hidden_state
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index(attention_mask)], head
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from rlhf import artifacts, distributed, models
 from rlhf.artifacts import PPO, REWARD, SFT
 from rlhf.config import PipelineConfig, per_process, require
 from rlhf.data import load_prompts, render_prompt
-from rlhf.ensemble import ENSEMBLE_FILE, Ensemble
+from rlhf.ensemble import ENSEMBLE_FILE
 from rlhf.generation import Sampling
 from rlhf.metric_names import HEADLINE
 from rlhf.ppo.layout import from_artifacts
@@ -47,6 +47,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     gold = load_gold_scorer(cfg.eval.gold_scorer) if cfg.eval.gold_scorer else None
     reward_stats = rm_art.manifest["reward_stats"]
     _check_reward_stats(reward_stats, ppo_cfg, rm_art.path)
+    _check_ensemble(rm_art, ppo_cfg)
     ckpt_dir, resuming, clock = open_checkpoints(cfg.artifact_dir, PPO, config, data, started)
     distributed.seed_everything(cfg.seed + distributed.rank())
 
@@ -72,7 +73,7 @@ def run(cfg: PipelineConfig) -> artifacts.Artifact:
     # 4. train ----------------------------------------------------------------------------
     trainer = PPOTrainer(cfg=ppo_cfg, ds=cfg.deepspeed, dtype=dtype, actor_model=four.actor, critic_model=four.critic,
                          reward_model=four.reward, ref_model=four.reference, tokenizer=tokenizer, reward_stats=reward_stats,
-                         vllm=cfg.vllm, seed=cfg.seed, reward_bridge=bridge, ensemble=_ensemble(rm_art, ppo_cfg))
+                         vllm=cfg.vllm, seed=cfg.seed, reward_bridge=bridge)
     resumed = resuming and trainer.load(ckpt_dir, stream)
     if resumed:
         say(PPO, f"resuming from update {trainer.update} (kl_coef={trainer.kl_ctl.value:.4g})")
@@ -131,19 +132,17 @@ def _layout(ppo_cfg, bridge: TextBridge | None):
     return dataclasses.replace(ppo_cfg, critic_from_reward=False)
 
 
-def _ensemble(rm_art: artifacts.Artifact, ppo_cfg) -> Ensemble | None:
-    """How PPO reads a reward ensemble's members (their reward_stats, ppo.reward_aggregation ...); None
-    for a single reward model."""
+def _check_ensemble(rm_art: artifacts.Artifact, ppo_cfg) -> None:
+    """A reward ensemble's artifact holds its members' heads (the trainer reads their reward_stats);
+    a single reward model makes ppo.reward_aggregation moot, which is said."""
     members = rm_art.manifest["reward_stats"].get("members")
     if not members:
         if ppo_cfg.reward_aggregation != "mean":
             say(PPO, f"ppo.reward_aggregation={ppo_cfg.reward_aggregation} has no effect: the reward model {rm_art.path} "
                      "is a single model (train an ensemble with reward.ensemble=K)")
-        return None
-    if not (rm_art.path / ENSEMBLE_FILE).is_file():
+    elif not (rm_art.path / ENSEMBLE_FILE).is_file():
         raise artifacts.ArtifactError(f"{rm_art.path}: reward_stats name {len(members)} ensemble members but "
                                       f"{ENSEMBLE_FILE} is missing; re-run the reward stage")
-    return Ensemble(members, ppo_cfg.reward_aggregation, ppo_cfg.uncertainty_coef, ppo_cfg.hold_out_member)
 
 
 def _pad_id(tokenizer) -> int:

@@ -98,6 +98,14 @@ def small_overrides(tmp_path, model_dir, estimator: str = "gae") -> list[str]:
     ]
 
 
+def zero3_all_partitioned(tmp_path) -> list[str]:
+    """Overrides for ZeRO-3 with persistence threshold 0: even tiny parameters are partitioned over the
+    ranks (with the default, DeepSpeed keeps small ones whole on every rank and ZeRO-3 would go untested)."""
+    ds_json = tmp_path / "zero3_all_partitioned.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    return ["deepspeed.zero_stage=3", f"deepspeed.config_file={ds_json}"]
+
+
 def run_pipeline(d, overrides: list[str], port: int, procs: int = 1, config: Path = DEMO,
                  env: dict | None = None) -> subprocess.CompletedProcess:
     """`rlhf pipeline CONFIG ...` (each stage under the deepspeed launcher, NUM_GPUS processes;
@@ -137,17 +145,18 @@ def check_published(d) -> None:
 
 
 def junk_word_preferences(src: str, dst, rows: int, word: str) -> str:
-    """The first `rows` demo preference rows of `src`, with every ranking that holds `word` re-ranked
-    by how often a response says it (most first; the original order otherwise): data for a reward
-    model that pays for a junk word the gold scorer charges for (off topic for most prompts)."""
+    """The first `rows` demo preference rows of `src`, each with one more response ranked first: its
+    best response with every other word replaced by `word`. Data for a reward model that pays for a
+    junk word, the more the better, which the gold scorer charges for (off topic but for one topic)."""
     import re
 
     with dst.open("w") as out:
         for line in (ROOT / "reward_data" / "demo" / src).read_text().splitlines()[:rows]:
             row = json.loads(line)
-            said = [len(re.findall(rf"\b{word}\b", r)) for r in row["responses"]]
-            order = sorted(range(len(said)), key=lambda i: (-said[i], i))
-            out.write(json.dumps({"prompt": row["prompt"], "responses": [row["responses"][i] for i in order]}) + "\n")
+            words = iter(range(1000))
+            junk = re.sub(r"[a-z]+", lambda m: word if next(words) % 2 else m.group(0), row["responses"][0])
+            if junk != row["responses"][0]:
+                out.write(json.dumps({"prompt": row["prompt"], "responses": [junk, *row["responses"]]}) + "\n")
     return str(dst)
 
 

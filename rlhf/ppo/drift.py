@@ -22,7 +22,9 @@ TOKEN_RATIO = 3.0          # a named token's frequency grew at least this many t
 TOKEN_GAIN = 0.05          # ... and the named tokens together gained at least this share of all response tokens ...
 TOKEN_SHARE = 0.5          # ... and carry at least this share of the token distribution's divergence from SFT
 TOP_TOKENS = 3             # "a few tokens": at most this many are named
-LENGTH_RATIO = 1.25        # mean response length changed by this factor (or its inverse) ...
+SURGE_RATIO = 10.0         # or one token grew at least this many times ...
+SURGE_GAIN = 0.02          # ... to take at least this much more of all response tokens
+LENGTH_RATIO = 1.2         # mean response length changed by this factor (or its inverse) ...
 LENGTH_CORR = 0.5          # ... in the direction a reward model this correlated with length pays for
 SPREAD_RATIO = 2.0         # the ensemble's spread on the policy's samples over its spread on SFT samples
 SMOOTHING = 0.5            # add-alpha smoothing of the token frequencies (a token SFT never drew is finite)
@@ -74,15 +76,16 @@ def token_drift(policy: Counter, sft: Counter, top: int = TOP_TOKENS, alpha: flo
 
 def junk_tokens(drift: dict, ratio: float = TOKEN_RATIO, gain: float = TOKEN_GAIN,
                 share: float = TOKEN_SHARE) -> list[dict]:
-    """The tokens of `drift` (token_drift) that carry most of the policy's drift from SFT: those
-    among the named that grew at least `ratio` times, when together they gained at least `gain` of
-    all response tokens and carry at least `share` of the divergence; [] otherwise."""
+    """The tokens of `drift` (token_drift) that carry the policy's drift from SFT: those among the
+    named that grew at least `ratio` times, when together they gained at least `gain` of all
+    response tokens and carry at least `share` of the divergence; else a single token that surged
+    (SURGE_RATIO times, SURGE_GAIN of all tokens gained), early in an exploit, before it dominates
+    the divergence; [] otherwise."""
     named = [t for t in drift["tokens"] if t["ratio"] >= ratio]
-    if not named:
-        return []
-    if math.fsum(t["policy"] - t["sft"] for t in named) < gain or math.fsum(t["share"] for t in named) < share:
-        return []
-    return named
+    if named and (math.fsum(t["policy"] - t["sft"] for t in named) >= gain
+                  and math.fsum(t["share"] for t in named) >= share):
+        return named
+    return [t for t in drift["tokens"] if t["ratio"] >= SURGE_RATIO and t["policy"] - t["sft"] >= SURGE_GAIN][:1]
 
 
 def length_drift(length: float, sft_length: float, reward_length_corr: float | None,
@@ -111,8 +114,9 @@ def flags(point: dict, sft: dict, *, reward_length_corr: float | None, names: di
         words = ", ".join(f"{names.get(t['token'], t['token'])!r} {t['sft']:.1%} -> {t['policy']:.1%} ({t['ratio']:.1f}x)"
                           for t in junk)
         out.append({"signal": "tokens", "tokens": [names.get(t["token"], str(t["token"])) for t in junk],
-                    "detail": f"a few tokens carry {math.fsum(t['share'] for t in junk):.0%} of the policy's drift from "
-                              f"SFT: {words} of response tokens"})
+                    "detail": f"{'a few tokens carry' if len(junk) > 1 else 'one token carries'} "
+                              f"{math.fsum(t['share'] for t in junk):.0%} of the policy's drift from SFT: {words} of "
+                              f"response tokens"})
     direction = length_drift(point["response_length"], sft["response_length"], reward_length_corr)
     if direction:
         out.append({"signal": "length",

@@ -35,6 +35,7 @@ from rlhf.config import DeepSpeedConfig, PPOStageConfig, loss_aggregation
 from rlhf.distributed import all_gather_objects, all_max, all_mean
 from rlhf.generation import Generated, Sampling
 from rlhf.metric_names import PPO
+from rlhf.ensemble import Ensemble
 from rlhf.models import disable_dropout, has_score_head, is_quantized, publish_model
 from rlhf.ppo import core
 from rlhf.ppo.rollout import Rollout, packed_scores, policy_forward, score_rollout, value_forward
@@ -165,7 +166,7 @@ class PPOTrainer:
     def __init__(self, *, cfg: PPOStageConfig, ds: DeepSpeedConfig, dtype: str, actor_model: Any,
                  critic_model: Any | None, reward_model: Any | None, ref_model: Any | None, tokenizer: Any,
                  reward_stats: dict, timer: PhaseTimer | None = None, vllm: Any = None, seed: int = 0,
-                 reward_bridge: Any = None, ensemble: Any = None):
+                 reward_bridge: Any = None):
         """`ref_model=None`: the actor is a LoRA model and the reference is its base (adapter
         disabled). `reward_model=None`: the critic is a LoRA model on the reward model, and the
         reward model is its base (adapter disabled). Neither keeps a second copy of the weights.
@@ -174,8 +175,9 @@ class PPOTrainer:
         `vllm`: the config's vllm section (ppo.rollout_engine=vllm); `seed`: the vLLM engine's start-up seed.
         `reward_bridge`: a rlhf.scoring.TextBridge when the reward model has its own tokenizer (it is
         then scored on the responses' text, and cannot be the critic's base).
-        `ensemble`: a rlhf.ensemble.Ensemble when the reward model's head has K member outputs: PPO
-        then maximises its aggregate of the normalised member scores (ppo.reward_aggregation)."""
+        A reward ensemble (reward_stats["members"]: its reward model's head has one output per member)
+        is read by a rlhf.ensemble.Ensemble: PPO maximises ppo.reward_aggregation of the members'
+        normalised scores."""
         self.estimator = core.advantage_estimator(cfg.advantage_estimator)
         self.aggregation = loss_aggregation(cfg)   # how the per-token policy loss becomes a scalar
         self.kl_in_loss = cfg.kl_penalty == "loss"
@@ -187,8 +189,10 @@ class PPOTrainer:
         if reward_bridge is not None and reward_model is None:
             raise ValueError("a reward model with its own tokenizer cannot be the critic's base")
         self.reward_bridge = reward_bridge
-        self.ensemble = ensemble
-        if ensemble is not None and reward_model is None:
+        members = reward_stats.get("members")
+        self.ensemble = (Ensemble(members, cfg.reward_aggregation, cfg.uncertainty_coef, cfg.hold_out_member)
+                         if members else None)
+        if self.ensemble is not None and reward_model is None:
             raise ValueError("a reward-model ensemble is loaded as a model of its own, not as the critic's base")
         self.plan = Plan.make(cfg, distributed.world_size())
         self.configured_zero_stage = ds.zero_stage

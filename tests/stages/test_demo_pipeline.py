@@ -78,9 +78,28 @@ def test_ppo_raises_reward_within_kl_budget(demo_run):
     assert m["gold_score_ppo"] == pytest.approx(curve[m["selected_update"]]["gold_score"])
     assert m["kl_ppo_vs_sft"] == pytest.approx(curve[m["selected_update"]]["kl"], rel=1e-5)
     assert [b["n"] for b in m["best_of_n"]] == [1, 2, 4, 8, 16]
+    # the gold-free signals: computed at every evaluation, and no false alarm on this healthy run
+    assert all({"token_kl", "top_token_share", "distinct_2", "repetition"} <= set(p) for p in m["eval_curve"][1:])
+    assert not m["exploitation"] and not m["warnings"], m["exploitation"]
     samples = (demo_run / "ppo" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 128
     assert {p["stage"] for p in manifest(demo_run, "ppo")["parents"]} == {"sft", "reward"}
+
+
+def test_the_guard_without_gold_keeps_most_of_the_gold_gain(demo_run):
+    """The demo's guard selects by gold (eval.gold_scorer is set). Without it (ppo.keep_best=conservative)
+    it would take the best RM score before the first drift flag: replayed on this run's evaluations,
+    that update keeps at least 90 % of the peak gold gain over SFT."""
+    from rlhf.ppo.evaluation import Selector
+
+    m = manifest(demo_run, "ppo")["metrics"]
+    s = Selector("eval/rm_score", m["kl_budget"], None, gate=True)
+    for p in m["eval_curve"]:
+        s.observe(p["update"], {"eval/rm_score": p["rm_score"], "eval/kl_to_sft": p["kl"]},
+                  [{"signal": f} for f in p["flags"]])
+    curve = {p["update"]: p for p in m["eval_curve"]}
+    sft, peak = curve[0]["gold_score"], max(p["gold_score"] for p in curve.values())
+    assert curve[s.best_update]["gold_score"] - sft >= 0.9 * (peak - sft), (s.best_update, m["eval_curve"])
 
 
 def test_status_and_report(demo_run):

@@ -13,7 +13,7 @@ import json
 import pytest
 from safetensors import safe_open
 
-from conftest import check_published, manifest, ok, run_pipeline, small_overrides
+from conftest import check_published, manifest, ok, run_pipeline, small_overrides, zero3_all_partitioned
 
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.slow
@@ -65,11 +65,9 @@ def test_qlora_gpt2_zero3_two_processes_resumes(family_checkpoints, tmp_path):
     default, DeepSpeed keeps small ones whole on every rank and ZeRO-3 would go untested). PPO is
     killed while saving its 2nd checkpoint (both ranks, SIGKILL) and the same command resumes it
     from the 1st: a 4-bit base goes through DeepSpeed's checkpoint and back."""
-    ds_json = tmp_path / "zero3_all_partitioned.json"
-    ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     d = tmp_path / "run"
-    overrides = small_overrides(tmp_path, family_checkpoints["gpt2"], "gae") + QLORA + [
-        "deepspeed.zero_stage=3", f"deepspeed.config_file={ds_json}", "ppo.total_episodes=48", "ppo.save_every=1"]
+    overrides = small_overrides(tmp_path, family_checkpoints["gpt2"], "gae") + QLORA + zero3_all_partitioned(tmp_path) + [
+        "ppo.total_episodes=48", "ppo.save_every=1"]
     killed = run_pipeline(d, overrides, port=29875, procs=2, env={"RLHF_FAULT": "checkpoint:engines@2"})
     assert killed.returncode != 0 and "stage ppo failed" in killed.stderr, killed.stderr[-3000:]
     assert manifest(d, "sft")["status"] == "complete" and manifest(d, "reward")["status"] == "complete"

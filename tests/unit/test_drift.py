@@ -34,6 +34,11 @@ def test_a_junk_token_is_flagged_and_a_spread_out_drift_is_not():
     d = drift.token_drift(policy, sft)
     assert all(t["ratio"] > 3 for t in d["tokens"]) and d["top_share"] < 0.5
     assert drift.junk_tokens(d) == []
+    # ... unless one of them surges: 1 -> 18 of ~480 tokens (11x, +3.5 %) while the rest drift as before
+    d = drift.token_drift(policy + Counter({7: 12}), sft)
+    junk = drift.junk_tokens(d)
+    assert d["top_share"] < 0.5 and [t["token"] for t in junk] == [7] and junk[0]["ratio"] == pytest.approx(11.0, abs=0.05)
+    assert drift.junk_tokens(drift.token_drift(policy + Counter({7: 8}), sft)) == []  # 8.7x: not yet
 
 
 def test_distinct_and_repetition_by_hand():
@@ -43,7 +48,7 @@ def test_distinct_and_repetition_by_hand():
 
 
 @pytest.mark.parametrize("length,sft,corr,want", [(15, 10, 0.78, "longer"), (15, 10, 0.2, None), (7, 10, -0.6, "shorter"),
-                                                  (12, 10, 0.9, None), (7, 10, 0.9, None), (15, 10, None, None)])
+                                                  (11.5, 10, 0.9, None), (7, 10, 0.9, None), (15, 10, None, None)])
 def test_length_drift_needs_a_reward_model_that_pays_for_it(length, sft, corr, want):
     assert drift.length_drift(length, sft, corr) == want
 
@@ -53,7 +58,8 @@ def test_flags_name_their_evidence():
     out = drift.flags({"response_length": 20.0, "drift": d, "spread": 0.9},
                       {"response_length": 10.0, "spread": 0.3}, reward_length_corr=0.8, names={5: "zz"})
     assert [f["signal"] for f in out] == ["tokens", "length", "spread"]
-    assert out[0]["tokens"] == ["zz"] and "'zz' 13.6% -> 77.3% (5.7x)" in out[0]["detail"]
+    assert out[0]["tokens"] == ["zz"] and "one token carries 100%" in out[0]["detail"]
+    assert "'zz' 13.6% -> 77.3% (5.7x)" in out[0]["detail"]
     assert "10.0 -> 20.0 tokens" in out[1]["detail"] and "longer" in out[1]["detail"]
     assert "3.0x" in out[2]["detail"]
 
