@@ -4,9 +4,12 @@ Why heads on a shared body: the members then cost one forward pass of the body, 
 in every PPO rollout, where K LoRA adapters or K models cost K passes. Each head is trained as a
 Bradley-Terry model on its own bootstrap of the pairs (Poisson(1) weights per pair and member, the
 online bootstrap) from its own random initialisation, on the body's features with the body's
-gradient cut; the body (and the heads) learn from every pair through the members' mean, the score
-the artifact publishes. So the mean is as accurate as a single reward model, and the members agree
-where the data pins the reward down and spread where it does not (Coste et al. 2023 and Zhang et
+gradient cut, its loss weighing 1/K; the body (and the heads) learn from every pair through the
+members' mean, the score the artifact publishes. Measured on the demo's preference data (held-out
+accuracy, 4 members): 0.968 for the mean (members 0.965-0.969) against 0.978 for a single model on one
+SFT policy, 0.952 against 0.972 on another; 0.957 with the members' losses at full weight and 0.938
+when the body learnt from the bootstraps alone (first policy). The members agree where the data pins
+the reward down and spread where it does not (Coste et al. 2023 and Zhang et
 al. 2024 use ensembles against over-optimisation; the latter's share one body).
 
 The published artifact is a plain one-output sequence-classification model whose head is the

@@ -544,6 +544,11 @@ def build(artifact_dir: Path) -> Path:
     captions = {"score_vs_kl": "Over-optimisation chart. Top: the proxy reward PPO maximises; bottom: the score it "
                                "stands for (gold). A gold curve that bends down while the proxy still rises is reward "
                                "over-optimisation; best-of-n is the baseline at the same KL. "
+                               + ("Last panel: the reward ensemble in its members' SFT units, their mean with +-1 spread, "
+                                  "the conservative score the guard selects by without gold, and the held-out member. "
+                                  if any(p.get("conservative_score") is not None for p in pm.get(S.EVAL_CURVE) or []) else "")
+                               + ("Crosses: evaluations whose drift signals flagged exploitation (see the warnings). "
+                                  if any(p.get("flags") for p in pm.get(S.EVAL_CURVE) or []) else "")
                                + _best_of_n_prompts_note(ev, pm),
                 "eval_vs_update": "The same held-out evaluations against the update: the gold score turning down "
                                   "while the RM score still rises is the over-optimisation turn.",

@@ -79,7 +79,8 @@ class WeightedRewardTrainer(RewardTrainer):
             r_chosen, r_rejected = torch.chunk(head(features).float().mean(1), chunks=2)         # (N,), (N,)
             loss = bradley_terry_loss(r_chosen, r_rejected, margin, weight)
             members = head(features.detach()).float()  # (2N, K): the heads alone, on the body's features
-            loss = loss + member_loss(*torch.chunk(members, chunks=2), margin, weight, boot, bradley_terry_loss)
+            loss = loss + member_loss(*torch.chunk(members, chunks=2), margin, weight, boot,
+                                      bradley_terry_loss) / members.shape[1]
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * torch.mean((r_chosen + r_rejected) ** 2)
         with torch.no_grad():

@@ -88,8 +88,8 @@ def test_ppo_raises_reward_within_kl_budget(demo_run):
 
 def test_the_guard_without_gold_keeps_most_of_the_gold_gain(demo_run):
     """The demo's guard selects by gold (eval.gold_scorer is set). Without it (ppo.keep_best=conservative)
-    it would take the best RM score before the first drift flag: replayed on this run's evaluations,
-    that update keeps at least 90 % of the peak gold gain over SFT."""
+    it would take the best RM score (the demo has one reward model) before the first drift flag: replayed
+    on this run's evaluations, that update keeps at least 90 % of the peak gold gain over SFT."""
     from rlhf.ppo.evaluation import Selector
 
     m = manifest(demo_run, "ppo")["metrics"]
@@ -123,6 +123,8 @@ def test_status_and_report(demo_run):
         assert im.size == (960, 560)
     with Image.open(demo_run / "report" / "score_vs_kl.png") as im:  # two panels: proxy and gold score
         assert im.size == (720, 640)
+    html = (demo_run / "report" / "index.html").read_text()
+    assert "<th>conservative score</th><th>drift flags</th>" in html
 
 
 def test_rerun_skips_complete_stage(demo_run):

@@ -23,7 +23,7 @@ def test_guard_publishes_the_gold_peak_of_an_exploited_reward_model(demo_run, tm
     os.symlink(demo_run / "sft", d / "sft")
     common = [f"artifact_dir={d}", "wandb.mode=disabled"]
     ok(run_stage("rm.py", *common, f"reward.train_data={length_preferences('prefs_train.jsonl', tmp_path / 'longer.jsonl', 800)}",
-                 "reward.eval_data=null", "reward.epochs=1"))
+                 "reward.eval_data=null", "reward.epochs=1", "reward.ensemble=4"))
     rm = manifest(d, "reward")["metrics"]
     assert rm["spearman_gold"] < 0.3  # a proxy that does not track the gold score ...
     assert rm["warnings"] and rm["length_reward_corr_sft"] > 0.5  # ... and the RM stage said so
@@ -39,8 +39,9 @@ def test_guard_publishes_the_gold_peak_of_an_exploited_reward_model(demo_run, tm
     assert m["gold_score_ppo"] == pytest.approx(sel["gold_score"], abs=1e-9)
     assert m["kl_ppo_vs_sft"] == pytest.approx(sel["kl"], rel=1e-4, abs=1e-5)
 
-    # the same run without the gold scorer in the guard (ppo.keep_best=conservative: the RM score up to
-    # the first evaluation whose drift signals flag exploitation); gold is still evaluated, to judge it
+    # the same run without the gold scorer in the guard (ppo.keep_best=conservative: the ensemble's
+    # conservative score up to the first evaluation whose drift signals flag exploitation); gold is still
+    # evaluated, to judge it
     g = tmp_path / "no_gold"
     g.mkdir()
     for stage in ("sft", "reward"):
@@ -51,7 +52,7 @@ def test_guard_publishes_the_gold_peak_of_an_exploited_reward_model(demo_run, tm
     m = manifest(g, "ppo")["metrics"]
     curve = {p["update"]: p for p in m["eval_curve"]}
     gold_peak = max(curve, key=lambda u: curve[u]["gold_score"])
-    assert m["guard_metric"] == "eval/rm_score" and m["stop_reason"] == "exploitation", (m["stop_reason"], m["eval_curve"])
+    assert m["guard_metric"] == "eval/conservative_score" and m["stop_reason"] == "exploitation", (m["stop_reason"], m["eval_curve"])
     assert m["selected_update"] <= gold_peak, (m["selected_update"], m["eval_curve"])  # before the gold falls
     flagged = [p for p in m["eval_curve"] if "length" in p["flags"]]
     assert flagged and m["selected_update"] < flagged[0]["update"]
@@ -70,7 +71,7 @@ def test_guard_without_gold_names_a_junk_word_and_publishes_before_it(demo_run, 
     d.mkdir()
     os.symlink(demo_run / "sft", d / "sft")
     common = [f"artifact_dir={d}", "wandb.mode=disabled"]
-    ok(run_stage("rm.py", *common, "reward.eval_data=null", "reward.epochs=1",
+    ok(run_stage("rm.py", *common, "reward.eval_data=null", "reward.epochs=1", "reward.ensemble=4",
                  f"reward.train_data={junk_word_preferences('prefs_train.jsonl', tmp_path / 'pine.jsonl', 1500, 'pine')}"))
     ok(run_stage("ppo.py", *common, *GAE_DEMO, "ppo.total_episodes=960", "ppo.kl_coef=0.001", "eval.every=2",
                  "eval.num_prompts=64", "eval.best_of_n=[]", "ppo.early_stop=3", "ppo.keep_best=conservative"))

@@ -143,3 +143,16 @@ def test_verdict_without_ppo(tmp_path):
     s = json.loads((report.build(tmp_path) / "summary.json").read_text())
     assert s["verdict"] == ("Complete: sft, reward; PPO has not published a policy yet. The reward model ranks "
                             "75.0% of the held-out pairs correctly.")
+
+
+def test_overoptimisation_chart_with_an_ensemble_and_flags(tmp_path):
+    """A reward ensemble adds a panel (members' mean with its spread, the conservative score, the
+    held-out member); flagged evaluations are marked; the published update is starred on it too."""
+    from PIL import Image
+
+    curve = [{**p, "ensemble_mean": 0.5 * i, "ensemble_spread": 0.1 + 0.05 * i, "conservative_score": 0.4 * i,
+              "held_out_member_score": 0.3 * i, "flags": ["tokens"] if i >= 2 else []} for i, p in enumerate(CURVE)]
+    assert report.overoptimisation_plot(tmp_path / "e.png", {"eval_curve": curve, "selected_update": 4}, [])
+    with Image.open(tmp_path / "e.png") as im:
+        assert im.size == (720, 880)  # proxy, gold and the ensemble
+    assert report.eval_curve_plot(tmp_path / "u.png", {"eval_curve": curve, "selected_update": 4})
