@@ -246,7 +246,7 @@ def _ensemble_panel(ax: Any, curve: list[dict]) -> None:
     """A reward ensemble on the over-optimisation chart: the optimised members' mean with a band of
     +-1 spread (their disagreement), the conservative score the guard selects by, and the held-out
     member PPO never optimised, in the members' SFT units (0 = the SFT policy's mean)."""
-    pts = sorted((_sqrt_kl(p["kl"]), p) for p in curve if _num(p.get("conservative_score")))
+    pts = [(_sqrt_kl(p["kl"]), p) for p in curve if _num(p.get("conservative_score"))]  # in update order
     xs = [x for x, _ in pts]
     mean = [p.get("ensemble_mean") for _, p in pts]
     spread = [p.get("ensemble_spread") for _, p in pts]

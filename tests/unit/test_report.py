@@ -152,6 +152,7 @@ def test_overoptimisation_chart_with_an_ensemble_and_flags(tmp_path):
 
     curve = [{**p, "ensemble_mean": 0.5 * i, "ensemble_spread": 0.1 + 0.05 * i, "conservative_score": 0.4 * i,
               "held_out_member_score": 0.3 * i, "flags": ["tokens"] if i >= 2 else []} for i, p in enumerate(CURVE)]
+    curve[2]["kl"] = curve[1]["kl"]  # two evaluations at the same KL (a tie must not compare the rows)
     assert report.overoptimisation_plot(tmp_path / "e.png", {"eval_curve": curve, "selected_update": 4}, [])
     with Image.open(tmp_path / "e.png") as im:
         assert im.size == (720, 880)  # proxy, gold and the ensemble
