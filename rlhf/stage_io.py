@@ -136,7 +136,11 @@ def finish(artifact_dir: str, stage: str, staged: Path, ckpt_dir: Path, tracker:
         art = artifacts.publish(artifact_dir, stage, staged,
                                 artifacts.build_manifest(stage, metrics=metrics, clock=clock, **manifest))
         faults.point("publish:done")
-        tracker.charts(stage, metrics)
+        try:  # the artifact is published: a chart that fails to draw must not fail the stage
+            tracker.charts(stage, metrics)
+        except Exception as e:  # noqa: BLE001
+            say(stage, f"warning: drawing the report charts for W&B failed ({type(e).__name__}: {e}); the artifact is "
+                       f"published, `rlhf report` draws them from it")
         tracker.summary(metrics)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     tracker.finish()
