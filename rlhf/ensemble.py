@@ -50,7 +50,7 @@ def normalise(raw: torch.Tensor, members: list[dict]) -> torch.Tensor:
 
 def spread(z: torch.Tensor) -> torch.Tensor:
     """(B,) standard deviation across members (population form: 0 for one member)."""
-    return z.std(dim=1, unbiased=False) if z.shape[1] > 1 else torch.zeros_like(z[:, 0])
+    return z.std(dim=1, unbiased=False)
 
 
 def aggregate(z: torch.Tensor, how: str, lam: float = 1.0) -> torch.Tensor:

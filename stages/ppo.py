@@ -9,7 +9,6 @@ from rlhf import artifacts, distributed, models
 from rlhf.artifacts import PPO, REWARD, SFT
 from rlhf.config import PipelineConfig, per_process, require
 from rlhf.data import load_prompts, render_prompt
-from rlhf.ensemble import ENSEMBLE_FILE
 from rlhf.generation import Sampling
 from rlhf.metric_names import HEADLINE
 from rlhf.ppo.layout import from_artifacts
@@ -133,16 +132,11 @@ def _layout(ppo_cfg, bridge: TextBridge | None):
 
 
 def _check_ensemble(rm_art: artifacts.Artifact, ppo_cfg) -> None:
-    """A reward ensemble's artifact holds its members' heads (the trainer reads their reward_stats);
-    a single reward model makes ppo.reward_aggregation moot, which is said."""
-    members = rm_art.manifest["reward_stats"].get("members")
-    if not members:
-        if ppo_cfg.reward_aggregation != "mean":
-            say(PPO, f"ppo.reward_aggregation={ppo_cfg.reward_aggregation} has no effect: the reward model {rm_art.path} "
-                     "is a single model (train an ensemble with reward.ensemble=K)")
-    elif not (rm_art.path / ENSEMBLE_FILE).is_file():
-        raise artifacts.ArtifactError(f"{rm_art.path}: reward_stats name {len(members)} ensemble members but "
-                                      f"{ENSEMBLE_FILE} is missing; re-run the reward stage")
+    """A single reward model makes ppo.reward_aggregation moot, which is said. (An ensemble's heads
+    file is one of the artifact's files: artifacts.load has checked it is there and intact.)"""
+    if not rm_art.manifest["reward_stats"].get("members") and ppo_cfg.reward_aggregation != "mean":
+        say(PPO, f"ppo.reward_aggregation={ppo_cfg.reward_aggregation} has no effect: the reward model {rm_art.path} "
+                 "is a single model (train an ensemble with reward.ensemble=K)")
 
 
 def _pad_id(tokenizer) -> int:
